@@ -1,0 +1,302 @@
+"""The `bitfusion` command: the pool from a client, and `bitfusion gateway` on GPU servers.
+
+Every error a user can cause ends here as one line, ``bitfusion: <what happened and what to
+do>``, and a non-zero exit status: 2 for bad usage, 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+from bitfusion_jupyter import __version__, config, held, pool_views, share_request
+from bitfusion_jupyter.pool import Grant, Pool, say
+from remoting import tokens
+from remoting.client import DEFAULT_TIMEOUT_S, GatewayError
+from remoting.protocol import DEFAULT_PORT
+
+EXIT_USAGE = 2
+
+
+def _server_list(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-l",
+        "--server_list",
+        dest="server_list",
+        metavar="HOST[:PORT],...",
+        help="servers to use (default: servers.conf or BITFUSION_SERVERS)",
+    )
+
+
+def _json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _command(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="-- CMD ARGS",
+        help="the command to run inside the share",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gateway import app as gateway_app
+
+    parser = argparse.ArgumentParser(
+        prog="bitfusion",
+        description="Share GPUs over the network: run commands and Jupyter kernels on a share "
+        "of a remote GPU server's GPUs.",
+    )
+    parser.add_argument("--version", action="version", version=f"bitfusion-jupyter {__version__}")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"how long to wait for a gateway to answer (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.required = True
+
+    gw = sub.add_parser("gateway", help="run the gateway on a GPU server (or manage its tokens)")
+    gateway_app.add_arguments(gw)
+
+    p = sub.add_parser("init", help="record your token and a server")
+    p.add_argument("--token", required=True, help="a token from 'bitfusion gateway token create'")
+    p.add_argument("--server", metavar="HOST[:PORT]", help="a gateway to add to servers.conf")
+
+    for name, text in (
+        ("list_gpus", "the pool's GPUs, their free memory and shares"),
+        ("smi", "driver, GPU state and GPU processes on each server"),
+        ("health", "can each server be reached, and does it accept your token"),
+        ("list_shares", "your shares, their usage, and recent events"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _server_list(p)
+        _json(p)
+
+    p = sub.add_parser("localhealth", help="on a GPU server: NVML, driver, MPS, port, state dir")
+    p.add_argument("--state-dir", type=Path, default=None)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    _json(p)
+
+    p = sub.add_parser("run", help="run a command on a share of a remote GPU server")
+    share_request.add_arguments(p)
+    _server_list(p)
+    _command(p)
+
+    p = sub.add_parser("local", help="on a GPU server: run a command in a share of its own GPUs")
+    share_request.add_arguments(p)
+    p.add_argument(
+        "--server",
+        default=os.environ.get("BITFUSION_LOCAL_SERVER", f"127.0.0.1:{DEFAULT_PORT}"),
+        help="the local gateway (default 127.0.0.1:%(default)s)",
+    )
+    _command(p)
+
+    p = sub.add_parser("request_gpus", help="hold a share for the later commands of this shell")
+    share_request.add_arguments(p)
+    _server_list(p)
+
+    sub.add_parser("release_gpus", help="give back the share this shell holds")
+
+    p = sub.add_parser("up", help="quick start: a gateway on this machine, a token, a first run")
+    p.add_argument("--state-dir", type=Path, default=None)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument(
+        "--simulate-gpus",
+        metavar="SPEC",
+        default=None,
+        help="use a simulated pool even if NVML finds GPUs",
+    )
+    p.add_argument("--exit", action="store_true", help="stop after the first run (for tests)")
+    return parser
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise share_request.UsageError(
+            "No command given; put it after '--', e.g. bitfusion run -n 1 -m 2048 -- nvidia-smi."
+        )
+    return argv
+
+
+def _describe_grant(grant: Grant) -> str:
+    gpus = ", ".join(
+        f"GPU {g['index']} {g['name']} ({g['mib']} MiB{', simulated' if g['simulated'] else ''})"
+        for g in grant.share["gpus"]
+    )
+    return f"share {grant.share_id} on {grant.conn.address}: {gpus}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bitfusion_jupyter.runner import ProcessStream
+
+    argv = _argv(args)
+    req = share_request.from_args(args)
+    current = held.current()
+    pool = (
+        Pool.from_config(args.server_list, args.timeout)
+        if current is None
+        else Pool([current.server], args.timeout)
+    )
+    try:
+        if current is not None:
+            grant = Grant(pool.connect(current.server), current.share, current.lease_s)
+            ephemeral = False
+        else:
+            grant = pool.allocate(req, release_on_exit=True, on_queue=say)
+            ephemeral = True
+        try:
+            data = grant.conn.request(
+                "spawn",
+                share_id=grant.share_id,
+                argv=argv,
+                env={"BITFUSION_CLIENT_HOST": socket.gethostname()},
+            )
+            return ProcessStream(grant.conn, grant.share_id, data["proc_id"], grant.lease_s).run()
+        finally:
+            if ephemeral:
+                _release_quietly(grant)
+    finally:
+        pool.close()
+
+
+def _release_quietly(grant: Grant) -> None:
+    try:
+        grant.conn.request("release", share_id=grant.share_id, timeout=5.0)
+    except GatewayError:
+        pass  # unreachable: the gateway frees it when the lease runs out
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from bitfusion_jupyter.local_run import run_local
+
+    argv = _argv(args)
+    req = share_request.from_args(args)
+    pool = Pool([config.normalise(args.server)], args.timeout)
+    try:
+        grant = pool.allocate(req, release_on_exit=True, on_queue=say)
+        try:
+            return run_local(grant, grant.env, argv)
+        finally:
+            _release_quietly(grant)
+    finally:
+        pool.close()
+
+
+def cmd_request_gpus(args: argparse.Namespace) -> int:
+    if held.current() is not None:
+        raise share_request.UsageError(
+            "This shell already holds a share; run 'bitfusion release_gpus' first."
+        )
+    req = share_request.from_args(args)
+    pool = Pool.from_config(args.server_list, args.timeout)
+    try:
+        grant = pool.allocate(req, release_on_exit=False, on_queue=say)
+        held.start_holder(grant.conn.address, grant.share, grant.lease_s)
+        print(f"Holding {_describe_grant(grant)}.")
+        print(
+            "Later 'bitfusion run' commands in this shell use it; "
+            "'bitfusion release_gpus' gives it back."
+        )
+        return 0
+    finally:
+        pool.close()
+
+
+def cmd_release_gpus(args: argparse.Namespace) -> int:
+    current = held.current()
+    if current is None:
+        raise share_request.UsageError(
+            "This shell holds no share (request one with 'bitfusion request_gpus')."
+        )
+    pool = Pool([current.server], args.timeout)
+    try:
+        pool.connect(current.server).request("release", share_id=current.share_id)
+    except GatewayError as exc:
+        if exc.code != "not_found":
+            raise
+    finally:
+        held.stop_holder(current)
+        pool.close()
+    print(f"Released share {current.share_id} on {current.server}.")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    path = config.init(args.token, args.server)
+    tok = tokens.parse(args.token)
+    print(f"Recorded the token of {tok.user}{' (admin)' if tok.admin else ''} in {path}.")
+    if args.server:
+        print(f"Added {config.normalise(args.server)} to {config.config_dir() / 'servers.conf'}.")
+    return 0
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.cmd == "gateway":
+        from gateway import app as gateway_app
+
+        return gateway_app.run(args)
+    if args.cmd == "localhealth":
+        from bitfusion_jupyter import localhealth
+        from gateway.app import default_state_dir
+
+        return localhealth.run(args.state_dir or default_state_dir(), args.port, args.json)
+    if args.cmd == "up":
+        from bitfusion_jupyter import up
+        from gateway.app import default_state_dir
+
+        return up.run(
+            args.state_dir or default_state_dir(), args.port, args.simulate_gpus, stay=not args.exit
+        )
+    simple = {
+        "list_gpus": pool_views.list_gpus,
+        "smi": pool_views.smi,
+        "health": pool_views.health,
+        "list_shares": pool_views.list_shares,
+    }
+    if args.cmd in simple:
+        pool = Pool.from_config(args.server_list, args.timeout)
+        try:
+            return simple[args.cmd](pool, args.json)
+        finally:
+            pool.close()
+    handlers = {
+        "run": cmd_run,
+        "local": cmd_local,
+        "request_gpus": cmd_request_gpus,
+        "release_gpus": cmd_release_gpus,
+        "init": cmd_init,
+    }
+    return handlers[args.cmd](args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gateway.app import UsageError as GatewayUsageError
+
+    args = build_parser().parse_args(argv)
+    if args.timeout <= 0:
+        print("bitfusion: --timeout must be more than 0 seconds.", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return dispatch(args)
+    except (share_request.UsageError, GatewayUsageError) as exc:
+        print(f"bitfusion: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (config.ConfigError, tokens.TokenError, GatewayError) as exc:
+        print(f"bitfusion: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bitfusion: interrupted.", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1

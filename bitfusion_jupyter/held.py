@@ -1,0 +1,169 @@
+"""Shares held across commands of one shell session (`request_gpus` / `release_gpus`).
+
+`request_gpus` records the share in ``<config dir>/held/<session>.json`` and leaves a small
+holder process that renews its lease. The session is the shell that ran the command (the
+CLI's parent process), or ``BITFUSION_SESSION`` when set; when that shell exits, the holder
+releases the share by itself, so a closed terminal leaks nothing. Later `run`s in the same
+session use the held share instead of asking for a new one.
+
+Run as ``python -m bitfusion_jupyter.held SERVER SHARE_ID LEASE_S WATCH_PID FILE``, this module
+is the holder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bitfusion_jupyter import config
+
+
+@dataclass(frozen=True)
+class Held:
+    server: str
+    share_id: str
+    lease_s: float
+    holder_pid: int
+    share: dict
+    path: Path
+
+
+def session_key() -> str:
+    return os.environ.get("BITFUSION_SESSION") or str(os.getppid())
+
+
+def _path() -> Path:
+    return config.config_dir() / "held" / f"{session_key()}.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def current() -> Held | None:
+    """The share this session holds, if its holder is still alive."""
+    path = _path()
+    try:
+        data = json.loads(path.read_text())
+        held = Held(
+            data["server"],
+            data["share_id"],
+            data["lease_s"],
+            data["holder_pid"],
+            data["share"],
+            path,
+        )
+    except (OSError, ValueError, KeyError):
+        return None
+    if not _alive(held.holder_pid):
+        path.unlink(missing_ok=True)
+        return None
+    return held
+
+
+def start_holder(server: str, share: dict, lease_s: float) -> Held:
+    """Leave a holder process renewing the share and record it for this session."""
+    path = _path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    watch = int(session_key()) if session_key().isdigit() else os.getppid()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bitfusion_jupyter.held",
+            server,
+            share["share_id"],
+            str(lease_s),
+            str(watch),
+            str(path),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    held = Held(server, share["share_id"], lease_s, proc.pid, share, path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps(
+            {
+                "server": server,
+                "share_id": held.share_id,
+                "lease_s": lease_s,
+                "holder_pid": proc.pid,
+                "share": share,
+            }
+        )
+    )
+    os.replace(tmp, path)
+    return held
+
+
+def stop_holder(held: Held) -> None:
+    """Stop the holder (it releases the share on its way out) and forget the share."""
+    try:
+        os.kill(held.holder_pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    held.path.unlink(missing_ok=True)
+
+
+def _hold(server: str, share_id: str, lease_s: float, watch_pid: int, path: Path) -> int:
+    from remoting.client import GatewayConnection, GatewayError
+
+    stop = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    conn = GatewayConnection(server, config.token_for(server))
+    every = max(0.2, min(5.0, lease_s / 4))
+    last_ok = time.monotonic()
+    try:
+        while not stop and _alive(watch_pid):
+            try:
+                conn.request("renew", share_id=share_id, timeout=every)
+                last_ok = time.monotonic()
+            except GatewayError as exc:
+                if exc.code != "unreachable" or time.monotonic() - last_ok > lease_s + every:
+                    return 1  # the share is gone (released elsewhere or expired)
+            deadline = time.monotonic() + every
+            while not stop and time.monotonic() < deadline:
+                time.sleep(0.05)
+        try:
+            conn.request("release", share_id=share_id, timeout=2.0)
+        except GatewayError:
+            pass
+        return 0
+    finally:
+        _forget_if_mine(path)
+        conn.close()
+
+
+def _forget_if_mine(path: Path) -> None:
+    # A newer request_gpus of the same session may have replaced the file: leave that one.
+    try:
+        if json.loads(path.read_text()).get("holder_pid") == os.getpid():
+            path.unlink(missing_ok=True)
+    except (OSError, ValueError):
+        pass
+
+
+if __name__ == "__main__":
+    server_arg, share_arg, lease_arg, watch_arg, file_arg = sys.argv[1:6]
+    sys.exit(_hold(server_arg, share_arg, float(lease_arg), int(watch_arg), Path(file_arg)))

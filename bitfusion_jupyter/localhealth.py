@@ -1,0 +1,109 @@
+"""`bitfusion localhealth`: is this GPU server ready to serve? Checks NVML, driver, MPS, the
+gateway's port, its state dir and disk, each with a verdict an admin can act on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+from bitfusion_jupyter import tables
+
+OK, WARN, FAIL = "ok", "WARN", "FAIL"
+
+
+def _nvml() -> tuple[str, str]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+            driver = pynvml.nvmlSystemGetDriverVersion()
+            names = [
+                pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(count)
+            ]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        return WARN, f"NVML unavailable ({exc}); only a simulated pool can be served here"
+    if count == 0:
+        return WARN, f"NVML works (driver {driver}) but finds no GPU"
+    listed = ", ".join(str(n) for n in names)
+    return OK, f"driver {driver}, {count} GPU{'s' if count != 1 else ''}: {listed}"
+
+
+def _gateway_answers(state_dir: Path, port: int) -> tuple[str, str]:
+    """Ask the local gateway who it is, with the admin token from its state dir."""
+    token_file = state_dir / "admin.token"
+    try:
+        token_text = token_file.read_text().strip()
+    except OSError:
+        return WARN, f"cannot read {token_file} to ask the gateway (run as the gateway's user)"
+    from remoting import tokens
+    from remoting.client import GatewayConnection, GatewayError
+
+    conn = GatewayConnection(f"127.0.0.1:{port}", tokens.parse(token_text), timeout=3.0)
+    try:
+        info = conn.request("hello")
+    except GatewayError as exc:
+        return FAIL, str(exc)
+    finally:
+        conn.close()
+    pool = "SIMULATED pool" if info["simulated"] else f"NVML, driver {info['driver']}"
+    return OK, f"{info['server']} answers, version {info['version']}, {pool}"
+
+
+def checks(state_dir: Path, port: int) -> list[dict[str, Any]]:
+    from gateway.mps import mps_pipe_dir, mps_running
+
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, verdict: tuple[str, str]) -> None:
+        out.append({"check": name, "status": verdict[0], "detail": verdict[1]})
+
+    add("NVML and driver", _nvml())
+    add(
+        "MPS daemon",
+        (OK, f"running, pipes in {mps_pipe_dir()}")
+        if mps_running()
+        else (OK, "not running; shares are capped by the frameworks' limits and policing"),
+    )
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        listening = s.connect_ex(("127.0.0.1", port)) == 0
+    add(
+        f"port {port}",
+        (OK, "a gateway is listening")
+        if listening
+        else (FAIL, "nothing listens; start it with 'bitfusion gateway'"),
+    )
+    if not state_dir.is_dir():
+        add("state dir", (FAIL, f"{state_dir} does not exist; the gateway makes it on start"))
+    else:
+        ledger = state_dir / "ledger.sqlite3"
+        add(
+            "state dir",
+            (OK, f"{state_dir}, ledger {'present' if ledger.exists() else 'not yet made'}"),
+        )
+        free = shutil.disk_usage(state_dir).free / 2**30
+        add("disk", (OK if free >= 1 else WARN, f"{free:.1f} GiB free under {state_dir}"))
+        if listening:
+            add("gateway", _gateway_answers(state_dir, port))
+    return out
+
+
+def run(state_dir: Path, port: int, as_json: bool) -> int:
+    results = checks(state_dir, port)
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(
+            tables.render(
+                ["CHECK", "STATUS", "DETAIL"],
+                [[r["check"], r["status"], r["detail"]] for r in results],
+            )
+        )
+    return 1 if any(r["status"] == FAIL for r in results) else 0

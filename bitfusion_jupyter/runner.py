@@ -1,0 +1,184 @@
+"""`bitfusion run`'s loop: one remote process's stdio, signals, acks and lease renewals.
+
+Output comes with sequence numbers. The client writes each chunk once, acks what it wrote,
+and when it sees a gap (a message dropped while the link or the gateway was down) it asks for
+output again from the first missing number; the process's nanny keeps everything not yet
+acked, so nothing is lost or written twice. Each renewal also re-attaches, so after a gateway
+restart the stream resumes by itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from types import FrameType
+
+import zmq
+
+from bitfusion_jupyter.pool import say
+from remoting.client import GatewayConnection, GatewayError
+
+STDIN_CHUNK = 64 * 1024
+ACK_EVERY_BYTES = 256 * 1024
+ACK_EVERY_S = 0.05
+
+
+class ProcessStream:
+    """Drives one remote process until it exits; returns a shell-style exit code."""
+
+    def __init__(self, conn: GatewayConnection, share_id: str, proc_id: str, lease_s: float):
+        self.conn = conn
+        self.share_id = share_id
+        self.proc_id = proc_id
+        self.renew_every = max(0.2, min(5.0, lease_s / 4))
+        self.next_seq = 1  # next output seq we expect
+        self.acked = 0
+        self.unacked_bytes = 0
+        self.last_ack = time.monotonic()
+        self.stdin_seq = 0
+        self.stdin_open = True
+        self.signals: list[int] = []
+        self.lost_since: float | None = None
+        self.lease_s = lease_s
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signals.append(signum)
+
+    def run(self) -> int:
+        forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+        previous = {s: signal.signal(s, self._on_signal) for s in forwarded}
+        try:
+            return self._loop()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _loop(self) -> int:
+        stdin_fd = _stdin_fd()
+        if stdin_fd is None:
+            self._close_stdin()
+        poller = zmq.Poller()
+        poller.register(self.conn.sock, zmq.POLLIN)
+        if stdin_fd is not None:
+            poller.register(stdin_fd, zmq.POLLIN)
+        next_renew = time.monotonic() + self.renew_every
+        while True:
+            self.conn.flush()
+            while self.signals:
+                self.conn.send("signal", proc_id=self.proc_id, signum=self.signals.pop(0))
+            timeout = max(0.0, min(next_renew - time.monotonic(), ACK_EVERY_S))
+            try:
+                ready = dict(poller.poll(int(timeout * 1000)))
+            except zmq.ZMQError:  # EINTR from a forwarded signal
+                continue
+            if stdin_fd is not None and ready.get(stdin_fd) and not self._pump_stdin(stdin_fd):
+                poller.unregister(stdin_fd)
+                stdin_fd = None
+            if ready.get(self.conn.sock) or self.conn.has_pending():
+                while True:
+                    msg = self.conn.receive(0)
+                    if msg is None:
+                        break
+                    code = self._on_message(msg)
+                    if code is not None:
+                        return code
+            if self.unacked_bytes and time.monotonic() - self.last_ack >= ACK_EVERY_S:
+                self._ack()
+            if time.monotonic() >= next_renew:
+                self._renew()
+                next_renew = time.monotonic() + self.renew_every
+
+    def _on_message(self, msg) -> int | None:
+        if msg.type == "notice":
+            say(msg["message"])
+            return None
+        if msg.get("proc_id") != self.proc_id:
+            return None
+        seq = msg["seq"]
+        if msg.type == "exit" and seq == 0:  # the gateway lost the process's supervisor
+            say("the remote process's supervisor vanished; its exit status is unknown.")
+            return 255
+        if seq < self.next_seq:
+            return None  # a replay of something already written
+        if seq > self.next_seq:
+            # Something was dropped on the way: ask again from the first missing chunk.
+            self.conn.send("attach", proc_id=self.proc_id, out_from=self.next_seq)
+            return None
+        self.next_seq += 1
+        if msg.type == "out":
+            stream = sys.stdout.buffer if msg["stream"] == 1 else sys.stderr.buffer
+            stream.write(msg.payloads[0])
+            stream.flush()
+            self.unacked_bytes += len(msg.payloads[0])
+            if self.unacked_bytes >= ACK_EVERY_BYTES:
+                self._ack()
+            return None
+        if msg.type == "exit":
+            self._ack()
+            code = msg["code"]
+            return 128 - code if code < 0 else code  # killed by signal N -> 128+N, as shells do
+        return None
+
+    def _ack(self) -> None:
+        self.acked = self.next_seq - 1
+        self.conn.send("ack", proc_id=self.proc_id, seq=self.acked)
+        self.unacked_bytes = 0
+        self.last_ack = time.monotonic()
+
+    def _renew(self) -> None:
+        try:
+            self.conn.request(
+                "renew",
+                share_id=self.share_id,
+                attach=[[self.proc_id, self.next_seq]],
+                timeout=self.renew_every,
+            )
+            if self.lost_since is not None:
+                say("connection to the gateway restored.")
+            self.lost_since = None
+        except GatewayError as exc:
+            if exc.code != "unreachable":
+                raise
+            now = time.monotonic()
+            if self.lost_since is None:
+                self.lost_since = now
+                say(
+                    f"lost the gateway {self.conn.address}; retrying for up to "
+                    f"{self.lease_s:g} s..."
+                )
+            elif now - self.lost_since > self.lease_s + self.renew_every:
+                raise GatewayError(
+                    self.conn.address,
+                    f"Lost the gateway {self.conn.address} for "
+                    f"longer than the lease grace ({self.lease_s:g} s); the share "
+                    "and its processes have been ended there.",
+                ) from None
+
+    def _pump_stdin(self, fd: int) -> bool:
+        try:
+            data = os.read(fd, STDIN_CHUNK)
+        except OSError:
+            data = b""
+        if not data:
+            self._close_stdin()
+            return False
+        self.stdin_seq += 1
+        self.conn.send("stdin", [data], proc_id=self.proc_id, seq=self.stdin_seq)
+        return True
+
+    def _close_stdin(self) -> None:
+        if self.stdin_open:
+            self.stdin_open = False
+            self.stdin_seq += 1
+            self.conn.send("stdin_close", proc_id=self.proc_id, seq=self.stdin_seq)
+
+
+def _stdin_fd() -> int | None:
+    try:
+        fd = sys.stdin.fileno()
+        os.fstat(fd)
+        return fd
+    except (AttributeError, ValueError, OSError):
+        return None

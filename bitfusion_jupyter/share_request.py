@@ -1,0 +1,127 @@
+"""The share a user asks for: `-n`, `-m`, `-p`, `--filter`, `--wait`, checked before sending."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from remoting import filters
+
+
+class UsageError(Exception):
+    """A bad option; the text is one sentence that says what to do."""
+
+
+@dataclass(frozen=True)
+class ShareRequest:
+    gpus: int = 1
+    mib: int | None = None
+    fraction: float | None = None
+    filters: list[list[Any]] = field(default_factory=list)
+    wait_s: float = 0.0
+
+    def wire(self) -> dict[str, Any]:
+        """The fields of an `allocate` message."""
+        return {
+            "gpus": self.gpus,
+            "mib": self.mib,
+            "fraction": self.fraction,
+            "filters": self.filters,
+        }
+
+    def describe(self) -> str:
+        n = f"{self.gpus} GPU{'s' if self.gpus != 1 else ''}"
+        if self.mib is not None:
+            return f"{n} × {self.mib} MiB"
+        if self.fraction is not None:
+            return f"{n} × {self.fraction:g} of a GPU"
+        return f"{n} (whole)"
+
+
+def _positive_int(flag: str):
+    def read(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not a whole number") from None
+        return value
+
+    return read
+
+
+def _number(flag: str):
+    def read(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not a finite number")
+        return value
+
+    return read
+
+
+def add_arguments(parser: argparse.ArgumentParser, wait: bool = True) -> None:
+    parser.add_argument(
+        "-n",
+        "--num_gpus",
+        dest="num_gpus",
+        type=_positive_int("-n"),
+        default=1,
+        metavar="N",
+        help="number of GPUs, all on one server (default 1)",
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "-m",
+        "--memory",
+        dest="memory",
+        type=_positive_int("-m"),
+        metavar="MIB",
+        help="MiB of memory on each GPU (default: whole GPUs)",
+    )
+    size.add_argument(
+        "-p",
+        "--partial",
+        dest="partial",
+        type=_number("-p"),
+        metavar="F",
+        help="fraction of each GPU's memory, 0 < F <= 1",
+    )
+    parser.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"only GPUs that match; keys: {', '.join(filters.KEYS)}",
+    )
+    if wait:
+        parser.add_argument(
+            "--wait",
+            type=_number("--wait"),
+            default=0.0,
+            metavar="SECONDS",
+            help="queue up to this long when nothing fits (first come, first served)",
+        )
+
+
+def from_args(args: argparse.Namespace) -> ShareRequest:
+    if args.num_gpus < 1:
+        raise UsageError(f"-n {args.num_gpus} asks for no GPU; give -n 1 or more.")
+    if args.memory is not None and args.memory < 1:
+        raise UsageError(f"-m {args.memory} is not a size; give MiB per GPU, e.g. -m 2048.")
+    if args.partial is not None and not 0 < args.partial <= 1:
+        raise UsageError(
+            f"-p {args.partial:g} is outside (0, 1]; give a fraction of a GPU, e.g. -p 0.5."
+        )
+    wait = getattr(args, "wait", 0.0) or 0.0
+    if wait < 0:
+        raise UsageError(f"--wait {wait:g} is negative; give seconds to wait, e.g. --wait 60.")
+    try:
+        parsed = [filters.parse(f) for f in args.filter]
+    except filters.FilterError as exc:
+        raise UsageError(str(exc)) from None
+    return ShareRequest(args.num_gpus, args.memory, args.partial, parsed, wait)

@@ -1,0 +1,220 @@
+"""`bitfusion gateway ...` (also `python -m gateway`): run the server side, manage tokens."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gateway import cluster_keys
+from gateway.gpus import InventoryError, open_inventory, parse_simulate_spec
+from gateway.server import Gateway, GatewayConfig
+from remoting import protocol, tokens
+
+
+class UsageError(Exception):
+    """A bad option or setting; the text is one sentence for the admin."""
+
+
+def default_state_dir() -> Path:
+    if os.environ.get("BITFUSION_STATE_DIR"):
+        return Path(os.environ["BITFUSION_STATE_DIR"])
+    if os.geteuid() == 0:
+        return Path("/var/lib/bitfusion")
+    return Path.home() / ".bitfusion" / "gateway"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The gateway's options, shared by `bitfusion gateway` and `python -m gateway`."""
+    parser.add_argument(
+        "--simulate-gpus",
+        metavar="SPEC",
+        help="serve a simulated pool instead of NVML, e.g. 2x16GiB or 1x80GiB,1x24GiB",
+    )
+    parser.add_argument("--bind", default="0.0.0.0", metavar="ADDR", help="address to listen on")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=protocol.DEFAULT_PORT,
+        help=f"client port (default {protocol.DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="ledger, keys and tokens (default /var/lib/bitfusion as root, "
+        "else ~/.bitfusion/gateway; BITFUSION_STATE_DIR overrides)",
+    )
+    parser.add_argument(
+        "--name", default=None, help="server name shown to clients (default: hostname)"
+    )
+    parser.add_argument(
+        "--lease-grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="free a share this long after its holder stops renewing (default 30)",
+    )
+    parser.add_argument(
+        "--police",
+        choices=("stop", "warn"),
+        default="stop",
+        help="over-share processes: warn, then stop them (default) or only warn",
+    )
+    parser.add_argument(
+        "--police-grace",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long a process may stay over its share after the warning",
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="working directory of commands run in shares"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="gateway_command")
+    token = sub.add_parser("token", help="create or revoke access tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", help="print a new token")
+    create.add_argument("--user", default=os.environ.get("USER", "user"))
+    create.add_argument("--admin", action="store_true", help="a token that sees every share")
+    create.add_argument("--state-dir", type=Path, default=None, dest="token_state_dir")
+    revoke = token_sub.add_parser("revoke", help="revoke a token")
+    revoke.add_argument("token")
+    revoke.add_argument("--state-dir", type=Path, default=None, dest="token_state_dir")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point after argument parsing; returns the exit code."""
+    state_dir = getattr(args, "token_state_dir", None) or args.state_dir or default_state_dir()
+    if args.gateway_command == "token":
+        return _token(args, state_dir)
+    return _serve(args, state_dir)
+
+
+def _prepare_state_dir(state_dir: Path) -> None:
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe = state_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(
+            f"The state dir {state_dir} cannot be written ({exc.strerror}); "
+            "pick another with --state-dir."
+        ) from None
+
+
+def _token(args: argparse.Namespace, state_dir: Path) -> int:
+    _prepare_state_dir(state_dir)
+    keys = cluster_keys.load_or_create(state_dir)
+    if args.token_command == "create":
+        try:
+            print(tokens.mint(keys.token_secret, keys.public, args.user, args.admin))
+        except tokens.TokenError as exc:
+            raise UsageError(str(exc)) from None
+        return 0
+    tok = tokens.parse(args.token)
+    from gateway.ledger import Ledger
+
+    ledger = Ledger(state_dir / "ledger.sqlite3", [])
+    ledger.revoke(tok.nonce)
+    ledger.event("revoke", tok.user, None, "token revoked")
+    ledger.close()
+    print(f"Revoked the token of {tok.user}.")
+    return 0
+
+
+def admin_token(state_dir: Path, keys: cluster_keys.ClusterKeys) -> Path:
+    """The admin token file, written on first start (mode 0600)."""
+    path = state_dir / "admin.token"
+    if not path.exists():
+        tok = tokens.mint(keys.token_secret, keys.public, "admin", admin=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{tok}\n")
+    return path
+
+
+def _serve(args: argparse.Namespace, state_dir: Path) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port} is not a TCP port; give 1 to 65535.")
+    if args.lease_grace <= 0:
+        raise UsageError("--lease-grace must be more than 0 seconds.")
+    if args.simulate_gpus:
+        try:
+            parse_simulate_spec(args.simulate_gpus)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    _prepare_state_dir(state_dir)
+    keys = cluster_keys.load_or_create(state_dir)
+    config = GatewayConfig(
+        state_dir=state_dir,
+        bind=args.bind,
+        port=args.port,
+        lease_grace_s=args.lease_grace,
+        police_mode=args.police,
+        police_grace_s=args.police_grace,
+        workdir=args.workdir,
+    )
+    if args.name:
+        config.hostname = args.name
+    try:
+        inventory = open_inventory(args.simulate_gpus, state_dir, config.hostname)
+    except InventoryError as exc:
+        raise UsageError(str(exc)) from None
+    gateway = Gateway(config, inventory, keys)
+    try:
+        gateway.bind()
+    except Exception as exc:  # zmq.ZMQError: address in use, bad address
+        raise UsageError(
+            f"Cannot listen on {args.bind}:{args.port} ({exc}); is another gateway running? "
+            "Pick another --port or --bind."
+        ) from None
+    token_path = admin_token(state_dir, keys)
+    _banner(gateway, token_path)
+    asyncio.run(gateway.serve())
+    return 0
+
+
+def _banner(gateway: Gateway, token_path: Path) -> None:
+    cfg, inv = gateway.cfg, gateway.inventory
+    kind = (
+        "SIMULATED pool (no real GPU is used)"
+        if inv.simulated
+        else f"NVML, driver {inv.driver_version()}"
+    )
+    lines = [
+        f"bitfusion gateway {protocol.VERSION} on {cfg.hostname}, port {cfg.port}: {kind}",
+        f"  {'GPU':<4}{'NAME':<28}{'MEMORY':>12}",
+    ]
+    for g in gateway.gpus:
+        tag = "  (simulated)" if g.simulated else ""
+        lines.append(f"  {g.index:<4}{g.name:<28}{g.memory_total_mib:>8} MiB{tag}")
+    lines += [
+        f"  state dir {cfg.state_dir}; admin token in {token_path}",
+        f"  user tokens: bitfusion gateway token create --state-dir {cfg.state_dir} --user NAME",
+    ]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, tokens.TokenError) as exc:
+        print(f"bitfusion gateway: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

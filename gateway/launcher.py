@@ -1,0 +1,162 @@
+"""The gateway's side of starting a process in a share: launch its nanny and wait for it.
+
+The nanny interpreter runs with ``-I -S``: the environment it inherits is the *child's*, and a
+user's PYTHONPATH, PYTHONHOME or PYTHONSAFEPATH must not be able to break or hijack the nanny
+(``-I``), while site-packages and its .pth files cost more start-up time than the nanny's
+entire stdlib imports (``-S``). These flags only shape the nanny's own interpreter: the child is
+a fresh exec with the environment untouched, so a Python child still gets its site and
+PYTHON* variables. The nanny needs nothing beyond the stdlib and this package, whose root we
+put on its sys.path ourselves.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 10.0
+# sockaddr_un holds 108 bytes with the NUL; keep a margin for other platforms.
+MAX_SOCKET_PATH = 100
+
+_BOOT = (
+    f"import sys; sys.path.insert(0, {str(PACKAGE_ROOT)!r}); "
+    "from gateway.nanny import main; sys.exit(main())"
+)
+
+
+@dataclass(frozen=True)
+class Launched:
+    nanny_pid: int
+    socket_path: Path
+    status_path: Path
+
+
+class LaunchError(Exception):
+    """The command could not be started; the message is one sentence for the user."""
+
+
+def launch(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: str | None,
+    run_dir: Path,
+    proc_id: str,
+    linger_s: float = 300,
+) -> Launched:
+    """Start ``argv`` under a new nanny; return once the nanny's socket is listening."""
+    if not argv:
+        raise LaunchError("bitfusion: no command to run.")
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    socket_path = socket_path_for(run_dir, proc_id)
+    status_path = run_dir / f"{proc_id}.json"
+    cmd = [
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        _BOOT,
+        "--socket",
+        str(socket_path),
+        "--status",
+        str(status_path),
+        "--log",
+        str(run_dir / f"{proc_id}.log"),
+        "--linger",
+        repr(float(linger_s)),
+    ]
+    if cwd:
+        cmd += ["--cwd", cwd]
+    cmd += ["--", *argv]
+    try:
+        done = subprocess.run(
+            cmd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=START_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise LaunchError(
+            f"bitfusion: the process supervisor did not start within {START_TIMEOUT_S:g} s."
+        ) from None
+    except OSError as exc:
+        raise LaunchError(
+            f"bitfusion: cannot start the process supervisor: {exc.strerror or exc}."
+        ) from None
+    if done.returncode != 0:
+        lines = done.stderr.decode(errors="replace").strip().splitlines()
+        raise LaunchError(
+            lines[-1] if lines else f"bitfusion: the process supervisor failed ({done.returncode})."
+        )
+    try:
+        nanny_pid = int(done.stdout.split()[0])
+    except (IndexError, ValueError):
+        raise LaunchError("bitfusion: the process supervisor did not report its pid.") from None
+    return Launched(nanny_pid, socket_path, status_path)
+
+
+def socket_path_for(run_dir: Path, proc_id: str) -> Path:
+    """``run_dir/<proc_id>.sock``, or a short private path when that is too long to bind."""
+    path = run_dir / f"{proc_id}.sock"
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        return path
+    short = Path(tempfile.gettempdir()) / f"bitfusion-{os.getuid()}"
+    try:
+        short.mkdir(mode=0o700)
+    except FileExistsError:
+        st = os.lstat(short)  # refuse a directory someone else planted for us
+        if not os.path.isdir(short) or os.path.islink(short) or st.st_uid != os.getuid():
+            raise LaunchError(f"bitfusion: {short} is not a private directory.") from None
+    return short / f"{proc_id}.sock"
+
+
+def read_status(status_path: Path) -> dict[str, Any] | None:
+    """A nanny's status file, or None when it is missing or unreadable."""
+    try:
+        data = json.loads(status_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def kill_orphan(status: Mapping[str, Any]) -> None:
+    """SIGKILL a nanny that cannot be reached, and its child's whole process group."""
+    nanny_pid = status.get("nanny_pid")
+    if _is_pid(nanny_pid) and _looks_like_nanny(nanny_pid):
+        _kill(os.kill, nanny_pid)
+    pgid = status.get("pgid")
+    if _is_pid(pgid):
+        _kill(os.killpg, pgid)
+
+
+def _is_pid(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 1
+
+
+def _looks_like_nanny(pid: int) -> bool:
+    # The nanny may be long gone and its pid reused: only kill a process that is a nanny.
+    try:
+        return b"gateway.nanny" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()  # no /proc to ask: trust the status file
+    except OSError:
+        return False
+
+
+def _kill(kill: Any, pid: int) -> None:
+    try:
+        kill(pid, signal.SIGKILL)
+    except OSError as exc:
+        if exc.errno not in (errno.ESRCH, errno.EPERM):
+            raise

@@ -1,0 +1,287 @@
+"""The share ledger: which shares exist, on which GPUs, for whom, until when; kept in SQLite.
+
+The gateway's event loop is the only writer, so the ledger needs no locks; every change is one
+transaction, so a gateway killed at any point restarts with a ledger that never holds a share
+twice or frees one twice. Releasing is idempotent: the second release of a share is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.gpus import GpuInfo
+from gateway.placement import Slot, Want
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS shares (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, client_host TEXT NOT NULL,
+    gpus TEXT NOT NULL, whole INTEGER NOT NULL, created REAL NOT NULL,
+    lease_expires REAL NOT NULL, release_on_exit INTEGER NOT NULL,
+    state TEXT NOT NULL, ended REAL, end_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS processes (
+    id TEXT PRIMARY KEY, share_id TEXT NOT NULL, argv TEXT NOT NULL,
+    socket_path TEXT, status_path TEXT, nanny_pid INTEGER, pid INTEGER,
+    state TEXT NOT NULL, exit_code INTEGER, started REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, kind TEXT NOT NULL,
+    user TEXT, share_id TEXT, detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revoked (nonce TEXT PRIMARY KEY, ts REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS shares_state ON shares(state);
+"""
+MAX_EVENTS = 10_000
+
+
+@dataclass
+class Share:
+    id: str
+    owner: str
+    client_host: str
+    gpus: dict[int, int]  # GPU index -> MiB granted on it
+    whole: bool
+    created: float
+    lease_expires: float
+    release_on_exit: bool
+    state: str = "active"
+
+    def public(self, gpus: Sequence[GpuInfo]) -> dict[str, Any]:
+        by_index = {g.index: g for g in gpus}
+        return {
+            "share_id": self.id,
+            "owner": self.owner,
+            "client_host": self.client_host,
+            "gpus": [
+                {
+                    "index": i,
+                    "uuid": by_index[i].uuid,
+                    "name": by_index[i].name,
+                    "mib": mib,
+                    "total_mib": by_index[i].memory_total_mib,
+                    "simulated": by_index[i].simulated,
+                }
+                for i, mib in self.gpus.items()
+            ],
+            "whole": self.whole,
+            "created": self.created,
+            "lease_expires_in": round(max(0.0, self.lease_expires - time.time()), 1),
+        }
+
+
+@dataclass
+class Process:
+    id: str
+    share_id: str
+    argv: list[str]
+    socket_path: str | None
+    status_path: str | None
+    nanny_pid: int | None
+    pid: int | None
+    state: str = "running"
+    exit_code: int | None = None
+    started: float = field(default_factory=time.time)
+
+
+class Ledger:
+    """Shares, processes and events of one gateway, mirrored in memory for speed."""
+
+    def __init__(self, db_path: Path, gpus: Sequence[GpuInfo]):
+        self.gpus = list(gpus)
+        self.draining: set[int] = set()
+        self.db = sqlite3.connect(db_path, isolation_level=None)
+        # WAL with synchronous=NORMAL: a commit is durable against a process crash (what we
+        # guard against) without an fsync per grant, which keeps allocation fast.
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self.shares: dict[str, Share] = {}
+        self.processes: dict[str, Process] = {}
+        self._load()
+
+    # --- loading -------------------------------------------------------------------------
+    def _load(self) -> None:
+        for row in self.db.execute(
+            "SELECT id, owner, client_host, gpus, whole, created, lease_expires, release_on_exit"
+            " FROM shares WHERE state='active'"
+        ):
+            sid, owner, host, gpus, whole, created, expires, roe = row
+            gpu_map = {int(k): v for k, v in json.loads(gpus).items()}
+            self.shares[sid] = Share(
+                sid, owner, host, gpu_map, bool(whole), created, expires, bool(roe)
+            )
+        for row in self.db.execute(
+            "SELECT id, share_id, argv, socket_path, status_path, nanny_pid, pid, started"
+            " FROM processes WHERE state='running'"
+        ):
+            pid_, share_id, argv, sock, status, nanny, pid, started = row
+            self.processes[pid_] = Process(
+                pid_, share_id, json.loads(argv), sock, status, nanny, pid, started=started
+            )
+
+    # --- memory accounting ---------------------------------------------------------------
+    def granted_mib(self, index: int) -> int:
+        return sum(s.gpus.get(index, 0) for s in self.shares.values())
+
+    def free_mib(self, index: int) -> int:
+        gpu = next(g for g in self.gpus if g.index == index)
+        return gpu.memory_total_mib - self.granted_mib(index)
+
+    def shares_on(self, index: int) -> list[Share]:
+        return [s for s in self.shares.values() if index in s.gpus]
+
+    def slots(self, eligible: Iterable[int]) -> list[Slot]:
+        ok = set(eligible) - self.draining
+        return [
+            Slot(g.index, g.memory_total_mib, self.free_mib(g.index), g.index in ok)
+            for g in self.gpus
+        ]
+
+    # --- shares --------------------------------------------------------------------------
+    def grant(
+        self,
+        owner: str,
+        client_host: str,
+        placement: dict[int, int],
+        want: Want,
+        lease_s: float,
+        release_on_exit: bool,
+    ) -> Share:
+        for index, mib in placement.items():
+            if mib > self.free_mib(index):  # the invariant, checked where it is kept
+                raise RuntimeError(f"refusing to over-grant GPU {index}")
+        now = time.time()
+        share = Share(
+            id="s-" + secrets.token_hex(4),
+            owner=owner,
+            client_host=client_host,
+            gpus=dict(placement),
+            whole=want.mib is None and want.fraction is None,
+            created=now,
+            lease_expires=now + lease_s,
+            release_on_exit=release_on_exit,
+        )
+        with self.db:
+            self.db.execute(
+                "INSERT INTO shares VALUES (?,?,?,?,?,?,?,?,'active',NULL,NULL)",
+                (
+                    share.id,
+                    owner,
+                    client_host,
+                    json.dumps(share.gpus),
+                    int(share.whole),
+                    now,
+                    share.lease_expires,
+                    int(release_on_exit),
+                ),
+            )
+            self._event("grant", owner, share.id, f"{want.describe()} on GPUs {list(placement)}")
+        self.shares[share.id] = share
+        return share
+
+    def renew(self, share: Share, lease_s: float) -> None:
+        share.lease_expires = time.time() + lease_s
+        # Lease renewals are frequent; they are written so a restart keeps the right expiry.
+        self.db.execute(
+            "UPDATE shares SET lease_expires=? WHERE id=?", (share.lease_expires, share.id)
+        )
+
+    def extend_all(self, lease_s: float) -> None:
+        """After a restart, give every holder a full grace to reconnect."""
+        for share in self.shares.values():
+            self.renew(share, lease_s)
+
+    def release(self, share_id: str, reason: str, user: str | None = None) -> Share | None:
+        """End a share; returns it, or None when it had already ended (idempotent)."""
+        share = self.shares.pop(share_id, None)
+        if share is None:
+            return None
+        with self.db:
+            self.db.execute(
+                "UPDATE shares SET state='released', ended=?, end_reason=? WHERE id=?",
+                (time.time(), reason, share_id),
+            )
+            self._event("release", user or share.owner, share_id, reason)
+        return share
+
+    def expired(self, now: float) -> list[Share]:
+        return [s for s in self.shares.values() if s.lease_expires < now]
+
+    # --- processes -----------------------------------------------------------------------
+    def add_process(self, proc: Process) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT INTO processes VALUES (?,?,?,?,?,?,?,'running',NULL,?)",
+                (
+                    proc.id,
+                    proc.share_id,
+                    json.dumps(proc.argv),
+                    proc.socket_path,
+                    proc.status_path,
+                    proc.nanny_pid,
+                    proc.pid,
+                    proc.started,
+                ),
+            )
+        self.processes[proc.id] = proc
+
+    def set_pid(self, proc: Process, pid: int) -> None:
+        proc.pid = pid
+        self.db.execute("UPDATE processes SET pid=? WHERE id=?", (pid, proc.id))
+
+    def finish_process(self, proc_id: str, exit_code: int | None) -> Process | None:
+        proc = self.processes.pop(proc_id, None)
+        if proc is None:
+            return None
+        proc.state, proc.exit_code = "exited", exit_code
+        self.db.execute(
+            "UPDATE processes SET state='exited', exit_code=? WHERE id=?", (exit_code, proc_id)
+        )
+        return proc
+
+    def processes_of(self, share_id: str) -> list[Process]:
+        return [p for p in self.processes.values() if p.share_id == share_id]
+
+    # --- events and tokens ---------------------------------------------------------------
+    def _event(self, kind: str, user: str | None, share_id: str | None, detail: str) -> None:
+        self.db.execute(
+            "INSERT INTO events (ts, kind, user, share_id, detail) VALUES (?,?,?,?,?)",
+            (time.time(), kind, user, share_id, detail),
+        )
+
+    def event(self, kind: str, user: str | None, share_id: str | None, detail: str) -> None:
+        with self.db:
+            self._event(kind, user, share_id, detail)
+
+    def trim_events(self) -> None:
+        self.db.execute(
+            "DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (MAX_EVENTS,)
+        )
+
+    def events(self, user: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        where, args = ("WHERE user=?", (user,)) if user else ("", ())
+        rows = self.db.execute(
+            f"SELECT ts, kind, user, share_id, detail FROM events {where} ORDER BY id DESC LIMIT ?",
+            (*args, limit),
+        ).fetchall()
+        keys = ("ts", "kind", "user", "share_id", "detail")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def revoke(self, nonce: str) -> None:
+        with self.db:
+            self.db.execute("INSERT OR IGNORE INTO revoked VALUES (?,?)", (nonce, time.time()))
+
+    def is_revoked(self, nonce: str) -> bool:
+        return (
+            self.db.execute("SELECT 1 FROM revoked WHERE nonce=?", (nonce,)).fetchone() is not None
+        )
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,112 @@
+"""One process's stdio between its nanny and the client that watches it.
+
+The nanny is the source of truth: it keeps every output chunk until the client acks it, so the
+relay holds no buffer of its own. When the client reconnects, or the gateway restarts, the
+client says from which sequence number it wants output and the nanny replays from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from gateway.nanny_link import NannyGone, NannyLink
+
+log = logging.getLogger("bitfusion.gateway")
+
+# Called with (client ident, frames-ready message fields) to deliver to the watching client.
+Deliver = Callable[[bytes, str, dict, bytes | None], Awaitable[None]]
+
+
+class Relay:
+    """Connects to one nanny, forwards its messages to the current subscriber."""
+
+    def __init__(
+        self,
+        proc_id: str,
+        socket_path: Path,
+        deliver: Deliver,
+        on_pid: Callable[[int], None],
+        on_exit: Callable[[int | None], None],
+        on_closed: Callable[[], None],
+    ):
+        self.proc_id = proc_id
+        self.socket_path = socket_path
+        self.deliver = deliver
+        self.on_pid = on_pid
+        self.on_exit = on_exit
+        self.on_closed = on_closed
+        self.subscriber: bytes | None = None
+        self.link: NannyLink | None = None
+        self.exit_seq: int | None = None
+        self.exit_code: int | None = None
+        self.closed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, out_from: int = 1) -> None:
+        self.link = await NannyLink.connect(self.socket_path)
+        await self.link.send({"type": "attach", "out_from": out_from})
+        self._task = asyncio.create_task(self._pump())
+
+    async def attach(self, subscriber: bytes, out_from: int) -> None:
+        """A client (re)subscribes; the nanny replays output from ``out_from``."""
+        self.subscriber = subscriber
+        if self.link is not None:
+            await self.link.send({"type": "attach", "out_from": out_from})
+
+    async def send(self, header: dict, payload: bytes = b"") -> None:
+        if self.link is not None:
+            try:
+                await self.link.send(header, payload)
+            except (NannyGone, OSError):
+                pass  # the pump notices and reports the end
+
+    async def ack(self, seq: int) -> None:
+        await self.send({"type": "ack", "seq": seq})
+        if self.exit_seq is not None and seq >= self.exit_seq:
+            await self.close()  # everything delivered; the nanny exits on this ack
+
+    async def _pump(self) -> None:
+        assert self.link is not None
+        try:
+            while True:
+                header, payload = await self.link.receive()
+                kind = header.get("type")
+                if kind == "attached":
+                    self.on_pid(int(header["child_pid"]))
+                elif kind == "out" and self.subscriber is not None:
+                    await self.deliver(
+                        self.subscriber,
+                        "out",
+                        {"proc_id": self.proc_id, "seq": header["seq"], "stream": header["stream"]},
+                        payload,
+                    )
+                elif kind == "exit":
+                    if self.exit_seq is None:
+                        self.exit_seq, self.exit_code = header["seq"], header["code"]
+                        self.on_exit(self.exit_code)
+                    if self.subscriber is not None:
+                        await self.deliver(
+                            self.subscriber,
+                            "exit",
+                            {"proc_id": self.proc_id, "seq": header["seq"], "code": header["code"]},
+                            None,
+                        )
+        except NannyGone:
+            if self.exit_seq is None:
+                self.on_exit(None)  # nanny vanished without an exit; the gateway decides
+        except Exception:  # a broken relay must not take the gateway down
+            log.exception("relay for %s failed", self.proc_id)
+            if self.exit_seq is None:
+                self.on_exit(None)
+        finally:
+            self.closed.set()
+            self.on_closed()
+
+    async def close(self) -> None:
+        if self.link is not None:
+            link, self.link = self.link, None
+            await link.close()
+        self.closed.set()

@@ -1,0 +1,766 @@
+"""The gateway's service: one CurveZMQ ROUTER socket, the share ledger, leases and processes.
+
+Everything runs on one asyncio loop, so handlers never race each other over the ledger.
+A message that does not follow the protocol is logged and answered (when it has an id) with a
+clear error; it never reaches a handler and never stops the loop for other clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from gateway import launcher
+from gateway.cluster_keys import ClusterKeys
+from gateway.gpus import GpuInventory
+from gateway.ledger import Ledger, Process, Share
+from gateway.mps import mps_running
+from gateway.nanny_link import NannyGone
+from gateway.placement import Want, never_fits, place
+from gateway.police import Police, PolicedShare, Verdict
+from gateway.relay import Relay
+from gateway.share_env import ShareGpu, share_environment
+from remoting import filters, protocol, tokens
+from remoting.protocol import Message, ProtocolError
+
+log = logging.getLogger("bitfusion.gateway")
+
+
+@dataclass
+class GatewayConfig:
+    state_dir: Path
+    bind: str = "0.0.0.0"
+    port: int = protocol.DEFAULT_PORT
+    hostname: str = field(default_factory=socket.gethostname)
+    lease_grace_s: float = 30.0
+    police_mode: str = "stop"  # or "warn"
+    police_grace_s: float = 5.0
+    police_interval_s: float = 1.0
+    terminate_grace_s: float = 5.0
+    workdir: str | None = None
+
+
+@dataclass
+class Waiter:
+    """A queued allocation (``--wait``), served first come, first served."""
+
+    ident: bytes
+    msg: Message
+    owner: str
+    want: Want
+    eligible: list[int]
+    deadline: float
+    position: int = 0
+
+
+class RequestError(Exception):
+    """Ends a request with a clear error sentence and a protocol error code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, inventory: GpuInventory, keys: ClusterKeys):
+        self.cfg = config
+        self.inventory = inventory
+        self.keys = keys
+        self.gpus = inventory.gpus()
+        run_dir = config.state_dir / "run"
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.run_dir = run_dir
+        self.ledger = Ledger(config.state_dir / "ledger.sqlite3", self.gpus)
+        self.police = Police(config.police_mode, config.police_grace_s)  # type: ignore[arg-type]
+        self.relays: dict[str, Relay] = {}
+        self.queue: list[Waiter] = []
+        self.ending: set[str] = set()
+        self.usage: dict[str, dict[int, int]] = {}  # share id -> GPU index -> MiB in use
+        self.mps = mps_running()
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.curve_server = True
+        self.sock.curve_secretkey = keys.secret
+        self.sock.curve_publickey = keys.public
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_PAYLOAD_BYTES + 2 * 1024 * 1024)
+        self.sock.setsockopt(zmq.SNDHWM, 10_000)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._background: set[asyncio.Task[Any]] = set()  # keeps fire-and-forget tasks alive
+        self.started = time.time()
+
+    # --- life cycle ----------------------------------------------------------------------
+    def bind(self) -> None:
+        self.sock.bind(f"tcp://{self.cfg.bind}:{self.cfg.port}")
+
+    async def serve(self) -> None:
+        await self._adopt()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        self._tasks = [
+            asyncio.create_task(self._receive_loop()),
+            asyncio.create_task(self._tick_loop()),
+            asyncio.create_task(self._police_loop()),
+        ]
+        await self._stop.wait()
+        for t in self._tasks:
+            t.cancel()
+        # Processes in shares outlive the gateway on purpose; only our own links close.
+        for relay in list(self.relays.values()):
+            await relay.close()
+        self.sock.close(0)
+        self.ledger.close()
+        self.inventory.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _adopt(self) -> None:
+        """After a restart: reconnect to the nannies of processes still running."""
+        self.ledger.extend_all(self.cfg.lease_grace_s)
+        for proc in list(self.ledger.processes.values()):
+            if proc.socket_path is None:  # a `bitfusion local` process, watched by its client
+                if proc.pid is None or not _alive(proc.pid):
+                    self.ledger.finish_process(proc.id, None)
+                continue
+            try:
+                await self._start_relay(proc, out_from=1)
+                log.info("adopted process %s of share %s", proc.id, proc.share_id)
+            except (OSError, NannyGone, TimeoutError):
+                status = launcher.read_status(Path(proc.status_path or ""))
+                code = status.get("exit_code") if status else None
+                if status and code is None:
+                    launcher.kill_orphan(status)
+                self.ledger.finish_process(proc.id, code)
+                log.info("process %s ended while the gateway was away (exit %s)", proc.id, code)
+
+    # --- sending -------------------------------------------------------------------------
+    async def _send(self, ident: bytes, frames: list[bytes]) -> bool:
+        try:
+            await self.sock.send_multipart([ident, *frames], flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:  # peer gone (EHOSTUNREACH) or too slow (EAGAIN)
+            log.debug("could not deliver to a client: %s", exc)
+            return False
+
+    async def _reply(self, ident: bytes, msg_id: int, **data: Any) -> None:
+        await self._send(ident, protocol.encode("reply", id=msg_id, ok=True, data=data))
+
+    async def _error(self, ident: bytes, msg_id: int, code: str, message: str) -> None:
+        await self._send(
+            ident, protocol.encode("reply", id=msg_id, ok=False, code=code, error=message)
+        )
+
+    async def _deliver(self, ident: bytes, kind: str, fields: dict, payload: bytes | None) -> None:
+        await self._send(
+            ident, protocol.encode(kind, [payload] if payload is not None else [], **fields)
+        )
+
+    # --- receiving -----------------------------------------------------------------------
+    async def _receive_loop(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart(copy=True)
+            ident, body = frames[0], frames[1:]
+            try:
+                await self._handle(ident, body)
+            except Exception:  # a bug in one handler must not stop the service
+                log.exception("internal error while handling a message")
+
+    async def _handle(self, ident: bytes, body: list[bytes]) -> None:
+        try:
+            msg = protocol.decode(body)
+        except ProtocolError as exc:
+            log.warning("dropped a malformed message: %s", exc)
+            msg_id = _salvage_id(body)
+            if msg_id is not None:
+                await self._error(
+                    ident, msg_id, protocol.E_BAD_REQUEST, f"Malformed request: {exc}"
+                )
+            return
+        spec = protocol.MESSAGES[msg.type]
+        if not spec.authenticated or msg.type == "reply":
+            log.warning("dropped a %r message sent to the gateway", msg.type)
+            return
+        try:
+            tok = self._authenticate(msg["token"])
+            handler = getattr(self, f"_on_{msg.type}")
+            result = await handler(ident, msg, tok)
+            if spec.request and result is not None:
+                await self._reply(ident, msg["id"], **result)
+        except RequestError as exc:
+            if exc.code in (protocol.E_AUTH, protocol.E_DENIED):
+                log.warning("refused %s: %s", msg.type, exc)
+            if spec.request:
+                await self._error(ident, msg["id"], exc.code, str(exc))
+
+    def _authenticate(self, text: str) -> tokens.Token:
+        try:
+            tok = tokens.parse(text)
+        except tokens.TokenError as exc:
+            raise RequestError(protocol.E_AUTH, str(exc)) from None
+        if not tokens.verify(self.keys.token_secret, tok):
+            raise RequestError(
+                protocol.E_AUTH,
+                f"The gateway on {self.cfg.hostname} does not accept this token; ask your admin "
+                "for a token of this pool and record it with 'bitfusion init'.",
+            )
+        if self.ledger.is_revoked(tok.nonce):
+            raise RequestError(
+                protocol.E_AUTH, "This token has been revoked; ask your admin for a new one."
+            )
+        return tok
+
+    # --- ownership -----------------------------------------------------------------------
+    def _share(self, share_id: str, tok: tokens.Token) -> Share:
+        share = self.ledger.shares.get(share_id)
+        # Someone else's share looks exactly like a missing one, so ids leak nothing.
+        if share is None or (share.owner != tok.user and not tok.admin):
+            if share is not None:
+                self.ledger.event("denied", tok.user, share_id, "touched another user's share")
+            raise RequestError(
+                protocol.E_NOT_FOUND,
+                f"No share {share_id} of yours is held on {self.cfg.hostname}; it may have "
+                "been released or its lease may have expired.",
+            )
+        return share
+
+    def _relay(self, proc_id: str, tok: tokens.Token) -> Relay | None:
+        relay = self.relays.get(proc_id)
+        proc = self.ledger.processes.get(proc_id)
+        share_id = proc.share_id if proc else None
+        if relay is None:
+            return None
+        share = self.ledger.shares.get(share_id or "")
+        if share is not None and share.owner != tok.user and not tok.admin:
+            self.ledger.event("denied", tok.user, share_id, f"touched process {proc_id}")
+            return None
+        return relay
+
+    # --- handlers: inventory -------------------------------------------------------------
+    def _gpu_rows(self) -> list[dict[str, Any]]:
+        states = {s.index: s for s in self.inventory.states()}
+        rows = []
+        for g in self.gpus:
+            st = states.get(g.index)
+            rows.append(
+                {
+                    "index": g.index,
+                    "uuid": g.uuid,
+                    "name": g.name,
+                    "memory_total_mib": g.memory_total_mib,
+                    "memory_granted_mib": self.ledger.granted_mib(g.index),
+                    "memory_free_mib": self.ledger.free_mib(g.index),
+                    "memory_used_mib": st.memory_used_mib if st else None,
+                    "utilization_pct": st.utilization_pct if st else None,
+                    "temperature_c": st.temperature_c if st else None,
+                    "power_w": st.power_w if st else None,
+                    "shares": len(self.ledger.shares_on(g.index)),
+                    "simulated": g.simulated,
+                    "draining": g.index in self.ledger.draining,
+                }
+            )
+        return rows
+
+    def _server_info(self) -> dict[str, Any]:
+        return {
+            "server": self.cfg.hostname,
+            "version": protocol.VERSION,
+            "simulated": self.inventory.simulated,
+            "driver": self.inventory.driver_version(),
+            "cuda": self.inventory.cuda_version(),
+            "mps": self.mps,
+        }
+
+    async def _on_hello(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
+        return {
+            **self._server_info(),
+            "user": tok.user,
+            "admin": tok.admin,
+            "uptime_s": round(time.time() - self.started, 1),
+        }
+
+    async def _on_list_gpus(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
+        return {**self._server_info(), "gpus": self._gpu_rows(), "queued": len(self.queue)}
+
+    async def _on_smi(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
+        usage = self.inventory.process_memory()
+        procs = []
+        for pid, per_gpu in sorted(usage.items()):
+            share = self._share_of_pid(pid)
+            mine = share is not None and (share.owner == tok.user or tok.admin)
+            for index, mib in sorted(per_gpu.items()):
+                procs.append(
+                    {
+                        "gpu": index,
+                        "pid": pid if (mine or tok.admin) else None,
+                        "share_id": share.id if mine else None,
+                        "mib": mib,
+                    }
+                )
+        return {**self._server_info(), "gpus": self._gpu_rows(), "processes": procs}
+
+    async def _on_list_shares(
+        self, ident: bytes, msg: Message, tok: tokens.Token
+    ) -> dict[str, Any]:
+        shares = [
+            {
+                **s.public(self.gpus),
+                "usage_mib": {str(k): v for k, v in self.usage.get(s.id, {}).items()},
+                "processes": [
+                    {"proc_id": p.id, "argv": p.argv, "pid": p.pid}
+                    for p in self.ledger.processes_of(s.id)
+                ],
+            }
+            for s in self.ledger.shares.values()
+            if tok.admin or s.owner == tok.user
+        ]
+        events = self.ledger.events(None if tok.admin else tok.user, limit=20)
+        return {"server": self.cfg.hostname, "shares": shares, "events": events}
+
+    # --- handlers: shares ----------------------------------------------------------------
+    def _read_want(self, msg: Message) -> tuple[Want, list[int]]:
+        n, mib, frac = msg["gpus"], msg.get("mib"), msg.get("fraction")
+        if n < 1:
+            raise RequestError(
+                protocol.E_BAD_REQUEST, "A share needs at least 1 GPU (-n 1 or more)."
+            )
+        if mib is not None and frac is not None:
+            raise RequestError(protocol.E_BAD_REQUEST, "Give -m or -p, not both.")
+        if mib is not None and mib < 1:
+            raise RequestError(protocol.E_BAD_REQUEST, "-m must be at least 1 MiB.")
+        if frac is not None and not 0 < frac <= 1:
+            raise RequestError(protocol.E_BAD_REQUEST, f"-p {frac} is outside (0, 1].")
+        try:
+            flt = filters.check_wire(msg.get("filters") or [])
+        except filters.FilterError as exc:
+            raise RequestError(protocol.E_BAD_REQUEST, str(exc)) from None
+        eligible = [
+            g.index
+            for g in self.gpus
+            if filters.matches(
+                flt,
+                {
+                    "device.name": g.name,
+                    "device.memory": g.memory_total_mib,
+                    "device.index": g.index,
+                    "server.hostname": self.cfg.hostname,
+                },
+            )
+        ]
+        return Want(n, mib, frac), eligible
+
+    def _free_summary(self) -> str:
+        parts = [
+            f"GPU {g.index} ({g.name}) has {self.ledger.free_mib(g.index)} of "
+            f"{g.memory_total_mib} MiB free"
+            + (" and is draining" if g.index in self.ledger.draining else "")
+            for g in self.gpus
+        ]
+        return "; ".join(parts) if parts else "no GPUs"
+
+    def _grant(self, owner: str, msg: Message, want: Want, placement: dict[int, int]) -> dict:
+        share = self.ledger.grant(
+            owner,
+            msg.get("client_host") or "?",
+            placement,
+            want,
+            self.cfg.lease_grace_s,
+            bool(msg.get("release_on_exit")),
+        )
+        log.info("granted %s to %s: %s", share.id, owner, share.gpus)
+        # The share's own variables (no base environment), for `bitfusion local` and shims
+        # that start the process themselves.
+        return {
+            "share": share.public(self.gpus),
+            "lease_s": self.cfg.lease_grace_s,
+            "server": self.cfg.hostname,
+            "env": self.share_env(share, {}),
+        }
+
+    async def _on_allocate(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict | None:
+        want, eligible = self._read_want(msg)
+        slots = self.ledger.slots(eligible)
+        why = never_fits(want, slots)
+        if why:
+            self.ledger.event("refuse", tok.user, None, f"{want.describe()}: {why}")
+            raise RequestError(
+                protocol.E_NEVER_FITS,
+                f"{self.cfg.hostname} can never hold {want.describe()}: {why}.",
+            )
+        placement = place(want, slots) if not self.queue else None
+        if placement is not None:
+            return self._grant(tok.user, msg, want, placement)
+        wait_s = float(msg.get("wait_s") or 0)
+        if wait_s <= 0:
+            self.ledger.event("refuse", tok.user, None, f"{want.describe()}: no room")
+            ahead = f" {len(self.queue)} request(s) are queued ahead;" if self.queue else ""
+            raise RequestError(
+                protocol.E_NO_FIT,
+                f"No room for {want.describe()} on {self.cfg.hostname} now:{ahead} "
+                f"{self._free_summary()}. Try a smaller share, or --wait SECONDS to queue.",
+            )
+        waiter = Waiter(ident, msg, tok.user, want, eligible, time.monotonic() + wait_s)
+        self.queue.append(waiter)
+        await self._announce_queue()
+        return None  # answered later by _serve_queue
+
+    async def _announce_queue(self) -> None:
+        for pos, w in enumerate(self.queue, start=1):
+            if w.position != pos:
+                w.position = pos
+                await self._send(
+                    w.ident,
+                    protocol.encode(
+                        "queued",
+                        id=w.msg["id"],
+                        position=pos,
+                        detail=f"waiting for {w.want.describe()} on {self.cfg.hostname}",
+                    ),
+                )
+
+    async def _serve_queue(self) -> None:
+        now = time.monotonic()
+        changed = False
+        for w in [w for w in self.queue if w.deadline < now]:
+            self.queue.remove(w)
+            changed = True
+            await self._error(
+                w.ident,
+                w.msg["id"],
+                protocol.E_NO_FIT,
+                f"Waited in vain for {w.want.describe()} on {self.cfg.hostname}: "
+                f"{self._free_summary()}.",
+            )
+        # Strictly first come, first served: a big request at the head is not overtaken.
+        while self.queue:
+            head = self.queue[0]
+            placement = place(head.want, self.ledger.slots(head.eligible))
+            if placement is None:
+                break
+            self.queue.pop(0)
+            changed = True
+            await self._reply(
+                head.ident,
+                head.msg["id"],
+                **self._grant(head.owner, head.msg, head.want, placement),
+            )
+        if changed:
+            await self._announce_queue()
+
+    async def _on_renew(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
+        share = self._share(msg["share_id"], tok)
+        if share.id in self.ending:
+            raise RequestError(protocol.E_NOT_FOUND, f"Share {share.id} is being released.")
+        self.ledger.renew(share, self.cfg.lease_grace_s)
+        for item in msg.get("attach") or []:
+            if isinstance(item, list) and len(item) == 2:
+                relay = self._relay(str(item[0]), tok)
+                if relay is not None and relay.subscriber != ident:
+                    await relay.attach(ident, int(item[1]))
+        return {
+            "lease_s": self.cfg.lease_grace_s,
+            "usage_mib": {str(k): v for k, v in self.usage.get(share.id, {}).items()},
+        }
+
+    async def _on_release(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
+        share = self._share(msg["share_id"], tok)
+        await self.end_share(share, f"released by {tok.user}", tok.user)
+        return {"released": share.id}
+
+    async def end_share(self, share: Share, reason: str, user: str | None = None) -> None:
+        """Stop a share's processes, then free its memory; safe to call twice."""
+        if share.id in self.ending:
+            return
+        self.ending.add(share.id)
+        try:
+            relays = [
+                self.relays[p.id] for p in self.ledger.processes_of(share.id) if p.id in self.relays
+            ]
+            for relay in relays:
+                await relay.send({"type": "terminate", "grace_s": self.cfg.terminate_grace_s})
+            for proc in self.ledger.processes_of(share.id):
+                if proc.socket_path is None and proc.pid and _alive(proc.pid):
+                    _kill_group(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + self.cfg.terminate_grace_s + 2
+            while self.ledger.processes_of(share.id) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            for proc in self.ledger.processes_of(share.id):  # still there: force it
+                status = launcher.read_status(Path(proc.status_path)) if proc.status_path else None
+                if status:
+                    launcher.kill_orphan(status)
+                elif proc.pid:
+                    _kill_group(proc.pid, signal.SIGKILL)
+                self.ledger.finish_process(proc.id, None)
+            self.ledger.release(share.id, reason, user)
+            self.usage.pop(share.id, None)
+            log.info("released %s (%s)", share.id, reason)
+        finally:
+            self.ending.discard(share.id)
+        await self._serve_queue()
+
+    # --- handlers: processes -------------------------------------------------------------
+    async def _on_spawn(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
+        share = self._share(msg["share_id"], tok)
+        argv = msg["argv"]
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise RequestError(protocol.E_BAD_REQUEST, "Give a command to run after '--'.")
+        env_extra = msg.get("env") or {}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env_extra.items()):
+            raise RequestError(protocol.E_BAD_REQUEST, "Environment entries must be strings.")
+        env = self.share_env(share, {**os.environ, **env_extra})
+        cwd = msg.get("cwd")
+        if cwd is not None and not os.path.isdir(cwd):
+            cwd = None
+        proc_id = "p-" + os.urandom(4).hex()
+        try:
+            launched = await asyncio.to_thread(
+                launcher.launch,
+                argv,
+                env,
+                cwd or self.cfg.workdir,
+                self.run_dir,
+                proc_id,
+                max(60.0, self.cfg.lease_grace_s * 2),
+            )
+        except launcher.LaunchError as exc:
+            self.ledger.event("spawn_failed", tok.user, share.id, str(exc))
+            raise RequestError(protocol.E_SPAWN, str(exc)) from None
+        proc = Process(
+            proc_id,
+            share.id,
+            list(argv),
+            str(launched.socket_path),
+            str(launched.status_path),
+            launched.nanny_pid,
+            None,
+        )
+        self.ledger.add_process(proc)
+        await self._start_relay(proc, out_from=1, subscriber=ident)
+        self.ledger.event("spawn", tok.user, share.id, " ".join(argv)[:200])
+        return {"proc_id": proc_id}
+
+    def share_env(self, share: Share, base: dict[str, str]) -> dict[str, str]:
+        by_index = {g.index: g for g in self.gpus}
+        return share_environment(
+            server=self.cfg.hostname,
+            share_id=share.id,
+            gpus=[
+                ShareGpu(i, by_index[i].uuid, by_index[i].name, mib, by_index[i].memory_total_mib)
+                for i, mib in share.gpus.items()
+            ],
+            simulated_usage_dir=(
+                self.cfg.state_dir / "simulated-usage" if self.inventory.simulated else None
+            ),
+            mps=self.mps,
+            base=base,
+        )
+
+    async def _start_relay(
+        self, proc: Process, out_from: int, subscriber: bytes | None = None
+    ) -> None:
+        relay = Relay(
+            proc.id,
+            Path(proc.socket_path or ""),
+            self._deliver,
+            on_pid=lambda pid: self.ledger.set_pid(proc, pid) if proc.pid != pid else None,
+            on_exit=lambda code: self._process_ended(proc.id, code),
+            on_closed=lambda: self.relays.pop(proc.id, None),
+        )
+        relay.subscriber = subscriber
+        await relay.start(out_from)
+        self.relays[proc.id] = relay
+
+    def _process_ended(self, proc_id: str, code: int | None) -> None:
+        proc = self.ledger.finish_process(proc_id, code)
+        if proc is not None:
+            log.info("process %s of share %s exited with %s", proc_id, proc.share_id, code)
+        relay = self.relays.get(proc_id)
+        if relay is not None and code is None:
+            # The nanny vanished without a word: tell the watcher the process is gone.
+            self.relays.pop(proc_id, None)
+            if relay.subscriber is not None:
+                self._spawn_task(
+                    self._deliver(
+                        relay.subscriber, "exit", {"proc_id": proc_id, "seq": 0, "code": 255}, None
+                    )
+                )
+
+    def _spawn_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _on_register_pid(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict:
+        share = self._share(msg["share_id"], tok)
+        proc = Process(
+            "p-" + os.urandom(4).hex(), share.id, ["(local)"], None, None, None, msg["pid"]
+        )
+        self.ledger.add_process(proc)
+        return {"proc_id": proc.id}
+
+    async def _on_attach(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
+        relay = self._relay(msg["proc_id"], tok)
+        if relay is not None:
+            await relay.attach(ident, msg["out_from"])
+
+    async def _on_stdin(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
+        relay = self._relay(msg["proc_id"], tok)
+        if relay is not None:
+            await relay.send({"type": "stdin", "seq": msg["seq"]}, msg.payloads[0])
+
+    async def _on_stdin_close(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
+        relay = self._relay(msg["proc_id"], tok)
+        if relay is not None:
+            await relay.send({"type": "stdin_close", "seq": msg["seq"]})
+
+    async def _on_signal(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
+        relay = self._relay(msg["proc_id"], tok)
+        if relay is not None and msg["signum"] in _FORWARDED_SIGNALS:
+            await relay.send({"type": "signal", "signum": msg["signum"]})
+
+    async def _on_ack(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
+        relay = self._relay(msg["proc_id"], tok)
+        if relay is not None:
+            await relay.ack(msg["seq"])
+            if relay.link is None:
+                self.relays.pop(msg["proc_id"], None)
+
+    # --- periodic work -------------------------------------------------------------------
+    async def _tick_loop(self) -> None:
+        n = 0
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                for share in self.ledger.expired(time.time()):
+                    if share.id not in self.ending:
+                        self.ledger.event(
+                            "lease_expired", share.owner, share.id, "the holder stopped renewing"
+                        )
+                        self._spawn_task(self.end_share(share, "lease expired"))
+                await self._serve_queue()
+                for proc in list(self.ledger.processes.values()):
+                    if proc.socket_path is None and proc.pid and not _alive(proc.pid):
+                        self.ledger.finish_process(proc.id, None)
+                n += 1
+                if n % 2400 == 0:
+                    self.ledger.trim_events()
+            except Exception:
+                log.exception("periodic work failed")
+
+    def _share_of_pid(self, pid: int) -> Share | None:
+        sid = _session_of(pid)
+        for proc in self.ledger.processes.values():
+            if proc.pid is not None and sid is not None and proc.pid == sid:
+                return self.ledger.shares.get(proc.share_id)
+        return None
+
+    async def _police_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.police_interval_s)
+            try:
+                usage = await asyncio.to_thread(self.inventory.process_memory)
+                policed = [
+                    PolicedShare(
+                        s.id,
+                        s.owner,
+                        dict(s.gpus),
+                        frozenset(p.pid for p in self.ledger.processes_of(s.id) if p.pid),
+                    )
+                    for s in self.ledger.shares.values()
+                ]
+                self.usage = self.police.usage_by_share(usage, policed, _session_of)
+                for verdict in self.police.review(usage, policed, _session_of):
+                    await self._execute(verdict)
+            except Exception:
+                log.exception("policing failed")
+
+    async def _execute(self, verdict: Verdict) -> None:
+        self.ledger.event(
+            f"police_{verdict.action}", verdict.owner, verdict.share_id, verdict.message
+        )
+        log.warning("%s", verdict.message)
+        for proc in self.ledger.processes_of(verdict.share_id):
+            relay = self.relays.get(proc.id)
+            if relay is not None and relay.subscriber is not None:
+                await self._send(
+                    relay.subscriber,
+                    protocol.encode(
+                        "notice",
+                        message=verdict.message,
+                        share_id=verdict.share_id,
+                        proc_id=proc.id,
+                    ),
+                )
+        if verdict.action == "stop":
+            for pid in verdict.pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+_FORWARDED_SIGNALS = {
+    int(s)
+    for s in (
+        signal.SIGINT,
+        signal.SIGTERM,
+        signal.SIGHUP,
+        signal.SIGQUIT,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+        signal.SIGKILL,
+        signal.SIGWINCH,
+    )
+}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _salvage_id(body: Sequence[bytes]) -> int | None:
+    """The request id of a malformed message, so its sender gets an answer, not a hang."""
+    import json
+
+    try:
+        value = json.loads(body[1]).get("id")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    except Exception:
+        return None

@@ -1,0 +1,107 @@
+"""A gateway started as a child process on loopback: for `bitfusion up`, tests and benchmarks."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SpawnError(RuntimeError):
+    """The gateway did not come up; the text says what it printed."""
+
+
+@dataclass
+class SpawnedGateway:
+    state_dir: Path
+    port: int
+    args: list[str] = field(default_factory=list)
+    process_env: Mapping[str, str] | None = None  # the gateway process's environment
+    log_path: Path | None = None  # None: the gateway writes to our stderr
+    name: str | None = None
+    proc: subprocess.Popen | None = None
+    _tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--state-dir",
+            str(self.state_dir),
+            *self.args,
+        ]
+        if self.name:
+            argv += ["--name", self.name]
+        out = self.log_path.open("a") if self.log_path else None
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            env=dict(self.process_env) if self.process_env is not None else None,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SpawnError(f"The gateway stopped right after starting. {self.log()}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise SpawnError(f"The gateway did not open port {self.port} within {timeout:g} s.")
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def token(self, user: str, admin: bool = False) -> str:
+        """A token for ``user`` (made once, then remembered)."""
+        key = f"{user}{'!' if admin else ''}"
+        if key not in self._tokens:
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway",
+                    "token",
+                    "create",
+                    "--state-dir",
+                    str(self.state_dir),
+                    "--user",
+                    user,
+                    *(["--admin"] if admin else []),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=dict(self.process_env) if self.process_env is not None else None,
+            )
+            self._tokens[key] = out.stdout.strip()
+        return self._tokens[key]

@@ -1,0 +1,1 @@
+"""The remoting layer: the one wire protocol between clients and gateways."""

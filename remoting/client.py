@@ -1,0 +1,230 @@
+"""The client's end of the wire: one encrypted DEALER connection to one gateway.
+
+`request()` sends a request and waits for its reply; other messages that arrive meanwhile
+(process output, queue positions, notices) are kept for `receive()`. When no reply comes in
+time, the socket monitor tells why (nothing listening, a handshake that failed because the
+token's server key is wrong, or no answer at all), so the user reads one clear sentence.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from remoting import protocol
+from remoting.protocol import Message, ProtocolError
+from remoting.tokens import Token
+
+DEFAULT_TIMEOUT_S = 5.0
+
+
+class GatewayError(Exception):
+    """A gateway that refused or could not be reached; the text is one sentence."""
+
+    def __init__(self, server: str, message: str, code: str = "unreachable"):
+        super().__init__(message)
+        self.server = server
+        self.code = code
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """'host[:port]' -> (host, port); raises ValueError with a clear sentence."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep:
+        host, port = address.strip(), str(protocol.DEFAULT_PORT)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(
+            f"{address!r} is not host[:port] (e.g. gpu1 or gpu1:{protocol.DEFAULT_PORT})"
+        )
+    return host, int(port)
+
+
+class GatewayConnection:
+    """A connection to one gateway, authenticated by a token, encrypted with CurveZMQ."""
+
+    def __init__(
+        self,
+        address: str,
+        token: Token,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        context: zmq.Context | None = None,
+    ):
+        self.address = address
+        self.host, self.port = split_address(address)
+        self.token = token
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._pending: collections.deque[Message] = collections.deque()
+        self._outbox: collections.deque[list[bytes]] = collections.deque()
+        self.ctx = context or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        public, secret = zmq.curve_keypair()
+        self.sock.curve_serverkey = token.server_public_z85
+        self.sock.curve_publickey = public
+        self.sock.curve_secretkey = secret
+        self.sock.setsockopt(zmq.LINGER, 500)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer that is not there
+        self.monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED
+            | zmq.EVENT_CONNECT_RETRIED
+            | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_DISCONNECTED
+        )
+        self._seen: set[int] = set()
+        self._handshake_ok = False
+        try:
+            socket.getaddrinfo(self.host, self.port)
+        except socket.gaierror:
+            self.close()
+            raise GatewayError(
+                address,
+                f"Server name {self.host!r} does not resolve; check "
+                "servers.conf, BITFUSION_SERVERS or -l.",
+            ) from None
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if ":" in self.host:
+            self.sock.setsockopt(zmq.IPV6, 1)
+        self.sock.connect(f"tcp://{host}:{self.port}")
+
+    # --- diagnosis -----------------------------------------------------------------------
+    def _drain_monitor(self) -> None:
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            self._seen.add(event)
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake_ok = True
+
+    def _why_silent(self, waited: float) -> GatewayError:
+        self._drain_monitor()
+        where = f"gateway {self.address}"
+        failed = {
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+        }
+        if self._handshake_ok:
+            text = f"The {where} accepted the connection but did not answer within {waited:g} s."
+        elif self._seen & failed or zmq.EVENT_CONNECTED in self._seen:
+            text = (
+                f"The {where} refused the encrypted handshake: your token's server key does "
+                "not match this gateway; get a token of this pool and run 'bitfusion init'."
+            )
+        elif zmq.EVENT_CONNECT_RETRIED in self._seen:
+            text = (
+                f"Could not connect to {where} (connection refused): is 'bitfusion gateway' "
+                "running there, on that port?"
+            )
+        else:
+            text = (
+                f"The {where} did not answer within {waited:g} s: the host is down or "
+                "unreachable, or a firewall drops the port."
+            )
+        return GatewayError(self.address, text, "unreachable")
+
+    # --- messaging -----------------------------------------------------------------------
+    def send(self, msg_type: str, payloads: Sequence[bytes] = (), **fields: Any) -> None:
+        """Send a one-way message (stdin, ack, signal, attach), in order, even across a drop.
+
+        While the connection is down (IMMEDIATE makes zmq refuse rather than queue blindly)
+        messages wait in an outbox that the next send or receive flushes, so a stdin chunk is
+        never silently lost to a short network drop.
+        """
+        self._outbox.append(protocol.encode(msg_type, payloads, token=str(self.token), **fields))
+        self.flush()
+
+    def flush(self) -> None:
+        while self._outbox:
+            try:
+                self.sock.send_multipart(self._outbox[0], flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._outbox.popleft()
+
+    def request(
+        self,
+        msg_type: str,
+        payloads: Sequence[bytes] = (),
+        timeout: float | None = None,
+        on_event: Callable[[Message], None] | None = None,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Send a request and return its reply's data; raises GatewayError."""
+        msg_id = next(self._ids)
+        frames = protocol.encode(msg_type, payloads, token=str(self.token), id=msg_id, **fields)
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        sent = False
+        while True:
+            if not sent:
+                try:
+                    self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                    sent = True
+                except zmq.Again:  # not connected yet (IMMEDIATE): try again shortly
+                    pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._why_silent(limit)
+            if not self.sock.poll(int(min(left, 0.05 if not sent else left) * 1000) + 1):
+                continue
+            msg = self._recv()
+            if msg is None:
+                continue
+            if msg.type == "reply" and msg["id"] == msg_id:
+                if msg["ok"]:
+                    return msg.get("data") or {}
+                raise GatewayError(
+                    self.address, msg.get("error") or "refused", msg.get("code") or "error"
+                )
+            if msg.type == "queued" and msg["id"] == msg_id:
+                # Waiting in the gateway's queue: the deadline is the caller's wait, not ours.
+                if on_event:
+                    on_event(msg)
+                continue
+            if msg.type != "reply":
+                self._pending.append(msg)
+
+    def _recv(self) -> Message | None:
+        frames = self.sock.recv_multipart()
+        try:
+            return protocol.decode(frames)
+        except ProtocolError:
+            return None  # a gateway of another version; ignore what we cannot read
+
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def receive(self, timeout: float) -> Message | None:
+        """The next message that is not a reply, or None after ``timeout`` seconds."""
+        self.flush()
+        if self._pending:
+            return self._pending.popleft()
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left < 0 or not self.sock.poll(int(left * 1000)):
+                return None
+            msg = self._recv()
+            if msg is not None and msg.type != "reply":
+                return msg
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(0)
+        self.sock.close()

@@ -1,0 +1,187 @@
+"""The wire protocol between `bitfusion` clients and gateways, written down once.
+
+Every message is one ZMQ multipart message: ``[MAGIC, header, *payload]``. The header is a
+UTF-8 JSON object whose ``type`` names one of the messages in :data:`MESSAGES`; payload frames
+carry raw bytes (stdin, stdout, Jupyter frames) so nothing is re-serialised on the way.
+Both ends build messages with :func:`encode` and read them with :func:`decode`, which checks
+every field against this table, so a malformed or hostile message becomes a
+:class:`ProtocolError` with one sentence, never an exception deep in a handler.
+
+Requests (client to gateway) carry ``token`` and ``id``; the gateway answers each with a
+``reply`` holding the same ``id``. One-way messages (stdin, acks, signals) carry ``token`` too,
+because the gateway authenticates every message, not a connection.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+MAGIC = b"BF1"
+VERSION = "0.1.0"
+DEFAULT_PORT = 56001
+MAX_HEADER_BYTES = 64 * 1024
+MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol; the text is one sentence."""
+
+
+# Field kinds. ``int`` never accepts bool (JSON true is not a count); ``num`` accepts int or float.
+STR, INT, NUM, BOOL, LIST, DICT = "str", "int", "num", "bool", "list", "dict"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one message type carries: required and optional fields with their kinds."""
+
+    required: dict[str, str] = field(default_factory=dict)
+    optional: dict[str, str] = field(default_factory=dict)
+    request: bool = False  # the gateway answers it with a reply
+    authenticated: bool = True  # carries a token
+    payloads: tuple[int, int] = (0, 0)  # least and most payload frames
+
+
+_REQ = {"token": STR, "id": INT}
+_ONEWAY = {"token": STR}
+
+MESSAGES: dict[str, Spec] = {
+    # --- requests, client -> gateway ---
+    "hello": Spec(_REQ, {"client_version": STR, "client_host": STR}, request=True),
+    "list_gpus": Spec(_REQ, request=True),
+    "smi": Spec(_REQ, request=True),
+    "allocate": Spec(
+        {**_REQ, "gpus": INT},
+        {
+            "mib": INT,
+            "fraction": NUM,
+            "filters": LIST,
+            "wait_s": NUM,
+            "client_host": STR,
+            "release_on_exit": BOOL,
+        },
+        request=True,
+    ),
+    "renew": Spec({**_REQ, "share_id": STR}, {"attach": LIST}, request=True),
+    "release": Spec({**_REQ, "share_id": STR}, request=True),
+    "list_shares": Spec(_REQ, request=True),
+    "spawn": Spec(
+        {**_REQ, "share_id": STR, "argv": LIST},
+        {"cwd": STR, "env": DICT},
+        request=True,
+    ),
+    "register_pid": Spec({**_REQ, "share_id": STR, "pid": INT}, request=True),
+    # --- one-way, client -> gateway ---
+    "attach": Spec({**_ONEWAY, "proc_id": STR, "out_from": INT}),
+    "stdin": Spec({**_ONEWAY, "proc_id": STR, "seq": INT}, payloads=(1, 1)),
+    "stdin_close": Spec({**_ONEWAY, "proc_id": STR, "seq": INT}),
+    "signal": Spec({**_ONEWAY, "proc_id": STR, "signum": INT}),
+    "ack": Spec({**_ONEWAY, "proc_id": STR, "seq": INT}),
+    # --- gateway -> client ---
+    "reply": Spec(
+        {"id": INT, "ok": BOOL},
+        {"error": STR, "code": STR, "data": DICT},
+        authenticated=False,
+    ),
+    "queued": Spec({"id": INT, "position": INT}, {"detail": STR}, authenticated=False),
+    "out": Spec({"proc_id": STR, "seq": INT, "stream": INT}, authenticated=False, payloads=(1, 1)),
+    "exit": Spec({"proc_id": STR, "seq": INT, "code": INT}, authenticated=False),
+    "notice": Spec({"message": STR}, {"share_id": STR, "proc_id": STR}, authenticated=False),
+}
+
+# Error codes a reply may carry, so clients can react without parsing sentences.
+E_AUTH = "auth"  # token missing, malformed, revoked or not for this gateway
+E_DENIED = "denied"  # the share belongs to someone else
+E_NOT_FOUND = "not_found"
+E_NO_FIT = "no_fit"  # nothing fits now
+E_NEVER_FITS = "never_fits"  # nothing on this server could ever fit
+E_BAD_REQUEST = "bad_request"
+E_SPAWN = "spawn"
+E_INTERNAL = "internal"
+
+_PY_KINDS: dict[str, tuple[type, ...]] = {
+    STR: (str,),
+    INT: (int,),
+    NUM: (int, float),
+    BOOL: (bool,),
+    LIST: (list,),
+    DICT: (dict,),
+}
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded message: its type, its header fields, and its payload frames."""
+
+    type: str
+    header: dict[str, Any]
+    payloads: tuple[bytes, ...] = ()
+
+    def __getitem__(self, key: str) -> Any:
+        return self.header[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.header.get(key, default)
+
+
+def _check_kind(msg_type: str, name: str, kind: str, value: Any) -> None:
+    ok = isinstance(value, _PY_KINDS[kind]) and not (kind in (INT, NUM) and isinstance(value, bool))
+    if not ok:
+        raise ProtocolError(
+            f"field {name!r} of a {msg_type!r} message must be {kind}, not {type(value).__name__}."
+        )
+
+
+def validate(header: dict[str, Any], n_payloads: int) -> Spec:
+    """Check a header (and its payload count) against the table; return its Spec."""
+    msg_type = header.get("type")
+    if not isinstance(msg_type, str) or msg_type not in MESSAGES:
+        raise ProtocolError(f"unknown message type {msg_type!r}.")
+    spec = MESSAGES[msg_type]
+    for name, kind in spec.required.items():
+        if name not in header:
+            raise ProtocolError(f"a {msg_type!r} message lacks its {name!r} field.")
+        _check_kind(msg_type, name, kind, header[name])
+    for name, kind in spec.optional.items():
+        if name in header and header[name] is not None:
+            _check_kind(msg_type, name, kind, header[name])
+    unknown = set(header) - set(spec.required) - set(spec.optional) - {"type"}
+    if unknown:
+        raise ProtocolError(f"a {msg_type!r} message has unknown fields {sorted(unknown)}.")
+    low, high = spec.payloads
+    if not low <= n_payloads <= high:
+        raise ProtocolError(
+            f"a {msg_type!r} message must carry {low} to {high} payload frames, not {n_payloads}."
+        )
+    return spec
+
+
+def encode(msg_type: str, payloads: Sequence[bytes] = (), **fields: Any) -> list[bytes]:
+    """Build the frames of one message; raises ProtocolError when the fields do not fit."""
+    header = {"type": msg_type, **{k: v for k, v in fields.items() if v is not None}}
+    validate(header, len(payloads))
+    return [MAGIC, json.dumps(header, separators=(",", ":")).encode(), *payloads]
+
+
+def decode(frames: Sequence[bytes]) -> Message:
+    """Read the frames of one message; anything malformed raises ProtocolError."""
+    if len(frames) < 2 or frames[0] != MAGIC:
+        raise ProtocolError("not a bitfusion message (bad magic or too few frames).")
+    raw = frames[1]
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"message header of {len(raw)} bytes is over {MAX_HEADER_BYTES}.")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"message header is not JSON ({exc.__class__.__name__}).") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("message header is not a JSON object.")
+    payloads = tuple(bytes(p) for p in frames[2:])
+    for p in payloads:
+        if len(p) > MAX_PAYLOAD_BYTES:
+            raise ProtocolError(f"payload of {len(p)} bytes is over {MAX_PAYLOAD_BYTES}.")
+    validate(header, len(payloads))
+    return Message(header["type"], header, payloads)

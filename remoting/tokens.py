@@ -1,0 +1,109 @@
+"""Access tokens: what a user pastes into ``bitfusion init`` and every request carries.
+
+A token is ``bf1.<role>.<user>.<nonce>.<mac>.<server key>``:
+
+- role ``u`` (a user) or ``a`` (an admin, who sees and touches every share);
+- ``mac`` is an HMAC of the first four parts under the cluster secret, so any gateway that
+  holds that secret checks a token without a database, and one token serves a whole pool
+  whose gateways share the cluster keys (as Bitfusion's did);
+- ``server key`` is the gateways' CurveZMQ public key, so the client can encrypt to the right
+  server and refuses an impostor, with nothing else to copy around.
+
+Revocation is a list of nonces kept by the gateway.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+from zmq.utils import z85
+
+PREFIX = "bf1"
+ROLES = {"u": "user", "a": "admin"}
+USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,31}$")
+
+
+class TokenError(ValueError):
+    """A token that cannot be read or is not valid here; the text is one sentence."""
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def z85_to_token_key(public_z85: bytes) -> str:
+    """The CurveZMQ public key as it appears in a token (base64url, shell-safe)."""
+    return _b64(z85.decode(public_z85))
+
+
+@dataclass(frozen=True)
+class Token:
+    role: str
+    user: str
+    nonce: str
+    mac: str
+    server_key: str  # base64url of the 32-byte Curve public key
+
+    @property
+    def admin(self) -> bool:
+        return self.role == "a"
+
+    @property
+    def signed_part(self) -> str:
+        return f"{PREFIX}.{self.role}.{self.user}.{self.nonce}"
+
+    @property
+    def server_public_z85(self) -> bytes:
+        return z85.encode(_unb64(self.server_key))
+
+    def __str__(self) -> str:
+        return f"{self.signed_part}.{self.mac}.{self.server_key}"
+
+
+def _mac(secret: bytes, signed_part: str) -> str:
+    return _b64(hmac.new(secret, signed_part.encode(), hashlib.sha256).digest()[:18])
+
+
+def mint(secret: bytes, server_public_z85: bytes, user: str, admin: bool = False) -> Token:
+    """A new token for ``user``, signed with the cluster secret."""
+    if not USER_RE.match(user):
+        raise TokenError(
+            f"user name {user!r} is not allowed; use 1 to 32 letters, digits, '_' or '-'."
+        )
+    role = "a" if admin else "u"
+    nonce = _b64(secrets.token_bytes(12))
+    signed = f"{PREFIX}.{role}.{user}.{nonce}"
+    return Token(role, user, nonce, _mac(secret, signed), z85_to_token_key(server_public_z85))
+
+
+def parse(text: str) -> Token:
+    """Read a token's parts; raises TokenError when it is not a bitfusion token."""
+    parts = text.strip().split(".")
+    if len(parts) != 6 or parts[0] != PREFIX:
+        raise TokenError(
+            "this is not a bitfusion token (it should start with 'bf1.' and have six parts); "
+            "ask your admin for one made by 'bitfusion gateway token create'."
+        )
+    _, role, user, nonce, mac, server_key = parts
+    if role not in ROLES or not USER_RE.match(user):
+        raise TokenError("this bitfusion token is damaged (bad role or user part).")
+    try:
+        if len(_unb64(server_key)) != 32:
+            raise ValueError
+    except ValueError:
+        raise TokenError("this bitfusion token is damaged (bad server key part).") from None
+    return Token(role, user, nonce, mac, server_key)
+
+
+def verify(secret: bytes, token: Token) -> bool:
+    """True when the token was signed with this cluster secret."""
+    return hmac.compare_digest(_mac(secret, token.signed_part), token.mac)

@@ -1,0 +1,110 @@
+"""Shared fixtures: a real gateway process on loopback with a simulated pool, and a helper that
+runs the real `bitfusion` CLI against it as a given user."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway.spawned import SpawnedGateway, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class GatewayProcess(SpawnedGateway):
+    """A gateway started by a test, with helpers to act as its users."""
+
+    home: Path = Path(".")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        self.stop(sig)
+
+    def env(self, user: str = "alice", admin: bool = False, **extra: str) -> dict[str, str]:
+        """The environment of a client shell of ``user`` pointed at this gateway."""
+        cfg = self.home / f"client-{user}"
+        cfg.mkdir(exist_ok=True)
+        return {
+            **base_env(self.home),
+            "BITFUSION_CONFIG_DIR": str(cfg),
+            "BITFUSION_TOKEN": self.token(user, admin),
+            "BITFUSION_SERVERS": self.address,
+            "BITFUSION_SESSION": f"test-{user}",
+            **extra,
+        }
+
+    def bf(
+        self,
+        *args: str,
+        user: str = "alice",
+        admin: bool = False,
+        input: str | None = None,
+        timeout: float = 60,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess:
+        """Run the real `bitfusion` CLI as ``user``."""
+        return subprocess.run(
+            [sys.executable, "-m", "bitfusion_jupyter", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env or self.env(user, admin),
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+
+
+def base_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BITFUSION_")}
+    env["PYTHONPATH"] = str(REPO)
+    env["BITFUSION_SYSTEM_SERVERS_CONF"] = str(home / "no-system-servers.conf")
+    return env
+
+
+def start_gateway(tmp_path: Path, *args: str) -> GatewayProcess:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    gw = GatewayProcess(
+        tmp_path / "state",
+        free_port(),
+        list(args),
+        process_env=base_env(tmp_path),
+        log_path=tmp_path / "gateway.log",
+        name="gpuhost",
+        home=tmp_path,
+    )
+    gw.start()
+    return gw
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    """A gateway on a simulated 2×16 GiB pool with a 2 s lease grace."""
+    gw = start_gateway(
+        tmp_path, "--simulate-gpus", "2x16GiB", "--lease-grace", "2", "--police-grace", "1"
+    )
+    yield gw
+    gw.kill(signal.SIGTERM)
+    stop_leftovers(gw.state_dir)
+
+
+def stop_leftovers(state_dir: Path) -> None:
+    """Kill any share process a test left behind (a failed test must not leak processes)."""
+    import json
+
+    for status in (state_dir / "run").glob("*.json") if (state_dir / "run").exists() else []:
+        try:
+            data = json.loads(status.read_text())
+        except ValueError:
+            continue
+        for pid, group in ((data.get("nanny_pid"), False), (data.get("pgid"), True)):
+            if pid:
+                try:
+                    (os.killpg if group else os.kill)(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass

@@ -1,0 +1,50 @@
+"""The README's first command (`bitfusion up`) and `localhealth` on a GPU server."""
+
+import json
+import subprocess
+import sys
+
+from gateway.spawned import free_port
+from tests.conftest import base_env
+
+
+def test_up_starts_a_labelled_simulated_pool_and_runs_in_a_share(tmp_path):
+    env = {**base_env(tmp_path), "BITFUSION_CONFIG_DIR": str(tmp_path / "cfg")}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bitfusion_jupyter",
+            "up",
+            "--exit",
+            "--port",
+            str(free_port()),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "No NVIDIA GPU found through NVML: starting a SIMULATED pool" in r.stdout
+    assert "SIMULATED" in r.stdout.split("$ bitfusion list_gpus")[1]
+    assert "inside share s-" in r.stdout and "capped at 1024 MiB" in r.stdout
+    assert (tmp_path / "cfg" / "client.json").exists()  # the client is set up for later use
+
+
+def test_localhealth_reports_each_check(gateway):
+    r = gateway.bf(
+        "localhealth", "--state-dir", str(gateway.state_dir), "--port", str(gateway.port), "--json"
+    )
+    assert r.returncode == 0, r.stderr
+    checks = {c["check"]: c for c in json.loads(r.stdout)}
+    assert checks[f"port {gateway.port}"]["status"] == "ok"
+    assert "SIMULATED pool" in checks["gateway"]["detail"]
+    assert checks["NVML and driver"]["status"] in ("ok", "WARN")
+    assert set(checks) >= {"MPS daemon", "state dir", "disk"}
+    down = gateway.bf(
+        "localhealth", "--state-dir", str(gateway.state_dir), "--port", str(free_port())
+    )
+    assert down.returncode == 1 and "FAIL" in down.stdout and "nothing listens" in down.stdout

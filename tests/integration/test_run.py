@@ -1,0 +1,145 @@
+"""`bitfusion run` against a real gateway: output, exit codes, stdin, signals, the share's env."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def test_output_and_exit_code_come_back(gateway):
+    r = gateway.bf(
+        "run",
+        "-n",
+        "1",
+        "-m",
+        "2048",
+        "--",
+        sys.executable,
+        "-c",
+        "import sys; print('to stdout'); print('to stderr', file=sys.stderr); sys.exit(7)",
+    )
+    assert r.returncode == 7, r.stderr
+    assert r.stdout == "to stdout\n"
+    assert "to stderr" in r.stderr
+
+
+def test_the_command_sees_its_share(gateway):
+    r = gateway.bf(
+        "run",
+        "-n",
+        "2",
+        "-m",
+        "4096",
+        "--",
+        sys.executable,
+        "-c",
+        "import os; print(os.environ['CUDA_VISIBLE_DEVICES']);"
+        "print(os.environ['BITFUSION_MEMORY_MIB']); print(os.environ['BITFUSION_SERVER']);"
+        "print(os.environ['CUPY_GPU_MEMORY_LIMIT'])",
+    )
+    assert r.returncode == 0, r.stderr
+    uuids, mib, server, cupy = r.stdout.split()
+    assert len(uuids.split(",")) == 2 and all(u.startswith("GPU-") for u in uuids.split(","))
+    assert mib == "4096,4096"
+    assert server == "gpuhost"
+    assert cupy == str(4096 * 1024 * 1024)
+
+
+def test_stdin_streams_to_the_command(gateway):
+    data = "".join(f"line {i}\n" for i in range(20000))
+    r = gateway.bf("run", "-m", "1024", "--", "sort", "-r", input=data)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == sorted(data.splitlines(), reverse=True)
+
+
+def test_the_share_is_freed_when_the_command_ends(gateway):
+    assert gateway.bf("run", "-m", "1024", "--", "true").returncode == 0
+    r = gateway.bf("list_shares", "--json")
+    assert '"shares": []' in r.stdout
+
+
+def test_killed_by_signal_gives_128_plus_n(gateway):
+    r = gateway.bf("run", "-m", "512", "--", "sh", "-c", "kill -TERM $$")
+    assert r.returncode == 128 + signal.SIGTERM
+
+
+def _start_run(gateway, *cmd):
+    return subprocess.Popen(
+        [sys.executable, "-m", "bitfusion_jupyter", "run", "-m", "512", "--", *cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=gateway.env(),
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signals_are_forwarded_to_the_remote_command(gateway, sig):
+    script = (
+        "import signal, sys, time\n"
+        "def bye(n, f): print('got', n, flush=True); sys.exit(42)\n"
+        "signal.signal(signal.SIGINT, bye); signal.signal(signal.SIGTERM, bye)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    client = _start_run(gateway, sys.executable, "-c", script)
+    assert client.stdout.readline() == "ready\n"
+    client.send_signal(sig)
+    out, err = client.communicate(timeout=20)
+    assert f"got {int(sig)}" in out
+    assert client.returncode == 42, err
+
+
+def test_big_output_arrives_whole(gateway):
+    r = gateway.bf(
+        "run",
+        "-m",
+        "512",
+        "--",
+        sys.executable,
+        "-c",
+        "import sys; sys.stdout.write('x' * (12 * 1024 * 1024))",
+    )
+    assert r.returncode == 0
+    assert len(r.stdout) == 12 * 1024 * 1024
+
+
+def test_request_and_release_gpus_hold_a_share_across_runs(gateway):
+    r = gateway.bf("request_gpus", "-n", "1", "-m", "3000")
+    assert r.returncode == 0, r.stderr
+    assert "Holding share" in r.stdout
+    ids = {
+        gateway.bf("run", "--", "sh", "-c", "echo $BITFUSION_SHARE_ID").stdout.strip()
+        for _ in range(2)
+    }
+    assert len(ids) == 1 and ids.pop() in r.stdout
+    time.sleep(3)  # longer than the lease grace: the holder keeps it alive
+    listed = gateway.bf("list_gpus", "--json").stdout
+    assert '"memory_free_mib": 13384' in listed
+    rel = gateway.bf("release_gpus")
+    assert rel.returncode == 0, rel.stderr
+    assert '"memory_free_mib": 13384' not in gateway.bf("list_gpus", "--json").stdout
+    again = gateway.bf("release_gpus")
+    assert again.returncode != 0 and "holds no share" in again.stderr
+
+
+def test_local_runs_a_child_inside_a_share(gateway):
+    env = gateway.env(BITFUSION_LOCAL_SERVER=gateway.address)
+    r = gateway.bf(
+        "local",
+        "-p",
+        "0.5",
+        "--",
+        sys.executable,
+        "-c",
+        "import os; print(os.environ['BITFUSION_MEMORY_MIB'], os.getppid())",
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    mib, parent = r.stdout.split()
+    assert mib == "8192"
+    assert int(parent) != os.getpid()  # its parent is the bitfusion CLI, not the gateway
