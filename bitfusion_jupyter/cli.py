@@ -10,6 +10,7 @@ import argparse
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from bitfusion_jupyter import __version__, config, held, pool_views, share_request
@@ -44,9 +45,80 @@ def _command(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _gateway(p: argparse.ArgumentParser) -> None:
     from gateway import app as gateway_app
 
+    gateway_app.add_arguments(p)
+
+
+def _init(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", required=True, help="a token from 'bitfusion gateway token create'")
+    p.add_argument("--server", metavar="HOST[:PORT]", help="a gateway to add to servers.conf")
+
+
+def _view(p: argparse.ArgumentParser) -> None:
+    _server_list(p)
+    _json(p)
+
+
+def _localhealth(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", type=Path, default=None)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    _json(p)
+
+
+def _run(p: argparse.ArgumentParser) -> None:
+    share_request.add_arguments(p)
+    _server_list(p)
+    _command(p)
+
+
+def _local(p: argparse.ArgumentParser) -> None:
+    share_request.add_arguments(p)
+    p.add_argument(
+        "--server",
+        default=os.environ.get("BITFUSION_LOCAL_SERVER", f"127.0.0.1:{DEFAULT_PORT}"),
+        help="the local gateway (default 127.0.0.1:%(default)s)",
+    )
+    _command(p)
+
+
+def _request(p: argparse.ArgumentParser) -> None:
+    share_request.add_arguments(p)
+    _server_list(p)
+
+
+def _up(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", type=Path, default=None)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument(
+        "--simulate-gpus",
+        metavar="SPEC",
+        default=None,
+        help="use a simulated pool even if NVML finds GPUs",
+    )
+    p.add_argument("--exit", action="store_true", help="stop after the first run (for tests)")
+
+
+# name -> (help, the function that adds its options), in the order `--help` lists them.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "run": ("run a command on a share of a remote GPU server", _run),
+    "local": ("on a GPU server: run a command in a share of its own GPUs", _local),
+    "request_gpus": ("hold a share for the later commands of this shell", _request),
+    "release_gpus": ("give back the share this shell holds", lambda p: None),
+    "list_gpus": ("the pool's GPUs, their free memory and shares", _view),
+    "smi": ("driver, GPU state and GPU processes on each server", _view),
+    "health": ("can each server be reached, and does it accept your token", _view),
+    "list_shares": ("your shares, their usage, and recent events", _view),
+    "localhealth": ("on a GPU server: NVML, driver, MPS, port, state dir", _localhealth),
+    "init": ("record your token and a server", _init),
+    "gateway": ("run the gateway on a GPU server (or manage its tokens)", _gateway),
+    "up": ("quick start: a gateway on this machine, a token, a first run", _up),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, just that command's (every call pays for what it builds)."""
     parser = argparse.ArgumentParser(
         prog="bitfusion",
         description="Share GPUs over the network: run commands and Jupyter kernels on a share "
@@ -62,60 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
-
-    gw = sub.add_parser("gateway", help="run the gateway on a GPU server (or manage its tokens)")
-    gateway_app.add_arguments(gw)
-
-    p = sub.add_parser("init", help="record your token and a server")
-    p.add_argument("--token", required=True, help="a token from 'bitfusion gateway token create'")
-    p.add_argument("--server", metavar="HOST[:PORT]", help="a gateway to add to servers.conf")
-
-    for name, text in (
-        ("list_gpus", "the pool's GPUs, their free memory and shares"),
-        ("smi", "driver, GPU state and GPU processes on each server"),
-        ("health", "can each server be reached, and does it accept your token"),
-        ("list_shares", "your shares, their usage, and recent events"),
-    ):
-        p = sub.add_parser(name, help=text)
-        _server_list(p)
-        _json(p)
-
-    p = sub.add_parser("localhealth", help="on a GPU server: NVML, driver, MPS, port, state dir")
-    p.add_argument("--state-dir", type=Path, default=None)
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    _json(p)
-
-    p = sub.add_parser("run", help="run a command on a share of a remote GPU server")
-    share_request.add_arguments(p)
-    _server_list(p)
-    _command(p)
-
-    p = sub.add_parser("local", help="on a GPU server: run a command in a share of its own GPUs")
-    share_request.add_arguments(p)
-    p.add_argument(
-        "--server",
-        default=os.environ.get("BITFUSION_LOCAL_SERVER", f"127.0.0.1:{DEFAULT_PORT}"),
-        help="the local gateway (default 127.0.0.1:%(default)s)",
-    )
-    _command(p)
-
-    p = sub.add_parser("request_gpus", help="hold a share for the later commands of this shell")
-    share_request.add_arguments(p)
-    _server_list(p)
-
-    sub.add_parser("release_gpus", help="give back the share this shell holds")
-
-    p = sub.add_parser("up", help="quick start: a gateway on this machine, a token, a first run")
-    p.add_argument("--state-dir", type=Path, default=None)
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    p.add_argument(
-        "--simulate-gpus",
-        metavar="SPEC",
-        default=None,
-        help="use a simulated pool even if NVML finds GPUs",
-    )
-    p.add_argument("--exit", action="store_true", help="stop after the first run (for tests)")
+    for name, (text, add) in COMMANDS.items():
+        if only is None or name == only:
+            add(sub.add_parser(name, help=text))
     return parser
+
+
+def _command_named(argv: list[str]) -> str | None:
+    """The subcommand in ``argv`` (skipping top-level options), if it is a known one."""
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--timeout":
+            i += 2
+            continue
+        if argv[i].startswith("-"):
+            return None  # --help, --version, or a mistake: build everything
+        return argv[i] if argv[i] in COMMANDS else None
+    return None
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
@@ -283,7 +318,8 @@ def dispatch(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from gateway.app import UsageError as GatewayUsageError
 
-    args = build_parser().parse_args(argv)
+    raw = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command_named(raw)).parse_args(raw)
     if args.timeout <= 0:
         print("bitfusion: --timeout must be more than 0 seconds.", file=sys.stderr)
         return EXIT_USAGE

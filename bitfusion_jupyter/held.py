@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bitfusion_jupyter import config
+from gateway.processes import pid_alive
 
 
 @dataclass(frozen=True)
@@ -42,16 +43,6 @@ def _path() -> Path:
     return config.config_dir() / "held" / f"{session_key()}.json"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 def current() -> Held | None:
     """The share this session holds, if its holder is still alive."""
     path = _path()
@@ -67,7 +58,7 @@ def current() -> Held | None:
         )
     except (OSError, ValueError, KeyError):
         return None
-    if not _alive(held.holder_pid):
+    if not pid_alive(held.holder_pid):
         path.unlink(missing_ok=True)
         return None
     return held
@@ -135,7 +126,7 @@ def _hold(server: str, share_id: str, lease_s: float, watch_pid: int, path: Path
     every = max(0.2, min(5.0, lease_s / 4))
     last_ok = time.monotonic()
     try:
-        while not stop and _alive(watch_pid):
+        while not stop and pid_alive(watch_pid):
             try:
                 conn.request("renew", share_id=share_id, timeout=every)
                 last_ok = time.monotonic()

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.placement import Want
 from remoting import filters
 
 
@@ -32,12 +33,7 @@ class ShareRequest:
         }
 
     def describe(self) -> str:
-        n = f"{self.gpus} GPU{'s' if self.gpus != 1 else ''}"
-        if self.mib is not None:
-            return f"{n} × {self.mib} MiB"
-        if self.fraction is not None:
-            return f"{n} × {self.fraction:g} of a GPU"
-        return f"{n} (whole)"
+        return Want(self.gpus, self.mib, self.fraction).describe()
 
 
 def _positive_int(flag: str):

@@ -8,11 +8,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from gateway import cluster_keys
-from gateway.gpus import InventoryError, open_inventory, parse_simulate_spec
-from gateway.server import Gateway, GatewayConfig
 from remoting import protocol, tokens
+
+# The server, NVML and asyncio are imported where the gateway starts, not here: this module
+# also builds the `bitfusion gateway` options for every `bitfusion` command, which must start fast.
 
 
 class UsageError(Exception):
@@ -141,6 +143,9 @@ def admin_token(state_dir: Path, keys: cluster_keys.ClusterKeys) -> Path:
 
 
 def _serve(args: argparse.Namespace, state_dir: Path) -> int:
+    from gateway.gpus import InventoryError, open_inventory, parse_simulate_spec
+    from gateway.server import Gateway, GatewayConfig
+
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
@@ -186,7 +191,7 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
     return 0
 
 
-def _banner(gateway: Gateway, token_path: Path) -> None:
+def _banner(gateway: Any, token_path: Path) -> None:
     cfg, inv = gateway.cfg, gateway.inventory
     kind = (
         "SIMULATED pool (no real GPU is used)"

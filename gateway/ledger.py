@@ -7,11 +7,12 @@ twice or frees one twice. Releasing is idempotent: the second release of a share
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,8 @@ class Ledger:
         self.db.executescript(SCHEMA)
         self.shares: dict[str, Share] = {}
         self.processes: dict[str, Process] = {}
+        self._revoked: set[str] = set()
+        self._revoked_version: int | None = None
         self._load()
 
     # --- loading -------------------------------------------------------------------------
@@ -168,7 +171,7 @@ class Ledger:
             lease_expires=now + lease_s,
             release_on_exit=release_on_exit,
         )
-        with self.db:
+        with self._tx():
             self.db.execute(
                 "INSERT INTO shares VALUES (?,?,?,?,?,?,?,?,'active',NULL,NULL)",
                 (
@@ -203,7 +206,7 @@ class Ledger:
         share = self.shares.pop(share_id, None)
         if share is None:
             return None
-        with self.db:
+        with self._tx():
             self.db.execute(
                 "UPDATE shares SET state='released', ended=?, end_reason=? WHERE id=?",
                 (time.time(), reason, share_id),
@@ -216,7 +219,7 @@ class Ledger:
 
     # --- processes -----------------------------------------------------------------------
     def add_process(self, proc: Process) -> None:
-        with self.db:
+        with self._tx():
             self.db.execute(
                 "INSERT INTO processes VALUES (?,?,?,?,?,?,?,'running',NULL,?)",
                 (
@@ -257,7 +260,7 @@ class Ledger:
         )
 
     def event(self, kind: str, user: str | None, share_id: str | None, detail: str) -> None:
-        with self.db:
+        with self._tx():
             self._event(kind, user, share_id, detail)
 
     def trim_events(self) -> None:
@@ -274,14 +277,29 @@ class Ledger:
         keys = ("ts", "kind", "user", "share_id", "detail")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        """One transaction: the statements inside commit together or not at all."""
+        self.db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     def revoke(self, nonce: str) -> None:
-        with self.db:
+        with self._tx():
             self.db.execute("INSERT OR IGNORE INTO revoked VALUES (?,?)", (nonce, time.time()))
 
     def is_revoked(self, nonce: str) -> bool:
-        return (
-            self.db.execute("SELECT 1 FROM revoked WHERE nonce=?", (nonce,)).fetchone() is not None
-        )
+        """Asked on every message, so answered from memory. `token revoke` writes from another
+        process; SQLite's data_version (a cheap counter) says when to read the table again."""
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._revoked_version:
+            self._revoked = {r[0] for r in self.db.execute("SELECT nonce FROM revoked")}
+            self._revoked_version = version
+        return nonce in self._revoked
 
     def close(self) -> None:
         self.db.close()

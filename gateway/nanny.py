@@ -509,7 +509,19 @@ def parse_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(args: list[str] | None = None) -> int:
-    opts, argv = parse_args(sys.argv[1:] if args is None else args)
+    raw = sys.argv[1:] if args is None else args
+    if raw == ["--spare"]:
+        # A spare nanny, started ahead by the launcher so that a launch does not wait for an
+        # interpreter to start: its arguments and the child's environment arrive as one JSON
+        # line on stdin. EOF instead (the gateway went away) ends it quietly.
+        line = sys.stdin.buffer.readline()
+        if not line:
+            return 0
+        spec = json.loads(line)
+        os.environ.clear()
+        os.environ.update(spec["env"])
+        raw = spec["args"]
+    opts, argv = parse_args(raw)
     report_r, report_w = os.pipe()
     first = os.fork()
     if first == 0:

@@ -9,11 +9,12 @@ process starts its own session), so children and grandchildren count too.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+from gateway.processes import session_of
 
 Usage = Mapping[int, Mapping[int, int]]  # pid -> {GPU index: MiB}
 SessionOf = Callable[[int], int | None]
@@ -52,14 +53,6 @@ class Attribution:
             sid: {index: sum(pids.values()) for index, pids in per_gpu.items()}
             for sid, per_gpu in self.by_share.items()
         }
-
-
-def session_of(pid: int) -> int | None:
-    """The session id of ``pid``; None when it is gone or not ours to ask about."""
-    try:
-        return os.getsid(pid)
-    except (ProcessLookupError, PermissionError):
-        return None
 
 
 def attribute(

@@ -29,6 +29,7 @@ from gateway.mps import mps_running
 from gateway.nanny_link import NannyGone
 from gateway.placement import Want, never_fits, place
 from gateway.police import Police, PolicedShare, Verdict
+from gateway.processes import kill_group, pid_alive, session_of
 from gateway.relay import Relay
 from gateway.share_env import ShareGpu, share_environment
 from remoting import filters, protocol, tokens
@@ -107,6 +108,7 @@ class Gateway:
         self.sock.bind(f"tcp://{self.cfg.bind}:{self.cfg.port}")
 
     async def serve(self) -> None:
+        launcher.prepare_spare()
         await self._adopt()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -123,6 +125,7 @@ class Gateway:
         for relay in list(self.relays.values()):
             await relay.close()
         self.sock.close(0)
+        launcher.discard_spare()
         self.ledger.close()
         self.inventory.close()
 
@@ -134,7 +137,7 @@ class Gateway:
         self.ledger.extend_all(self.cfg.lease_grace_s)
         for proc in list(self.ledger.processes.values()):
             if proc.socket_path is None:  # a `bitfusion local` process, watched by its client
-                if proc.pid is None or not _alive(proc.pid):
+                if proc.pid is None or not pid_alive(proc.pid):
                     self.ledger.finish_process(proc.id, None)
                 continue
             try:
@@ -381,7 +384,7 @@ class Gateway:
             self.cfg.lease_grace_s,
             bool(msg.get("release_on_exit")),
         )
-        log.info("granted %s to %s: %s", share.id, owner, share.gpus)
+        log.debug("granted %s to %s: %s", share.id, owner, share.gpus)
         # The share's own variables (no base environment), for `bitfusion local` and shims
         # that start the process themselves.
         return {
@@ -493,8 +496,8 @@ class Gateway:
             for relay in relays:
                 await relay.send({"type": "terminate", "grace_s": self.cfg.terminate_grace_s})
             for proc in self.ledger.processes_of(share.id):
-                if proc.socket_path is None and proc.pid and _alive(proc.pid):
-                    _kill_group(proc.pid, signal.SIGTERM)
+                if proc.socket_path is None and proc.pid and pid_alive(proc.pid):
+                    kill_group(proc.pid, signal.SIGTERM)
             deadline = time.monotonic() + self.cfg.terminate_grace_s + 2
             while self.ledger.processes_of(share.id) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
@@ -503,11 +506,11 @@ class Gateway:
                 if status:
                     launcher.kill_orphan(status)
                 elif proc.pid:
-                    _kill_group(proc.pid, signal.SIGKILL)
+                    kill_group(proc.pid, signal.SIGKILL)
                 self.ledger.finish_process(proc.id, None)
             self.ledger.release(share.id, reason, user)
             self.usage.pop(share.id, None)
-            log.info("released %s (%s)", share.id, reason)
+            log.debug("released %s (%s)", share.id, reason)
         finally:
             self.ending.discard(share.id)
         await self._serve_queue()
@@ -653,7 +656,7 @@ class Gateway:
                         self._spawn_task(self.end_share(share, "lease expired"))
                 await self._serve_queue()
                 for proc in list(self.ledger.processes.values()):
-                    if proc.socket_path is None and proc.pid and not _alive(proc.pid):
+                    if proc.socket_path is None and proc.pid and not pid_alive(proc.pid):
                         self.ledger.finish_process(proc.id, None)
                 n += 1
                 if n % 2400 == 0:
@@ -662,7 +665,7 @@ class Gateway:
                 log.exception("periodic work failed")
 
     def _share_of_pid(self, pid: int) -> Share | None:
-        sid = _session_of(pid)
+        sid = session_of(pid)
         for proc in self.ledger.processes.values():
             if proc.pid is not None and sid is not None and proc.pid == sid:
                 return self.ledger.shares.get(proc.share_id)
@@ -682,8 +685,8 @@ class Gateway:
                     )
                     for s in self.ledger.shares.values()
                 ]
-                self.usage = self.police.usage_by_share(usage, policed, _session_of)
-                for verdict in self.police.review(usage, policed, _session_of):
+                self.usage = self.police.usage_by_share(usage, policed, session_of)
+                for verdict in self.police.review(usage, policed, session_of):
                     await self._execute(verdict)
             except Exception:
                 log.exception("policing failed")
@@ -726,33 +729,6 @@ _FORWARDED_SIGNALS = {
         signal.SIGWINCH,
     )
 }
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def _session_of(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except (ProcessLookupError, PermissionError):
-        return None
-
-
-def _kill_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def _salvage_id(body: Sequence[bytes]) -> int | None:

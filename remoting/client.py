@@ -11,12 +11,12 @@ from __future__ import annotations
 import collections
 import itertools
 import socket
+import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from remoting import protocol
 from remoting.protocol import Message, ProtocolError
@@ -103,7 +103,9 @@ class GatewayConnection:
     # --- diagnosis -----------------------------------------------------------------------
     def _drain_monitor(self) -> None:
         while self.monitor.poll(0):
-            event = recv_monitor_message(self.monitor)["event"]
+            # First frame: 16-bit event id, 32-bit value (zmq_socket_monitor's format). Read
+            # here rather than with zmq.utils.monitor, which pulls in asyncio at import.
+            event = struct.unpack("=hi", self.monitor.recv_multipart()[0][:6])[0]
             self._seen.add(event)
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshake_ok = True
@@ -149,7 +151,7 @@ class GatewayConnection:
     def flush(self) -> None:
         while self._outbox:
             try:
-                self.sock.send_multipart(self._outbox[0], flags=zmq.NOBLOCK, copy=False)
+                self.sock.send_multipart(self._outbox[0], flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
             self._outbox.popleft()
@@ -171,14 +173,20 @@ class GatewayConnection:
         while True:
             if not sent:
                 try:
-                    self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                    self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
                     sent = True
                 except zmq.Again:  # not connected yet (IMMEDIATE): try again shortly
                     pass
             left = deadline - time.monotonic()
             if left <= 0:
                 raise self._why_silent(limit)
-            if not self.sock.poll(int(min(left, 0.05 if not sent else left) * 1000) + 1):
+            if not sent:
+                # Not connected yet: the monitor tells when the handshake is done, so the
+                # first request leaves the moment it can instead of on a fixed retry tick.
+                if self.monitor.poll(int(min(left, 0.05) * 1000) + 1):
+                    self._drain_monitor()
+                continue
+            if not self.sock.poll(int(left * 1000) + 1):
                 continue
             msg = self._recv()
             if msg is None:
@@ -214,12 +222,15 @@ class GatewayConnection:
             return self._pending.popleft()
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left < 0 or not self.sock.poll(int(left * 1000)):
+            # Always look at the socket once, even with no time left (receive(0) polls).
+            left = max(0.0, deadline - time.monotonic())
+            if not self.sock.poll(int(left * 1000)):
                 return None
             msg = self._recv()
             if msg is not None and msg.type != "reply":
                 return msg
+            if time.monotonic() >= deadline and not self.sock.poll(0):
+                return None
 
     def close(self) -> None:
         try:

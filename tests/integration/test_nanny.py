@@ -274,8 +274,8 @@ def test_sigint_reaches_the_child_even_from_a_gateway_that_ignores_it(run_dir: P
             "p-sigint",
             """
             import sys, time
-            print("ready", flush=True)
-            try:
+            try:  # ready is printed inside the try, so no Ctrl-C can land outside it
+                print("ready", flush=True)
                 time.sleep(30)
             except KeyboardInterrupt:
                 print("interrupted", flush=True)
@@ -288,7 +288,7 @@ def test_sigint_reaches_the_child_even_from_a_gateway_that_ignores_it(run_dir: P
     async def go() -> Output:
         link, _ = await attach(launched)
         out = Output()
-        await read_until(link, out, lambda o: b"ready" in o.stdout)
+        await read_until(link, out, lambda o: b"ready\n" in o.stdout)
         await link.send({"type": "signal", "signum": int(signal.SIGINT)})
         await read_until(link, out, exited)
         await link.close()
@@ -314,7 +314,7 @@ def test_terminate_kills_a_child_that_ignores_sigterm_after_the_grace(run_dir: P
     async def go() -> tuple[float, Output]:
         link, _ = await attach(launched)
         out = Output()
-        await read_until(link, out, lambda o: b"ready" in o.stdout)
+        await read_until(link, out, lambda o: b"ready\n" in o.stdout)
         t0 = time.monotonic()
         await link.send({"type": "terminate", "grace_s": 0.5})
         await read_until(link, out, exited)
