@@ -67,15 +67,22 @@ def base_env(home: Path) -> dict[str, str]:
     return env
 
 
-def start_gateway(tmp_path: Path, *args: str) -> GatewayProcess:
+def start_gateway(
+    tmp_path: Path, *args: str, name: str = "gpuhost", keys_from: Path | None = None
+) -> GatewayProcess:
+    """A gateway in ``tmp_path``; ``keys_from`` copies another's cluster keys (one pool)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
+    if keys_from is not None:
+        import shutil
+
+        shutil.copytree(keys_from / "keys", tmp_path / "state" / "keys")
     gw = GatewayProcess(
         tmp_path / "state",
         free_port(),
         list(args),
         process_env=base_env(tmp_path),
         log_path=tmp_path / "gateway.log",
-        name="gpuhost",
+        name=name,
         home=tmp_path,
     )
     gw.start()
