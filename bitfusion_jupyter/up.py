@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import getpass
 import os
+import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bitfusion_jupyter import config
@@ -39,7 +41,7 @@ def _say(text: str) -> None:
 
 
 def _bitfusion(*args: str, env: dict[str, str]) -> int:
-    print(f"$ bitfusion {' '.join(args)}", flush=True)
+    print(f"$ bitfusion {shlex.join(args)}", flush=True)
     return subprocess.call([sys.executable, "-m", "bitfusion_jupyter", *args], env=env)
 
 
@@ -55,12 +57,17 @@ def run(state_dir: Path, port: int, simulate: str | None, stay: bool) -> int:
         _say(f"NVML finds {gpus} GPU{'s' if gpus != 1 else ''}: the gateway serves the real ones.")
     args = ["--simulate-gpus", simulate] if simulate else []
     _say(f"Starting the gateway on 127.0.0.1:{port} (state in {state_dir}).")
-    gateway = SpawnedGateway(state_dir, port, args)
+    # The gateway logs to a file, so its lines do not interleave with the walk-through.
+    state_dir.mkdir(parents=True, exist_ok=True)
+    gateway = SpawnedGateway(state_dir, port, args, log_path=state_dir / "gateway.log")
     try:
         try:
             gateway.start()
         except SpawnError as exc:
             raise UsageError(str(exc)) from None
+        time.sleep(0.2)  # let the banner reach the log
+        print(gateway.log().rstrip(), flush=True)
+        _say(f"The gateway logs to {gateway.log_path}.")
         user = getpass.getuser()
         token = gateway.token(user)
         env = {**os.environ, "BITFUSION_SERVERS": gateway.address}
@@ -70,9 +77,8 @@ def run(state_dir: Path, port: int, simulate: str | None, stay: bool) -> int:
         _bitfusion("list_gpus", env=env)
         _bitfusion(
             "run", "-n", "1", "-m", "1024", "--", sys.executable, "-c",
-            "import os; print('inside share', os.environ['BITFUSION_SHARE_ID'], 'on',"
-            " os.environ['CUDA_VISIBLE_DEVICES'], 'capped at',"
-            " os.environ['BITFUSION_MEMORY_MIB'], 'MiB')",
+            'import os; e = os.environ; print("inside share", e["BITFUSION_SHARE_ID"], "on",'
+            ' e["CUDA_VISIBLE_DEVICES"], "capped at", e["BITFUSION_MEMORY_MIB"], "MiB")',
             env=env,
         )  # fmt: skip
         if not stay:

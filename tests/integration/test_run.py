@@ -143,3 +143,28 @@ def test_local_runs_a_child_inside_a_share(gateway):
     mib, parent = r.stdout.split()
     assert mib == "8192"
     assert int(parent) != os.getpid()  # its parent is the bitfusion CLI, not the gateway
+
+
+def test_a_closed_shell_gives_its_held_share_back(gateway):
+    env = gateway.env()
+    del env["BITFUSION_SESSION"]  # the session is then the shell that ran request_gpus
+    shell = subprocess.run(
+        [
+            "sh",
+            "-c",
+            f"{sys.executable} -m bitfusion_jupyter request_gpus -m 3000 && "
+            f"{sys.executable} -m bitfusion_jupyter run -- sh -c 'echo $BITFUSION_MEMORY_MIB'",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout.splitlines()[-1] == "3000"  # the run used the held share
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if '"shares": []' in gateway.bf("list_shares", "--json").stdout:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the held share outlived its shell")
