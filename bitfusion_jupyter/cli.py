@@ -100,6 +100,12 @@ def _up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit", action="store_true", help="stop after the first run (for tests)")
 
 
+def _kernelspec(p: argparse.ArgumentParser) -> None:
+    from bitfusion_jupyter import kernelspecs  # imports jupyter_client: only when asked for
+
+    kernelspecs.add_arguments(p)
+
+
 # name -> (help, the function that adds its options), in the order `--help` lists them.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "run": ("run a command on a share of a remote GPU server", _run),
@@ -111,6 +117,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "health": ("can each server be reached, and does it accept your token", _view),
     "list_shares": ("your shares, their usage, and recent events", _view),
     "localhealth": ("on a GPU server: NVML, driver, MPS, port, state dir", _localhealth),
+    "kernelspec": ("install Jupyter kernelspecs whose kernels run on a share", _kernelspec),
     "init": ("record your token and a server", _init),
     "gateway": ("run the gateway on a GPU server (or manage its tokens)", _gateway),
     "up": ("quick start: a gateway on this machine, a token, a first run", _up),
@@ -286,6 +293,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from gateway.app import default_state_dir
 
         return localhealth.run(args.state_dir or default_state_dir(), args.port, args.json)
+    if args.cmd == "kernelspec":
+        from bitfusion_jupyter import kernelspecs
+
+        return kernelspecs.run(args)
     if args.cmd == "up":
         from bitfusion_jupyter import up
         from gateway.app import default_state_dir

@@ -19,6 +19,7 @@ import zmq
 
 from bitfusion_jupyter.pool import say
 from remoting.client import GatewayConnection, GatewayError
+from remoting.protocol import Message
 
 STDIN_CHUNK = 64 * 1024
 ACK_EVERY_BYTES = 256 * 1024
@@ -42,6 +43,7 @@ class ProcessStream:
         self.signals: list[int] = []
         self.lost_since: float | None = None
         self.lease_s = lease_s
+        self.next_renew = time.monotonic() + self.renew_every
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signals.append(signum)
@@ -58,17 +60,16 @@ class ProcessStream:
     def _loop(self) -> int:
         stdin_fd = _stdin_fd()
         if stdin_fd is None:
-            self._close_stdin()
+            self.close_stdin()
         poller = zmq.Poller()
         poller.register(self.conn.sock, zmq.POLLIN)
         if stdin_fd is not None:
             poller.register(stdin_fd, zmq.POLLIN)
-        next_renew = time.monotonic() + self.renew_every
         while True:
             self.conn.flush()
             while self.signals:
                 self.conn.send("signal", proc_id=self.proc_id, signum=self.signals.pop(0))
-            timeout = max(0.0, min(next_renew - time.monotonic(), ACK_EVERY_S))
+            timeout = max(0.0, min(self.next_renew - time.monotonic(), ACK_EVERY_S))
             try:
                 ready = dict(poller.poll(int(timeout * 1000)))
             except zmq.ZMQError:  # EINTR from a forwarded signal
@@ -81,16 +82,21 @@ class ProcessStream:
                     msg = self.conn.receive(0)
                     if msg is None:
                         break
-                    code = self._on_message(msg)
+                    code = self.handle(msg)
                     if code is not None:
                         return code
-            if self.unacked_bytes and time.monotonic() - self.last_ack >= ACK_EVERY_S:
-                self._ack()
-            if time.monotonic() >= next_renew:
-                self._renew()
-                next_renew = time.monotonic() + self.renew_every
+            self.tick()
 
-    def _on_message(self, msg) -> int | None:
+    def tick(self) -> None:
+        """Ack written output and renew the lease when they are due."""
+        if self.unacked_bytes and time.monotonic() - self.last_ack >= ACK_EVERY_S:
+            self._ack()
+        if time.monotonic() >= self.next_renew:
+            self._renew()
+            self.next_renew = time.monotonic() + self.renew_every
+
+    def handle(self, msg: Message) -> int | None:
+        """Act on one message from the gateway; returns the exit code once the process ended."""
         if msg.type == "notice":
             say(msg["message"])
             return None
@@ -162,13 +168,13 @@ class ProcessStream:
         except OSError:
             data = b""
         if not data:
-            self._close_stdin()
+            self.close_stdin()
             return False
         self.stdin_seq += 1
         self.conn.send("stdin", [data], proc_id=self.proc_id, seq=self.stdin_seq)
         return True
 
-    def _close_stdin(self) -> None:
+    def close_stdin(self) -> None:
         if self.stdin_open:
             self.stdin_open = False
             self.stdin_seq += 1

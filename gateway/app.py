@@ -77,6 +77,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workdir", default=None, help="working directory of commands run in shares"
     )
+    parser.add_argument(
+        "--kernels",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="JSON {name: argv} of kernel environments offered besides python3 "
+        "(this Python with ipykernel); argv must contain {connection_file}",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="gateway_command")
     token = sub.add_parser("token", help="create or revoke access tokens")
@@ -144,6 +152,7 @@ def admin_token(state_dir: Path, keys: cluster_keys.ClusterKeys) -> Path:
 
 def _serve(args: argparse.Namespace, state_dir: Path) -> int:
     from gateway.gpus import InventoryError, open_inventory, parse_simulate_spec
+    from gateway.kernels import KernelConfigError, load_kernels
     from gateway.server import Gateway, GatewayConfig
 
     logging.basicConfig(
@@ -160,9 +169,14 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
             parse_simulate_spec(args.simulate_gpus)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    try:
+        kernels = load_kernels(args.kernels)
+    except KernelConfigError as exc:
+        raise UsageError(str(exc)) from None
     _prepare_state_dir(state_dir)
     keys = cluster_keys.load_or_create(state_dir)
     config = GatewayConfig(
+        kernels=kernels,
         state_dir=state_dir,
         bind=args.bind,
         port=args.port,

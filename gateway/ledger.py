@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS shares (
 CREATE TABLE IF NOT EXISTS processes (
     id TEXT PRIMARY KEY, share_id TEXT NOT NULL, argv TEXT NOT NULL,
     socket_path TEXT, status_path TEXT, nanny_pid INTEGER, pid INTEGER,
-    state TEXT NOT NULL, exit_code INTEGER, started REAL NOT NULL
+    state TEXT NOT NULL, exit_code INTEGER, started REAL NOT NULL, kernel TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, kind TEXT NOT NULL,
@@ -89,6 +89,7 @@ class Process:
     state: str = "running"
     exit_code: int | None = None
     started: float = field(default_factory=time.time)
+    kernel: dict[str, str] | None = None  # {"kernel_id", "connection_file"} for a kernel
 
 
 class Ledger:
@@ -121,12 +122,20 @@ class Ledger:
                 sid, owner, host, gpu_map, bool(whole), created, expires, bool(roe)
             )
         for row in self.db.execute(
-            "SELECT id, share_id, argv, socket_path, status_path, nanny_pid, pid, started"
+            "SELECT id, share_id, argv, socket_path, status_path, nanny_pid, pid, started, kernel"
             " FROM processes WHERE state='running'"
         ):
-            pid_, share_id, argv, sock, status, nanny, pid, started = row
+            pid_, share_id, argv, sock, status, nanny, pid, started, kernel = row
             self.processes[pid_] = Process(
-                pid_, share_id, json.loads(argv), sock, status, nanny, pid, started=started
+                pid_,
+                share_id,
+                json.loads(argv),
+                sock,
+                status,
+                nanny,
+                pid,
+                started=started,
+                kernel=json.loads(kernel) if kernel else None,
             )
 
     # --- memory accounting ---------------------------------------------------------------
@@ -221,7 +230,7 @@ class Ledger:
     def add_process(self, proc: Process) -> None:
         with self._tx():
             self.db.execute(
-                "INSERT INTO processes VALUES (?,?,?,?,?,?,?,'running',NULL,?)",
+                "INSERT INTO processes VALUES (?,?,?,?,?,?,?,'running',NULL,?,?)",
                 (
                     proc.id,
                     proc.share_id,
@@ -231,6 +240,7 @@ class Ledger:
                     proc.nanny_pid,
                     proc.pid,
                     proc.started,
+                    json.dumps(proc.kernel) if proc.kernel else None,
                 ),
             )
         self.processes[proc.id] = proc

@@ -24,6 +24,7 @@ import zmq.asyncio
 from gateway import launcher
 from gateway.cluster_keys import ClusterKeys
 from gateway.gpus import GpuInventory
+from gateway.kernels import DEFAULT_KERNELS, KernelChannels, write_connection_file
 from gateway.ledger import Ledger, Process, Share
 from gateway.mps import mps_running
 from gateway.nanny_link import NannyGone
@@ -50,6 +51,7 @@ class GatewayConfig:
     police_interval_s: float = 1.0
     terminate_grace_s: float = 5.0
     workdir: str | None = None
+    kernels: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_KERNELS))
 
 
 @dataclass
@@ -63,6 +65,17 @@ class Waiter:
     eligible: list[int]
     deadline: float
     position: int = 0
+
+
+@dataclass
+class KernelState:
+    """A kernel running in a share, its channels, and the shim connection it answers to."""
+
+    kernel_id: str
+    proc_id: str
+    share_id: str
+    channels: KernelChannels
+    subscriber: bytes | None = None
 
 
 class RequestError(Exception):
@@ -85,6 +98,7 @@ class Gateway:
         self.ledger = Ledger(config.state_dir / "ledger.sqlite3", self.gpus)
         self.police = Police(config.police_mode, config.police_grace_s)  # type: ignore[arg-type]
         self.relays: dict[str, Relay] = {}
+        self.kernels: dict[str, KernelState] = {}
         self.queue: list[Waiter] = []
         self.ending: set[str] = set()
         self.usage: dict[str, dict[int, int]] = {}  # share id -> GPU index -> MiB in use
@@ -122,6 +136,8 @@ class Gateway:
         for t in self._tasks:
             t.cancel()
         # Processes in shares outlive the gateway on purpose; only our own links close.
+        for kernel in self.kernels.values():
+            kernel.channels.close()
         for relay in list(self.relays.values()):
             await relay.close()
         self.sock.close(0)
@@ -142,6 +158,8 @@ class Gateway:
                 continue
             try:
                 await self._start_relay(proc, out_from=1)
+                if proc.kernel:
+                    self._open_kernel(proc, None)
                 log.info("adopted process %s of share %s", proc.id, proc.share_id)
             except (OSError, NannyGone, TimeoutError):
                 status = launcher.read_status(Path(proc.status_path or ""))
@@ -286,6 +304,7 @@ class Gateway:
             "driver": self.inventory.driver_version(),
             "cuda": self.inventory.cuda_version(),
             "mps": self.mps,
+            "kernels": sorted(self.cfg.kernels),
         }
 
     async def _on_hello(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
@@ -474,6 +493,9 @@ class Gateway:
                 relay = self._relay(str(item[0]), tok)
                 if relay is not None and relay.subscriber != ident:
                     await relay.attach(ident, int(item[1]))
+                for kernel in self.kernels.values():
+                    if relay is not None and kernel.proc_id == relay.proc_id:
+                        kernel.subscriber = ident
         return {
             "lease_s": self.cfg.lease_grace_s,
             "usage_mib": {str(k): v for k, v in self.usage.get(share.id, {}).items()},
@@ -588,6 +610,7 @@ class Gateway:
         self.relays[proc.id] = relay
 
     def _process_ended(self, proc_id: str, code: int | None) -> None:
+        self._close_kernel_of(proc_id)
         proc = self.ledger.finish_process(proc_id, code)
         if proc is not None:
             log.info("process %s of share %s exited with %s", proc_id, proc.share_id, code)
@@ -606,6 +629,101 @@ class Gateway:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _on_kernel_start(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict:
+        share = self._share(msg["share_id"], tok)
+        name = msg.get("kernel") or "python3"
+        if name not in self.cfg.kernels:
+            raise RequestError(
+                protocol.E_NO_KERNEL,
+                f"{self.cfg.hostname} offers no kernel {name!r}; it offers "
+                f"{', '.join(sorted(self.cfg.kernels))}.",
+            )
+        kernel_id = "k-" + os.urandom(6).hex()
+        conn_file = write_connection_file(
+            self.run_dir / "kernels", kernel_id, msg["key"], msg["signature_scheme"]
+        )
+        argv = [a.replace("{connection_file}", str(conn_file)) for a in self.cfg.kernels[name]]
+        env = self.share_env(share, dict(os.environ))
+        proc_id = "p-" + os.urandom(4).hex()
+        try:
+            launched = await asyncio.to_thread(
+                launcher.launch,
+                argv,
+                env,
+                self.cfg.workdir,
+                self.run_dir,
+                proc_id,
+                max(60.0, self.cfg.lease_grace_s * 2),
+            )
+        except launcher.LaunchError as exc:
+            conn_file.unlink(missing_ok=True)
+            self.ledger.event("spawn_failed", tok.user, share.id, str(exc))
+            raise RequestError(protocol.E_SPAWN, str(exc)) from None
+        proc = Process(
+            proc_id,
+            share.id,
+            argv,
+            str(launched.socket_path),
+            str(launched.status_path),
+            launched.nanny_pid,
+            None,
+            kernel={"kernel_id": kernel_id, "connection_file": str(conn_file), "name": name},
+        )
+        self.ledger.add_process(proc)
+        await self._start_relay(proc, out_from=1, subscriber=ident)
+        self._open_kernel(proc, ident)
+        self.ledger.event("kernel_start", tok.user, share.id, f"{name} kernel {kernel_id}")
+        return {"kernel_id": kernel_id, "proc_id": proc_id, "kernel": name}
+
+    def _open_kernel(self, proc: Process, subscriber: bytes | None) -> None:
+        assert proc.kernel is not None
+        kernel_id = proc.kernel["kernel_id"]
+
+        async def forward(channel: str, frontend: bytes, frames: list[bytes]) -> None:
+            state = self.kernels.get(kernel_id)
+            if state is not None and state.subscriber is not None:
+                await self._send(
+                    state.subscriber,
+                    protocol.encode(
+                        "kernel_out",
+                        frames,
+                        kernel_id=kernel_id,
+                        channel=channel,
+                        ident=frontend.hex() if frontend else None,
+                    ),
+                )
+
+        channels = KernelChannels(self.ctx, Path(proc.kernel["connection_file"]), forward)
+        self.kernels[kernel_id] = KernelState(
+            kernel_id, proc.id, proc.share_id, channels, subscriber
+        )
+
+    def _close_kernel_of(self, proc_id: str) -> None:
+        for kernel_id, state in list(self.kernels.items()):
+            if state.proc_id == proc_id:
+                state.channels.close()
+                del self.kernels[kernel_id]
+                proc = self.ledger.processes.get(proc_id)
+                if proc and proc.kernel:
+                    Path(proc.kernel["connection_file"]).unlink(missing_ok=True)
+
+    async def _on_kernel_in(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
+        state = self.kernels.get(msg["kernel_id"])
+        if state is None:
+            return
+        share = self.ledger.shares.get(state.share_id)
+        if share is None or (share.owner != tok.user and not tok.admin):
+            self.ledger.event("denied", tok.user, state.share_id, "wrote to another's kernel")
+            return
+        if msg["channel"] not in ("shell", "control", "stdin"):
+            return
+        try:
+            frontend = bytes.fromhex(msg.get("ident") or "")
+        except ValueError:
+            return
+        state.subscriber = ident
+        await state.channels.send(msg["channel"], frontend, list(msg.payloads))
 
     async def _on_register_pid(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict:
         share = self._share(msg["share_id"], tok)

@@ -23,7 +23,7 @@ MAGIC = b"BF1"
 VERSION = "0.1.0"
 DEFAULT_PORT = 56001
 MAX_HEADER_BYTES = 64 * 1024
-MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
+MAX_PAYLOAD_BYTES = 256 * 1024 * 1024  # a Jupyter output or comm buffer can be large
 
 
 class ProtocolError(ValueError):
@@ -65,6 +65,8 @@ MESSAGES: dict[str, Spec] = {
         },
         request=True,
     ),
+    # Renews the lease; ``attach`` ([[proc_id, out_from], ...]) re-subscribes the sender to
+    # those processes' output (and kernel channels) after a reconnect or a gateway restart.
     "renew": Spec({**_REQ, "share_id": STR}, {"attach": LIST}, request=True),
     "release": Spec({**_REQ, "share_id": STR}, request=True),
     "list_shares": Spec(_REQ, request=True),
@@ -74,6 +76,18 @@ MESSAGES: dict[str, Spec] = {
         request=True,
     ),
     "register_pid": Spec({**_REQ, "share_id": STR, "pid": INT}, request=True),
+    # Start a Jupyter kernel inside a share. ``key`` is the HMAC key of the client's
+    # connection file, so Jupyter frames pass through both hops untouched and still verify.
+    "kernel_start": Spec(
+        {**_REQ, "share_id": STR, "key": STR, "signature_scheme": STR},
+        {"kernel": STR},
+        request=True,
+    ),
+    # One Jupyter message on one of a kernel's channels (shell, control, stdin, iopub), its
+    # frames as payloads. ``ident`` (hex) names the frontend socket it came from or goes to.
+    "kernel_in": Spec(
+        {**_ONEWAY, "kernel_id": STR, "channel": STR}, {"ident": STR}, payloads=(1, 4096)
+    ),
     # --- one-way, client -> gateway ---
     "attach": Spec({**_ONEWAY, "proc_id": STR, "out_from": INT}),
     "stdin": Spec({**_ONEWAY, "proc_id": STR, "seq": INT}, payloads=(1, 1)),
@@ -89,6 +103,9 @@ MESSAGES: dict[str, Spec] = {
     "queued": Spec({"id": INT, "position": INT}, {"detail": STR}, authenticated=False),
     "out": Spec({"proc_id": STR, "seq": INT, "stream": INT}, authenticated=False, payloads=(1, 1)),
     "exit": Spec({"proc_id": STR, "seq": INT, "code": INT}, authenticated=False),
+    "kernel_out": Spec(
+        {"kernel_id": STR, "channel": STR}, {"ident": STR}, authenticated=False, payloads=(1, 4096)
+    ),
     "notice": Spec({"message": STR}, {"share_id": STR, "proc_id": STR}, authenticated=False),
 }
 
@@ -100,6 +117,7 @@ E_NO_FIT = "no_fit"  # nothing fits now
 E_NEVER_FITS = "never_fits"  # nothing on this server could ever fit
 E_BAD_REQUEST = "bad_request"
 E_SPAWN = "spawn"
+E_NO_KERNEL = "no_kernel"  # the gateway offers no kernel environment of that name
 E_INTERNAL = "internal"
 
 _PY_KINDS: dict[str, tuple[type, ...]] = {

@@ -1,0 +1,423 @@
+"""`bitfusion kernelspec install/list/remove`: Jupyter kernelspecs whose kernels run on a share.
+
+A bitfusion kernelspec starts the kernel shim (``python -m bitfusion_jupyter.shim``) with the
+share options; ``metadata["bitfusion"]`` records the share, which is how `list` and `remove`
+(and the Jupyter extensions) tell our kernelspecs from everyone else's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+from dataclasses import replace
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bitfusion_jupyter import config, share_request, tables
+from bitfusion_jupyter.share_request import ShareRequest, UsageError
+from remoting import filters as share_filters
+
+if TYPE_CHECKING:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+METADATA_KEY = "bitfusion"
+DEFAULT_KERNEL = "python3"
+LOGOS = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg")
+_FRACTIONS = {0.25: "¼", 0.5: "½", 0.75: "¾"}
+_NAME_RE = re.compile(r"[a-z0-9._-]+")  # what jupyter_client accepts (after lowercasing)
+_TABLE = ("NAME", "DISPLAY NAME", "SHARE", "LOCATION")
+
+
+def _manager() -> KernelSpecManager:
+    # Imported here: jupyter_client costs ~0.1 s, and every `bitfusion` command imports this module.
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return KernelSpecManager()
+
+
+def presets() -> list[tuple[str, ShareRequest]]:
+    return [
+        ("bitfusion-quarter-gpu", ShareRequest(1, fraction=0.25)),
+        ("bitfusion-half-gpu", ShareRequest(1, fraction=0.5)),
+        ("bitfusion-1gpu", ShareRequest(1)),
+        ("bitfusion-2gpu", ShareRequest(2)),
+    ]
+
+
+def _number(value: float) -> str:
+    """Shortest text that reads back as the same number (``:g`` alone would round 1/3)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
+def shim_argv(request: ShareRequest, kernel: str, servers: str | None) -> list[str]:
+    """The kernel's command line: the shim, with options that mirror the share options."""
+    argv = [
+        sys.executable,
+        "-m",
+        "bitfusion_jupyter.shim",
+        "--connection-file",
+        "{connection_file}",
+    ]
+    argv += ["-n", str(request.gpus)]
+    if request.mib is not None:
+        argv += ["-m", str(request.mib)]
+    elif request.fraction is not None:
+        argv += ["-p", _number(request.fraction)]
+    for key, op, value in request.filters:
+        argv += ["--filter", f"{key}{op}{value}"]  # device.memory reads back as MiB
+    if request.wait_s > 0:
+        argv += ["--wait", _number(request.wait_s)]
+    if servers:
+        argv += ["-l", servers]
+    return argv + ["--kernel", kernel]
+
+
+def share_summary(request: ShareRequest) -> str:
+    """'2 GPUs × 4 GiB', '1 GPU × ½', '1 GPU': the size of a share, as the launcher shows it."""
+    gpus = f"{request.gpus} GPU{'' if request.gpus == 1 else 's'}"
+    if request.mib is not None:
+        size = f"{request.mib // 1024} GiB" if request.mib % 1024 == 0 else f"{request.mib} MiB"
+        return f"{gpus} × {size}"
+    if request.fraction is not None and request.fraction < 1:
+        return f"{gpus} × {_FRACTIONS.get(request.fraction, f'{request.fraction:g} of a GPU')}"
+    return gpus
+
+
+def display_name_for(request: ShareRequest, kernel_display: str = "Python 3") -> str:
+    return f"{kernel_display} · {share_summary(request)}"
+
+
+def default_name(request: ShareRequest) -> str:
+    name = f"bitfusion-{request.gpus}gpu"
+    if request.mib is not None:
+        name += f"-{request.mib}mib"
+    elif request.fraction is not None:
+        name += f"-p{request.fraction * 100:g}"
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower())
+
+
+def _kernel_display(kernel: str) -> str:
+    return "Python 3" if kernel == DEFAULT_KERNEL else kernel
+
+
+def kernel_json(
+    request: ShareRequest, *, kernel: str, servers: str | None, display_name: str
+) -> dict[str, Any]:
+    return {
+        "argv": shim_argv(request, kernel, servers),
+        "display_name": display_name,
+        "language": "python",
+        "interrupt_mode": "signal",  # the shim forwards SIGINT to the remote kernel
+        "metadata": {
+            METADATA_KEY: {
+                "gpus": request.gpus,
+                "mib": request.mib,
+                "fraction": request.fraction,
+                "filters": request.filters,
+                "wait_s": request.wait_s,
+                "kernel": kernel,
+                "servers": servers,
+            },
+            "debugger": False,
+        },
+    }
+
+
+def _check_name(name: str) -> str:
+    low = name.lower()  # jupyter_client lowercases names itself; say the name it will have
+    if not _NAME_RE.fullmatch(low):
+        raise UsageError(
+            f"--name {name!r} cannot name a kernelspec; use letters, digits, '.', '_' and '-', "
+            "e.g. --name bitfusion-a100."
+        )
+    return low
+
+
+def _check_servers(servers: str | None) -> str | None:
+    """The -l list in its normal form; a typo here would otherwise surface only at kernel start."""
+    if servers is None:
+        return None
+    try:
+        found = config.servers(servers).servers if servers.strip(", ") else []
+    except config.ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if not found:
+        raise UsageError(
+            f"-l {servers!r} names no server; give HOST[:PORT],... e.g. -l gpu1:56001."
+        )
+    return ",".join(found)
+
+
+def _place(user: bool, sys_prefix: bool, prefix: str | None) -> str | None:
+    """The prefix to install under (None: user dir or system-wide), from the location flags."""
+    chosen = [flag for flag, on in (("--user", user), ("--sys-prefix", sys_prefix)) if on]
+    chosen += ["--prefix"] if prefix is not None else []
+    if len(chosen) > 1:
+        raise UsageError(
+            f"{' and '.join(chosen)} name different places to install; give only one of them."
+        )
+    if prefix is not None and not prefix.strip():
+        # jupyter_client would read an empty prefix as "system-wide".
+        raise UsageError("--prefix is empty; give a directory, e.g. --prefix ~/envs/ml.")
+    return sys.prefix if sys_prefix else prefix
+
+
+def _spec_of(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The bitfusion metadata of a get_all_specs() entry, or None for other kernelspecs."""
+    meta = (entry.get("spec") or {}).get("metadata") or {}
+    found = meta.get(METADATA_KEY) if isinstance(meta, dict) else None
+    return found if isinstance(found, dict) else None
+
+
+def install(
+    request: ShareRequest,
+    *,
+    name: str | None,
+    display_name: str | None,
+    kernel: str,
+    servers: str | None,
+    user: bool,
+    sys_prefix: bool,
+    prefix: str | None = None,
+) -> Path:
+    """Write a kernelspec for ``request``; returns its directory. Replaces a bitfusion one."""
+    prefix = _place(user, sys_prefix, prefix)
+    kernel = kernel.strip()
+    if not kernel:
+        raise UsageError("--kernel is empty; name the kernel to run on the share, e.g. python3.")
+    servers = _check_servers(servers)
+    name = default_name(request) if name is None else _check_name(name)
+    manager = _manager()
+    existing = manager.get_all_specs().get(name)
+    if existing is not None and _spec_of(existing) is None:
+        # Writing it would hide (or replace) someone's ordinary kernel of that name.
+        raise UsageError(
+            f"{name!r} is already a kernelspec that is not a bitfusion one "
+            f"({existing['resource_dir']}); pick another --name."
+        )
+    spec = kernel_json(
+        request,
+        kernel=kernel,
+        servers=servers,
+        display_name=display_name or display_name_for(request, _kernel_display(kernel)),
+    )
+    logos = resources.files("bitfusion_jupyter") / "resources"
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / name
+        source.mkdir()
+        text = json.dumps(spec, indent=1, ensure_ascii=False) + "\n"
+        (source / "kernel.json").write_text(text, encoding="utf-8")
+        for logo in LOGOS:
+            (source / logo).write_bytes((logos / logo).read_bytes())
+        try:
+            return Path(manager.install_kernel_spec(str(source), name, user=user, prefix=prefix))
+        except PermissionError as exc:
+            raise UsageError(
+                f"No permission to write {exc.filename or 'the kernelspec'}; add --user "
+                "(or --sys-prefix for this Python environment), or run as root."
+            ) from None
+
+
+def installed() -> list[dict[str, Any]]:
+    """Every installed bitfusion kernelspec, by name."""
+    out = []
+    for name, entry in sorted(_manager().get_all_specs().items()):
+        meta = _spec_of(entry)
+        if meta is not None:
+            out.append(
+                {
+                    "name": name,
+                    "display_name": entry["spec"].get("display_name", ""),
+                    "share": _share_text(meta),
+                    "location": entry["resource_dir"],
+                    METADATA_KEY: meta,
+                }
+            )
+    return out
+
+
+def _share_text(meta: dict[str, Any]) -> str:
+    """SHARE column: the size, then filters, queueing and servers when there are any."""
+    try:
+        request = ShareRequest(
+            int(meta.get("gpus") or 1),
+            meta.get("mib"),
+            meta.get("fraction"),
+            list(meta.get("filters") or []),
+            float(meta.get("wait_s") or 0),
+        )
+        parts = [share_summary(request)]
+        if request.filters:
+            parts.append(share_filters.describe(request.filters))
+        if request.wait_s > 0:
+            parts.append(f"wait {request.wait_s:g} s")
+    except (TypeError, ValueError):
+        return "?"  # hand-edited metadata: still list it, so that it can be removed
+    if meta.get("servers"):
+        parts.append(f"on {meta['servers']}")
+    return ", ".join(parts)
+
+
+def remove(names: list[str]) -> list[Path]:
+    """Remove bitfusion kernelspecs; checks every name before removing any."""
+    wanted = list(dict.fromkeys(n.lower() for n in names))
+    manager = _manager()
+    specs = manager.get_all_specs()
+    for name in wanted:
+        if name not in specs:
+            raise UsageError(
+                f"No kernelspec is named {name!r}; 'bitfusion kernelspec list' shows ours."
+            )
+        if _spec_of(specs[name]) is None:
+            raise UsageError(
+                f"{name!r} is not a bitfusion kernelspec; remove it with "
+                f"'jupyter kernelspec remove {name}' if you mean to."
+            )
+    try:
+        return [Path(manager.remove_kernel_spec(name)) for name in wanted]
+    except PermissionError as exc:
+        raise UsageError(
+            f"No permission to remove {exc.filename}; run as its owner or root."
+        ) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="kernelspec_cmd", metavar="ACTION")
+    sub.required = True
+    inst = sub.add_parser(
+        "install",
+        help="install a kernelspec for a share",
+        description="Install a Jupyter kernelspec whose kernels run on a share. Like "
+        "'ipykernel install', it goes system-wide unless --user, --sys-prefix or --prefix "
+        "says otherwise.",
+    )
+    share_request.add_arguments(inst)
+    inst.set_defaults(num_gpus=None)  # so that --presets can tell a given -n from the default 1
+    inst.add_argument(
+        "-l",
+        "--server_list",
+        dest="server_list",
+        metavar="HOST[:PORT],...",
+        help="servers the kernel uses (default: whatever servers.conf says when it starts)",
+    )
+    inst.add_argument("--name", help="kernelspec name (default e.g. bitfusion-2gpu-4096mib)")
+    inst.add_argument(
+        "--display-name", help="name in the launcher (default e.g. 'Python 3 · 1 GPU')"
+    )
+    inst.add_argument(
+        "--kernel",
+        default=DEFAULT_KERNEL,
+        metavar="ENV",
+        help=f"the kernel to run on the share (default {DEFAULT_KERNEL})",
+    )
+    inst.add_argument(
+        "--presets",
+        action="store_true",
+        help="install four kernelspecs instead: ¼ GPU, ½ GPU, 1 GPU and 2 GPUs",
+    )
+    inst.add_argument(
+        "--user",
+        action="store_true",
+        help="install for the current user (JUPYTER_DATA_DIR/kernels) instead of system-wide",
+    )
+    inst.add_argument(
+        "--sys-prefix",
+        action="store_true",
+        help=f"install into this Python environment ({sys.prefix}); for conda/virtualenvs",
+    )
+    inst.add_argument("--prefix", metavar="DIR", help="install under DIR/share/jupyter/kernels")
+    listing = sub.add_parser("list", help="the installed bitfusion kernelspecs")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    rm = sub.add_parser("remove", help="remove bitfusion kernelspecs")
+    rm.add_argument("names", nargs="+", metavar="NAME", help="kernelspec names, as 'list' shows")
+
+
+def run(args: argparse.Namespace) -> int:
+    handlers = {"install": _cmd_install, "list": _cmd_list, "remove": _cmd_remove}
+    return handlers[args.kernelspec_cmd](args)
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    if args.presets:
+        _refuse_with_presets(args)
+    share_args = argparse.Namespace(**vars(args))
+    if share_args.num_gpus is None:
+        share_args.num_gpus = 1
+    request = share_request.from_args(share_args)
+    where: dict[str, Any] = {
+        "kernel": args.kernel,
+        "servers": args.server_list,
+        "user": args.user,
+        "sys_prefix": args.sys_prefix,
+        "prefix": args.prefix,
+    }
+    if not args.presets:
+        path = install(request, name=args.name, display_name=args.display_name, **where)
+        spec = json.loads((path / "kernel.json").read_text(encoding="utf-8"))
+        print(f"Installed kernelspec {path.name} ({spec['display_name']}) in {path}.")
+        _say_if_hidden(path)
+        return 0
+    rows = []
+    for name, preset in presets():
+        # --filter, --wait, -l and --kernel apply to every preset.
+        full = replace(preset, filters=request.filters, wait_s=request.wait_s)
+        path = install(full, name=name, display_name=None, **where)
+        spec = json.loads((path / "kernel.json").read_text(encoding="utf-8"))
+        share = _share_text(spec["metadata"][METADATA_KEY])
+        rows.append([name, spec["display_name"], share, str(path)])
+    print(tables.render(_TABLE, rows))
+    _say_if_hidden(Path(rows[0][3]))
+    return 0
+
+
+def _refuse_with_presets(args: argparse.Namespace) -> None:
+    given = {
+        "-n": args.num_gpus is not None,
+        "-m": args.memory is not None,
+        "-p": args.partial is not None,
+        "--name": args.name is not None,
+        "--display-name": args.display_name is not None,
+    }
+    clashes = [flag for flag, on in given.items() if on]
+    if clashes:
+        raise UsageError(
+            "--presets sets the share and name of each kernelspec itself; "
+            f"leave out {', '.join(clashes)}."
+        )
+
+
+def _say_if_hidden(path: Path) -> None:
+    """Jupyter only finds kernelspecs on its path; say so rather than fail silently later."""
+    dirs = {str(Path(d).resolve()) for d in _manager().kernel_dirs}
+    if str(path.parent.resolve()) not in dirs:
+        print(
+            f"Note: Jupyter does not look in {path.parent}; add {path.parent.parent} "
+            "to JUPYTER_PATH to see this kernel.",
+            file=sys.stderr,
+        )
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    specs = installed()
+    if args.json:
+        print(json.dumps(specs, indent=2, ensure_ascii=False))
+        return 0
+    if not specs:
+        print(
+            "No bitfusion kernelspecs are installed; add one with 'bitfusion kernelspec install'."
+        )
+        return 0
+    rows = [[s["name"], s["display_name"], s["share"], s["location"]] for s in specs]
+    print(tables.render(_TABLE, rows))
+    return 0
+
+
+def _cmd_remove(args: argparse.Namespace) -> int:
+    for path in remove(args.names):
+        print(f"Removed kernelspec {path.name} from {path.parent}.")
+    return 0

@@ -1,0 +1,160 @@
+"""Jupyter kernels inside shares: which kernels the gateway offers, and one kernel's channels.
+
+The gateway starts a kernel like any process in a share (under a nanny), with a connection
+file of its own on the server's loopback but the *client's* HMAC key, so Jupyter frames are
+forwarded between the client's shim and the kernel without being re-signed or re-serialised.
+`KernelChannels` holds the gateway's sockets to one kernel: a DEALER per frontend identity on
+shell, control and stdin (with the frontend's own identity, so the kernel routes replies and
+input requests exactly as it would locally), and a SUB on iopub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+log = logging.getLogger("bitfusion.gateway")
+
+CHANNELS = ("shell", "control", "stdin", "iopub")
+_DEALER_CHANNELS = ("shell", "control", "stdin")
+
+# name -> argv; {connection_file} is replaced. The default is this Python with ipykernel.
+DEFAULT_KERNELS: dict[str, list[str]] = {
+    "python3": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+}
+
+
+class KernelConfigError(ValueError):
+    """A kernels file that cannot be used; the text names the file and the problem."""
+
+
+def load_kernels(path: Path | None) -> dict[str, list[str]]:
+    """The kernel environments: the default, plus those of a JSON file ``{name: argv}``."""
+    kernels = dict(DEFAULT_KERNELS)
+    if path is None:
+        return kernels
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise KernelConfigError(f"--kernels {path} cannot be read as JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise KernelConfigError(f"--kernels {path} must hold a JSON object {{name: argv}}.")
+    for name, argv in data.items():
+        if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+            raise KernelConfigError(f"--kernels {path}: {name!r} needs a list of strings (argv).")
+        if not any("{connection_file}" in a for a in argv):
+            raise KernelConfigError(
+                f"--kernels {path}: the argv of {name!r} never mentions {{connection_file}}."
+            )
+        kernels[name] = argv
+    return kernels
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def write_connection_file(directory: Path, kernel_id: str, key: str, scheme: str) -> Path:
+    """A connection file for the remote kernel: loopback ports, the client's key."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ports = _free_ports(5)
+    info = {
+        "ip": "127.0.0.1",
+        "transport": "tcp",
+        "shell_port": ports[0],
+        "iopub_port": ports[1],
+        "stdin_port": ports[2],
+        "control_port": ports[3],
+        "hb_port": ports[4],
+        "key": key,
+        "signature_scheme": scheme,
+        "kernel_name": "",
+    }
+    path = directory / f"kernel-{kernel_id}.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+    return path
+
+
+# Called with (channel, frontend ident or b"", frames) for each message from the kernel.
+OnKernelMessage = Callable[[str, bytes, list[bytes]], Awaitable[None]]
+
+
+class KernelChannels:
+    """The gateway's sockets to one kernel, and a task per socket that reads it."""
+
+    def __init__(
+        self, ctx: zmq.asyncio.Context, connection_file: Path, on_message: OnKernelMessage
+    ):
+        info = json.loads(connection_file.read_text())
+        self.ctx = ctx
+        self.url = {ch: f"tcp://{info['ip']}:{info[f'{ch}_port']}" for ch in (*CHANNELS, "hb")}
+        self.on_message = on_message
+        self._dealers: dict[tuple[str, bytes], zmq.asyncio.Socket] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.iopub = ctx.socket(zmq.SUB)
+        self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.iopub.setsockopt(zmq.LINGER, 0)
+        self.iopub.connect(self.url["iopub"])
+        self._watch("iopub", b"", self.iopub)
+
+    def _watch(self, channel: str, ident: bytes, sock: zmq.asyncio.Socket) -> None:
+        task = asyncio.get_running_loop().create_task(self._read(channel, ident, sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read(self, channel: str, ident: bytes, sock: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                frames = await sock.recv_multipart()
+                await self.on_message(channel, ident, frames)
+        except (asyncio.CancelledError, zmq.ZMQError):
+            pass
+        except Exception:  # a bad frame must not end the kernel's other channels
+            log.exception("kernel channel %s failed", channel)
+
+    def _dealer(self, channel: str, ident: bytes) -> zmq.asyncio.Socket:
+        key = (channel, ident)
+        if key not in self._dealers:
+            # The first word from a frontend opens its shell, control and stdin together: the
+            # kernel may send an input request on stdin before the frontend ever wrote there.
+            for ch in _DEALER_CHANNELS:
+                sock = self.ctx.socket(zmq.DEALER)
+                if ident:
+                    sock.setsockopt(zmq.ROUTING_ID, ident)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(self.url[ch])
+                self._dealers[(ch, ident)] = sock
+                self._watch(ch, ident, sock)
+        return self._dealers[key]
+
+    async def send(self, channel: str, ident: bytes, frames: list[bytes]) -> None:
+        if channel == "iopub":
+            return  # nothing goes to a kernel on iopub
+        await self._dealer(channel, ident).send_multipart(frames)
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for sock in (self.iopub, *self._dealers.values()):
+            sock.close(0)
+        self._dealers.clear()

@@ -1,0 +1,234 @@
+"""Notebook kernels on a share: real ipykernels started by the shim through a real gateway,
+driven by jupyter_client as JupyterLab's server drives them."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import nbformat
+import pytest
+from jupyter_client import KernelManager
+from jupyter_client.kernelspec import KernelSpec
+from nbclient import NotebookClient
+
+
+def _shares(gateway):
+    r = gateway.bf("list_shares", "--json", user="root", admin=True)
+    return json.loads(r.stdout)[0]["data"]["shares"]
+
+
+def shim_spec(*share_args: str) -> KernelSpec:
+    return KernelSpec(
+        argv=[
+            sys.executable,
+            "-m",
+            "bitfusion_jupyter.shim",
+            "--connection-file",
+            "{connection_file}",
+            *share_args,
+        ],
+        display_name="Python 3 · test share",
+        language="python",
+        interrupt_mode="signal",
+    )
+
+
+@pytest.fixture
+def client_env(gateway, monkeypatch):
+    for key, value in gateway.env().items():
+        if key.startswith("BITFUSION") or key == "PYTHONPATH":
+            monkeypatch.setenv(key, value)
+    return gateway
+
+
+@pytest.fixture
+def kernel(client_env):
+    km = KernelManager()
+    km._kernel_spec = shim_spec("-m", "2048")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    yield km, kc
+    kc.stop_channels()
+    if km.is_alive():
+        km.shutdown_kernel(now=True)
+
+
+def run_cell(kc, code, timeout=60, stdin_hook=None):
+    outputs = []
+    reply = kc.execute_interactive(
+        code,
+        timeout=timeout,
+        output_hook=outputs.append,
+        stdin_hook=stdin_hook,
+        allow_stdin=stdin_hook is not None,
+    )
+    return reply["content"], outputs
+
+
+def _stream_text(outputs):
+    return "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream")
+
+
+def test_execute_runs_inside_the_share(kernel, client_env):
+    km, kc = kernel
+    reply, outputs = run_cell(kc, "import os\nprint(os.environ['BITFUSION_MEMORY_MIB'])\n6 * 7")
+    assert reply["status"] == "ok"
+    assert _stream_text(outputs) == "2048\n"
+    results = [
+        m["content"]["data"]["text/plain"] for m in outputs if m["msg_type"] == "execute_result"
+    ]
+    assert results == ["42"]
+    assert len(_shares(client_env)) == 1
+
+
+def test_errors_come_back_as_errors(kernel):
+    km, kc = kernel
+    reply, outputs = run_cell(kc, "1 / 0")
+    assert reply["status"] == "error" and reply["ename"] == "ZeroDivisionError"
+    assert any(m["msg_type"] == "error" for m in outputs)
+
+
+def test_input_reaches_the_remote_kernel(kernel):
+    km, kc = kernel
+
+    def answer(msg):
+        assert msg["content"]["prompt"] == "name? "
+        kc.input("Ada")
+
+    reply, outputs = run_cell(kc, "print('hello', input('name? '))", stdin_hook=answer)
+    assert reply["status"] == "ok"
+    assert _stream_text(outputs) == "hello Ada\n"
+
+
+def test_a_comm_round_trip(kernel):
+    km, kc = kernel
+    code = (
+        "from comm import create_comm\n"
+        "c = create_comm(target_name='echo', data={'hello': 1})\n"
+        "c.on_msg(lambda m: c.send({'echo': m['content']['data']}))\n"
+    )
+    reply, outputs = run_cell(kc, code)
+    assert reply["status"] == "ok"
+    opens = [m for m in outputs if m["msg_type"] == "comm_open"]
+    # The comm_open may come on iopub after the reply; read on until it does.
+    deadline = time.monotonic() + 10
+    while not opens and time.monotonic() < deadline:
+        msg = kc.get_iopub_msg(timeout=5)
+        if msg["msg_type"] == "comm_open":
+            opens.append(msg)
+    comm_id = opens[0]["content"]["comm_id"]
+    kc.shell_channel.send(kc.session.msg("comm_msg", {"comm_id": comm_id, "data": {"x": 7}}))
+    while time.monotonic() < deadline + 10:
+        msg = kc.get_iopub_msg(timeout=5)
+        if msg["msg_type"] == "comm_msg" and msg["content"]["comm_id"] == comm_id:
+            assert msg["content"]["data"] == {"echo": {"x": 7}}
+            return
+    raise AssertionError("no comm echo")
+
+
+def test_a_64_mib_output_arrives_whole(kernel):
+    km, kc = kernel
+    reply, outputs = run_cell(
+        kc, "import sys; sys.stdout.write('x' * (64 * 1024 * 1024))", timeout=120
+    )
+    assert reply["status"] == "ok"
+    assert len(_stream_text(outputs)) == 64 * 1024 * 1024
+
+
+def test_interrupt_stops_a_long_sleep(kernel):
+    km, kc = kernel
+    msg_id = kc.execute("import time; time.sleep(60)")
+    time.sleep(1.5)
+    start = time.monotonic()
+    km.interrupt_kernel()
+    reply = kc.get_shell_msg(timeout=20)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert time.monotonic() - start < 10
+    assert run_cell(kc, "1 + 1")[0]["status"] == "ok"  # the kernel lives on
+
+
+def test_restart_gives_a_fresh_kernel_on_a_fresh_share(kernel, client_env):
+    km, kc = kernel
+    run_cell(kc, "x = 5\nimport os\nprint(os.environ['BITFUSION_SHARE_ID'])")
+    first = _shares(client_env)[0]["share_id"]
+    km.restart_kernel(now=False)
+    kc.wait_for_ready(timeout=60)
+    reply, outputs = run_cell(kc, "print('x' in dir())")
+    assert _stream_text(outputs) == "False\n"
+    shares = _shares(client_env)
+    assert len(shares) == 1 and shares[0]["share_id"] != first  # the old share was freed
+
+
+def test_shutdown_frees_the_share(kernel, client_env):
+    km, kc = kernel
+    assert len(_shares(client_env)) == 1
+    km.shutdown_kernel(now=False)
+    deadline = time.monotonic() + 15
+    while _shares(client_env) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _shares(client_env) == []
+
+
+def test_a_kernel_larger_than_the_pool_fails_clearly(client_env, tmp_path):
+    import subprocess
+
+    conn = tmp_path / "kernel.json"
+    conn.write_text(
+        json.dumps(
+            {
+                "ip": "127.0.0.1",
+                "transport": "tcp",
+                "shell_port": 0,
+                "iopub_port": 0,
+                "stdin_port": 0,
+                "control_port": 0,
+                "hb_port": 0,
+                "key": "k",
+                "signature_scheme": "hmac-sha256",
+            }
+        )
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bitfusion_jupyter.shim",
+            "--connection-file",
+            str(conn),
+            "-m",
+            "999999",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "largest GPU here has 16384 MiB" in r.stderr
+
+
+def test_nbclient_runs_a_notebook_on_a_share(client_env, tmp_path, monkeypatch):
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    kernels = tmp_path / "share" / "jupyter" / "kernels" / "bitfusion-test"
+    kernels.mkdir(parents=True)
+    (kernels / "kernel.json").write_text(json.dumps(shim_spec("-p", "0.25").to_dict()))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
+    assert "bitfusion-test" in KernelSpecManager().find_kernel_specs()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("import os\nos.environ['BITFUSION_MEMORY_MIB']"),
+        nbformat.v4.new_code_cell("sum(range(10))"),
+    ]
+    NotebookClient(nb, kernel_name="bitfusion-test", timeout=60).execute()
+    assert nb.cells[0].outputs[0]["data"]["text/plain"] == "'4096'"
+    assert nb.cells[1].outputs[0]["data"]["text/plain"] == "45"
+    deadline = time.monotonic() + 15
+    while _shares(client_env) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _shares(client_env) == []
