@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -26,8 +27,12 @@ from bitfusion_jupyter.pool import Grant, Pool, say
 from bitfusion_jupyter.runner import ProcessStream
 from remoting import tokens
 from remoting.client import DEFAULT_TIMEOUT_S, GatewayError
+from remoting.protocol import Message
 
 ROUTER_CHANNELS = ("shell", "control", "stdin")
+# An input request whose prompt starts with this comes from the %bitfusion magic for the shim.
+SHIM_REQUEST = "\x00bitfusion-request "
+ADOPT_ENV = "BITFUSION_ADOPT"  # a share a local kernel took and hands to the shim it becomes
 KERNEL_START_TIMEOUT_S = 60.0
 
 
@@ -60,15 +65,36 @@ class LocalPorts:
 
 
 class Shim:
-    """Forwards one kernel's channels until the remote kernel ends or the shim is stopped."""
+    """Forwards one kernel's channels until the remote kernel ends or the shim is stopped.
 
-    def __init__(self, ports: LocalPorts, grant: Grant, kernel_id: str, proc_id: str) -> None:
+    It also answers the %bitfusion magic of the kernel it serves: a move to another share,
+    or back to a local kernel, happens once the cell that asked has finished (its kernel went
+    idle), so that cell completes normally.
+    """
+
+    def __init__(
+        self,
+        ports: LocalPorts,
+        info: dict,
+        grant: Grant,
+        kernel_id: str,
+        proc_id: str,
+        server_list: str | None,
+    ) -> None:
         self.ports = ports
+        self.info = info
+        self.server_list = server_list
+        self.stop = False
+        self.interrupts = 0
+        self.pending: dict | None = None  # a move the magic asked for, done when idle
+        self._attach(grant, kernel_id, proc_id)
+
+    def _attach(self, grant: Grant, kernel_id: str, proc_id: str) -> None:
+        self.grant = grant
         self.conn = grant.conn
         self.kernel_id = kernel_id
         self.stream = ProcessStream(grant.conn, grant.share_id, proc_id, grant.lease_s)
-        self.stop = False
-        self.interrupts = 0
+        self.stream.close_stdin()  # a kernel reads no stdin; its input comes on its channel
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT:
@@ -76,14 +102,17 @@ class Shim:
         else:
             self.stop = True
 
+    def _poller(self) -> zmq.Poller:
+        poller = zmq.Poller()
+        for sock in (*self.ports.routers.values(), self.ports.hb, self.conn.sock):
+            poller.register(sock, zmq.POLLIN)
+        return poller
+
     def run(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
-        self.stream.close_stdin()  # a kernel reads no stdin; its input comes on its channel
-        poller = zmq.Poller()
         by_socket = {sock: ch for ch, sock in self.ports.routers.items()}
-        for sock in (*by_socket, self.ports.hb, self.conn.sock):
-            poller.register(sock, zmq.POLLIN)
+        poller = self._poller()
         while not self.stop:
             self.conn.flush()
             while self.interrupts:
@@ -110,8 +139,12 @@ class Shim:
             if ready.get(self.conn.sock) or self.conn.has_pending():
                 while (msg := self.conn.receive(0)) is not None:
                     if msg.type == "kernel_out":
-                        self._to_frontend(msg)
+                        if self._to_frontend(msg):
+                            poller = self._poller()  # the kernel moved: new connection
+                            break
                         continue
+                    if msg.get("proc_id") not in (None, self.stream.proc_id):
+                        continue  # the kernel we moved away from, going down
                     code = self.stream.handle(msg)
                     if code is not None:
                         say(f"the remote kernel exited ({code}).")
@@ -119,16 +152,172 @@ class Shim:
             self.stream.tick()
         return 0
 
-    def _to_frontend(self, msg) -> None:
+    def _to_frontend(self, msg: Message) -> bool:
+        """Deliver one kernel message; True when it completed a move to another kernel."""
+        if msg["kernel_id"] != self.kernel_id:
+            return False  # the kernel we moved away from, going down
         frames = list(msg.payloads)
         channel = msg["channel"]
+        if channel == "stdin" and self._is_shim_request(msg):
+            return False
         if channel == "iopub":
             self.ports.iopub.send_multipart(frames)
+            if self.pending is not None and _idle_after(frames, self.pending["parent_id"]):
+                return self._complete_move()
         elif channel in self.ports.routers and msg.get("ident"):
             try:
                 self.ports.routers[channel].send_multipart([bytes.fromhex(msg["ident"]), *frames])
             except zmq.ZMQError:
                 pass  # that frontend is gone
+        return False
+
+    # --- the %bitfusion magic's requests -------------------------------------------------
+    def _is_shim_request(self, msg: Message) -> bool:
+        parts = _jupyter_parts(list(msg.payloads))
+        if parts is None or parts["header"].get("msg_type") != "input_request":
+            return False
+        prompt = parts["content"].get("prompt", "")
+        if not prompt.startswith(SHIM_REQUEST):
+            return False
+        try:
+            request = json.loads(prompt[len(SHIM_REQUEST) :])
+            answer = self._prepare(request)
+        except (ValueError, KeyError, TypeError) as exc:
+            answer = {"ok": False, "error": f"bad request from the magic ({exc})."}
+        if answer["ok"]:
+            self.pending["parent_id"] = parts["parent"].get("msg_id")
+        self._reply_input(
+            msg, parts["header"], json.dumps({k: v for k, v in answer.items() if k != "grant"})
+        )
+        return True
+
+    def _prepare(self, request: dict) -> dict:
+        if request["action"] == "local":
+            self.pending = {"action": "local"}
+            return {
+                "ok": True,
+                "message": "This kernel moves back to a local kernel on the "
+                "notebook's machine and gives its share back. It restarts: its variables "
+                "are reset.",
+            }
+        req = share_request.ShareRequest(
+            gpus=request["request"]["gpus"],
+            mib=request["request"].get("mib"),
+            fraction=request["request"].get("fraction"),
+            filters=request["request"].get("filters") or [],
+            wait_s=request.get("wait_s", 0),
+        )
+        pool = Pool.from_config(request.get("servers") or self.server_list)
+        try:
+            grant = pool.allocate(req, release_on_exit=True)
+        except (config.ConfigError, tokens.TokenError, GatewayError) as exc:
+            pool.close()
+            return {"ok": False, "error": str(exc)}
+        self.pending = {
+            "action": "move",
+            "grant": grant,
+            "pool": pool,
+            "kernel": request.get("kernel") or "python3",
+        }
+        return {
+            "ok": True,
+            "message": f"This kernel moves to the "
+            f"{describe(grant, self.pending['kernel'])}. It restarts there: its variables "
+            "are reset.",
+        }
+
+    def _reply_input(self, msg: Message, request_header: dict, value: str) -> None:
+        from jupyter_client.session import Session  # only when the magic asks
+
+        session = Session(
+            key=self.info.get("key", "").encode(),
+            signature_scheme=self.info.get("signature_scheme", "hmac-sha256"),
+        )
+        reply = session.msg("input_reply", {"value": value}, parent=request_header)
+        frames = session.serialize(reply)
+        self.conn.send(
+            "kernel_in", frames, kernel_id=self.kernel_id, channel="stdin", ident=msg.get("ident")
+        )
+
+    def _complete_move(self) -> bool:
+        pending, self.pending = self.pending, None
+        assert pending is not None
+        old = self.grant
+        if pending["action"] == "local":
+            _release(old)
+            become_local_kernel(self.ports, str(self.info["__file__"]))
+            return False  # not reached: exec
+        grant: Grant = pending["grant"]
+        try:
+            started = start_kernel(grant, self.info, pending["kernel"])
+        except GatewayError as exc:
+            say(f"could not start the kernel on the new share ({exc}); staying where it was.")
+            _release(grant)
+            pending["pool"].close()
+            return False
+        _release(old)  # ends the old kernel
+        self._attach(grant, started["kernel_id"], started["proc_id"])
+        say(describe(grant, started["kernel"]))
+        return True
+
+
+def _jupyter_parts(frames: list[bytes]) -> dict | None:
+    """Header, parent header and content of a Jupyter message's frames (None if not one)."""
+    try:
+        i = frames.index(b"<IDS|MSG>")
+        return {
+            "header": json.loads(frames[i + 2]),
+            "parent": json.loads(frames[i + 3]),
+            "content": json.loads(frames[i + 5]),
+        }
+    except (ValueError, IndexError):
+        return None
+
+
+def _idle_after(frames: list[bytes], parent_id: str | None) -> bool:
+    parts = _jupyter_parts(frames)
+    return bool(
+        parts
+        and parts["header"].get("msg_type") == "status"
+        and parts["content"].get("execution_state") == "idle"
+        and parts["parent"].get("msg_id") == parent_id
+    )
+
+
+def _release(grant: Grant) -> None:
+    try:
+        grant.conn.request("release", share_id=grant.share_id, timeout=3.0)
+    except GatewayError:
+        pass  # the lease runs out on its own
+
+
+def start_kernel(grant: Grant, info: dict, kernel: str) -> dict:
+    return grant.conn.request(
+        "kernel_start",
+        share_id=grant.share_id,
+        key=info.get("key", ""),
+        signature_scheme=info.get("signature_scheme", "hmac-sha256"),
+        kernel=kernel,
+        timeout=KERNEL_START_TIMEOUT_S,
+    )
+
+
+def become_local_kernel(ports: LocalPorts, connection_file: str) -> None:
+    """Turn this process into a plain local ipykernel on the same ports (same pid)."""
+    ports.close()  # the rest (the gateway link) closes with the exec
+    env = {k: v for k, v in os.environ.items() if k != ADOPT_ENV}
+    os.execve(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "ipykernel_launcher",
+            "-f",
+            connection_file,
+            "--IPKernelApp.extensions=bitfusion_jupyter",
+        ],
+        env,
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -165,30 +354,33 @@ def main(argv: list[str] | None = None) -> int:
     except zmq.ZMQError as exc:
         print(f"bitfusion: cannot bind the kernel's ports ({exc}).", file=sys.stderr)
         return 1
+    info["__file__"] = str(args.connection_file)
     pool: Pool | None = None
     grant: Grant | None = None
     try:
         pool = Pool.from_config(args.server_list, args.timeout)
-        grant = pool.allocate(req, release_on_exit=True, on_queue=say)
-        started = grant.conn.request(
-            "kernel_start",
-            share_id=grant.share_id,
-            key=info.get("key", ""),
-            signature_scheme=info.get("signature_scheme", "hmac-sha256"),
-            kernel=args.kernel,
-            timeout=KERNEL_START_TIMEOUT_S,
-        )
+        adopt = os.environ.pop(ADOPT_ENV, None)
+        if adopt:
+            # A local kernel whose %bitfusion magic took this share, then became this shim.
+            held = json.loads(adopt)
+            grant = Grant(
+                pool.connect(held["server"]), held["share"], held["lease_s"], held.get("env", {})
+            )
+        else:
+            grant = pool.allocate(req, release_on_exit=True, on_queue=say)
+        started = start_kernel(grant, info, args.kernel)
         say(describe(grant, started["kernel"]))
-        return Shim(ports, grant, started["kernel_id"], started["proc_id"]).run()
+        shim = Shim(ports, info, grant, started["kernel_id"], started["proc_id"], args.server_list)
+        try:
+            return shim.run()
+        finally:
+            grant = shim.grant  # the share it holds now, after any moves
     except (config.ConfigError, tokens.TokenError, GatewayError) as exc:
         print(f"bitfusion: {exc}", file=sys.stderr)
         return 1
     finally:
         if grant is not None:
-            try:
-                grant.conn.request("release", share_id=grant.share_id, timeout=3.0)
-            except GatewayError:
-                pass  # the lease runs out on its own
+            _release(grant)
         if pool is not None:
             pool.close()
         ports.close()

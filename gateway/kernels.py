@@ -29,7 +29,14 @@ _DEALER_CHANNELS = ("shell", "control", "stdin")
 
 # name -> argv; {connection_file} is replaced. The default is this Python with ipykernel.
 DEFAULT_KERNELS: dict[str, list[str]] = {
-    "python3": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+    "python3": [
+        sys.executable,
+        "-m",
+        "ipykernel_launcher",
+        "-f",
+        "{connection_file}",
+        "--IPKernelApp.extensions=bitfusion_jupyter",  # the %bitfusion magic, ready to use
+    ],
 }
 
 

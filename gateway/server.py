@@ -644,7 +644,8 @@ class Gateway:
             self.run_dir / "kernels", kernel_id, msg["key"], msg["signature_scheme"]
         )
         argv = [a.replace("{connection_file}", str(conn_file)) for a in self.cfg.kernels[name]]
-        env = self.share_env(share, dict(os.environ))
+        # BITFUSION_KERNEL_ID tells the %bitfusion magic that its kernel has a shim to ask.
+        env = self.share_env(share, {**os.environ, "BITFUSION_KERNEL_ID": kernel_id})
         proc_id = "p-" + os.urandom(4).hex()
         try:
             launched = await asyncio.to_thread(

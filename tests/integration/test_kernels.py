@@ -232,3 +232,70 @@ def test_nbclient_runs_a_notebook_on_a_share(client_env, tmp_path, monkeypatch):
     while _shares(client_env) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _shares(client_env) == []
+
+
+def _until(kc, code, want, timeout=60):
+    """Run ``code`` until its stdout is ``want`` (a kernel that just moved needs a moment)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            kc.wait_for_ready(timeout=10)
+            reply, outputs = run_cell(kc, code, timeout=15)
+            last = _stream_text(outputs)
+            if last == want:
+                return
+        except (RuntimeError, TimeoutError):
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{code!r} printed {last!r}, not {want!r}")
+
+
+def test_the_magic_moves_a_local_kernel_onto_shares_and_back(client_env):
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        pid = km.provisioner.process.pid
+        run_cell(kc, "%load_ext bitfusion_jupyter\nx = 1")
+        reply, outputs = run_cell(kc, "%bitfusion")
+        assert "runs locally, on no share" in _stream_text(outputs)
+
+        # Too big: a clear error in the cell, and the kernel stays as it was.
+        reply, outputs = run_cell(kc, "%bitfusion -m 999999")
+        assert reply["status"] == "ok"
+        assert "largest GPU here has 16384 MiB" in _stream_text(outputs)
+        assert "stays as it was" in _stream_text(outputs)
+        assert _stream_text(run_cell(kc, "print(x)")[1]) == "1\n"
+
+        # Onto a share: the cell completes and says where the kernel goes.
+        reply, outputs = run_cell(kc, "%bitfusion -n 1 -m 2048")
+        assert reply["status"] == "ok"
+        text = _stream_text(outputs)
+        assert "moves to the python3 kernel in share s-" in text and "variables are reset" in text
+        check = "import os; print(os.environ.get('BITFUSION_MEMORY_MIB'))"
+        _until(kc, check, "2048\n")
+        assert km.provisioner.process.pid == pid  # the same process, now the shim
+        first = _shares(client_env)[0]["share_id"]
+        status = _stream_text(run_cell(kc, "%bitfusion")[1])
+        assert f"runs in share {first} on gpuhost (SIMULATED)" in status
+
+        # From a shared kernel to another share (the magic is loaded there by itself).
+        reply, outputs = run_cell(kc, "y = 2\n%bitfusion -p 0.5")
+        assert reply["status"] == "ok" and "moves to" in _stream_text(outputs)
+        _until(kc, check, "8192\n")
+        shares = _shares(client_env)
+        assert len(shares) == 1 and shares[0]["share_id"] != first
+        assert _stream_text(run_cell(kc, "print('y' in dir())")[1]) == "False\n"
+
+        # And back to a local kernel, which gives the share back.
+        reply, outputs = run_cell(kc, "%bitfusion --local")
+        assert reply["status"] == "ok" and "back to a local kernel" in _stream_text(outputs)
+        _until(kc, check, "None\n")
+        assert _shares(client_env) == []
+        assert km.provisioner.process.pid == pid
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
