@@ -299,3 +299,88 @@ def test_the_magic_moves_a_local_kernel_onto_shares_and_back(client_env):
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_a_kernel_survives_a_gateway_restart(tmp_path, monkeypatch):
+    import signal as sig
+
+    from tests.conftest import start_gateway, stop_leftovers
+
+    gw = start_gateway(tmp_path, "--simulate-gpus", "2x16GiB", "--lease-grace", "15")
+    for key, value in gw.env().items():
+        if key.startswith("BITFUSION") or key == "PYTHONPATH":
+            monkeypatch.setenv(key, value)
+    km = KernelManager()
+    km._kernel_spec = shim_spec("-m", "1024")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        run_cell(kc, "state = 'kept'")
+        gw.kill(sig.SIGKILL)
+        time.sleep(1)
+        gw.start()  # same state dir and port: it adopts the kernel; the shim reconnects
+        _until(kc, "print(state)", "kept\n", timeout=60)
+        assert len(_shares(gw)) == 1
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+        gw.kill()
+        stop_leftovers(gw.state_dir)
+
+
+def test_an_unknown_kernel_environment_is_named(client_env, tmp_path):
+    import subprocess
+
+    conn = tmp_path / "kernel.json"
+    conn.write_text(
+        json.dumps(
+            {
+                "ip": "127.0.0.1",
+                "transport": "tcp",
+                "shell_port": 0,
+                "iopub_port": 0,
+                "stdin_port": 0,
+                "control_port": 0,
+                "hb_port": 0,
+                "key": "k",
+                "signature_scheme": "hmac-sha256",
+            }
+        )
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bitfusion_jupyter.shim",
+            "--connection-file",
+            str(conn),
+            "-m",
+            "1024",
+            "--kernel",
+            "julia",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "offers no kernel 'julia'; it offers python3" in r.stderr
+    assert _shares(client_env) == []  # the share taken for it was given back
+
+
+def test_the_magic_documents_its_options(kernel):
+    km, kc = kernel
+    reply, _ = run_cell(kc, "%bitfusion?")
+    page = "".join(p["data"]["text/plain"] for p in reply.get("payload", []) if "data" in p)
+    for option in (
+        "-n NUM_GPUS",
+        "-m MEMORY",
+        "-p PARTIAL",
+        "--filter",
+        "--wait",
+        "--local",
+        "variables are reset",
+    ):
+        assert option in page, option
