@@ -550,13 +550,28 @@ class Gateway:
         cwd = msg.get("cwd")
         if cwd is not None and not os.path.isdir(cwd):
             cwd = None
+        proc = await self._launch(tok, share, list(argv), env, cwd or self.cfg.workdir, ident)
+        self.ledger.event("spawn", tok.user, share.id, " ".join(argv)[:200])
+        return {"proc_id": proc.id}
+
+    async def _launch(
+        self,
+        tok: tokens.Token,
+        share: Share,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str | None,
+        subscriber: bytes,
+        kernel: dict[str, str] | None = None,
+    ) -> Process:
+        """Start ``argv`` in ``share`` under a nanny, record it, and stream it to ``subscriber``."""
         proc_id = "p-" + os.urandom(4).hex()
         try:
             launched = await asyncio.to_thread(
                 launcher.launch,
                 argv,
                 env,
-                cwd or self.cfg.workdir,
+                cwd,
                 self.run_dir,
                 proc_id,
                 max(60.0, self.cfg.lease_grace_s * 2),
@@ -567,16 +582,16 @@ class Gateway:
         proc = Process(
             proc_id,
             share.id,
-            list(argv),
+            argv,
             str(launched.socket_path),
             str(launched.status_path),
             launched.nanny_pid,
             None,
+            kernel=kernel,
         )
         self.ledger.add_process(proc)
-        await self._start_relay(proc, out_from=1, subscriber=ident)
-        self.ledger.event("spawn", tok.user, share.id, " ".join(argv)[:200])
-        return {"proc_id": proc_id}
+        await self._start_relay(proc, out_from=1, subscriber=subscriber)
+        return proc
 
     def share_env(self, share: Share, base: dict[str, str]) -> dict[str, str]:
         by_index = {g.index: g for g in self.gpus}
@@ -646,36 +661,15 @@ class Gateway:
         argv = [a.replace("{connection_file}", str(conn_file)) for a in self.cfg.kernels[name]]
         # BITFUSION_KERNEL_ID tells the %bitfusion magic that its kernel has a shim to ask.
         env = self.share_env(share, {**os.environ, "BITFUSION_KERNEL_ID": kernel_id})
-        proc_id = "p-" + os.urandom(4).hex()
+        kernel = {"kernel_id": kernel_id, "connection_file": str(conn_file), "name": name}
         try:
-            launched = await asyncio.to_thread(
-                launcher.launch,
-                argv,
-                env,
-                self.cfg.workdir,
-                self.run_dir,
-                proc_id,
-                max(60.0, self.cfg.lease_grace_s * 2),
-            )
-        except launcher.LaunchError as exc:
+            proc = await self._launch(tok, share, argv, env, self.cfg.workdir, ident, kernel)
+        except RequestError:
             conn_file.unlink(missing_ok=True)
-            self.ledger.event("spawn_failed", tok.user, share.id, str(exc))
-            raise RequestError(protocol.E_SPAWN, str(exc)) from None
-        proc = Process(
-            proc_id,
-            share.id,
-            argv,
-            str(launched.socket_path),
-            str(launched.status_path),
-            launched.nanny_pid,
-            None,
-            kernel={"kernel_id": kernel_id, "connection_file": str(conn_file), "name": name},
-        )
-        self.ledger.add_process(proc)
-        await self._start_relay(proc, out_from=1, subscriber=ident)
+            raise
         self._open_kernel(proc, ident)
         self.ledger.event("kernel_start", tok.user, share.id, f"{name} kernel {kernel_id}")
-        return {"kernel_id": kernel_id, "proc_id": proc_id, "kernel": name}
+        return {"kernel_id": kernel_id, "proc_id": proc.id, "kernel": name}
 
     def _open_kernel(self, proc: Process, subscriber: bytes | None) -> None:
         assert proc.kernel is not None

@@ -175,39 +175,40 @@ def test_shutdown_frees_the_share(kernel, client_env):
     assert _shares(client_env) == []
 
 
-def test_a_kernel_larger_than_the_pool_fails_clearly(client_env, tmp_path):
+def _run_shim(tmp_path, *share_args):
+    """Run the shim by hand, as a kernelspec would, with a connection file of free ports."""
     import subprocess
 
     conn = tmp_path / "kernel.json"
+    ports = {f"{ch}_port": 0 for ch in ("shell", "iopub", "stdin", "control", "hb")}
     conn.write_text(
         json.dumps(
             {
                 "ip": "127.0.0.1",
                 "transport": "tcp",
-                "shell_port": 0,
-                "iopub_port": 0,
-                "stdin_port": 0,
-                "control_port": 0,
-                "hb_port": 0,
+                **ports,
                 "key": "k",
                 "signature_scheme": "hmac-sha256",
             }
         )
     )
-    r = subprocess.run(
+    return subprocess.run(
         [
             sys.executable,
             "-m",
             "bitfusion_jupyter.shim",
             "--connection-file",
             str(conn),
-            "-m",
-            "999999",
+            *share_args,
         ],
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_a_kernel_larger_than_the_pool_fails_clearly(client_env, tmp_path):
+    r = _run_shim(tmp_path, "-m", "999999")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "largest GPU here has 16384 MiB" in r.stderr
 
@@ -331,40 +332,7 @@ def test_a_kernel_survives_a_gateway_restart(tmp_path, monkeypatch):
 
 
 def test_an_unknown_kernel_environment_is_named(client_env, tmp_path):
-    import subprocess
-
-    conn = tmp_path / "kernel.json"
-    conn.write_text(
-        json.dumps(
-            {
-                "ip": "127.0.0.1",
-                "transport": "tcp",
-                "shell_port": 0,
-                "iopub_port": 0,
-                "stdin_port": 0,
-                "control_port": 0,
-                "hb_port": 0,
-                "key": "k",
-                "signature_scheme": "hmac-sha256",
-            }
-        )
-    )
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bitfusion_jupyter.shim",
-            "--connection-file",
-            str(conn),
-            "-m",
-            "1024",
-            "--kernel",
-            "julia",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = _run_shim(tmp_path, "-m", "1024", "--kernel", "julia")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "offers no kernel 'julia'; it offers python3" in r.stderr
     assert _shares(client_env) == []  # the share taken for it was given back
