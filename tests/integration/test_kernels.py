@@ -4,6 +4,7 @@ driven by jupyter_client as JupyterLab's server drives them."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -352,3 +353,47 @@ def test_the_magic_documents_its_options(kernel):
         "variables are reset",
     ):
         assert option in page, option
+
+
+def test_papermill_runs_a_parameterised_notebook_on_a_share(client_env, tmp_path):
+    import subprocess
+
+    papermill = pytest.importorskip("papermill")
+    del papermill
+    kernels = tmp_path / "share" / "jupyter" / "kernels" / "bitfusion-pm"
+    kernels.mkdir(parents=True)
+    (kernels / "kernel.json").write_text(json.dumps(shim_spec("-m", "1536").to_dict()))
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {
+        "name": "bitfusion-pm",
+        "language": "python",
+        "display_name": "Python 3 · test share",
+    }
+    params = nbformat.v4.new_code_cell("n = 1")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [
+        params,
+        nbformat.v4.new_code_cell("import os\nprint(n * int(os.environ['BITFUSION_MEMORY_MIB']))"),
+    ]
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "papermill",
+            str(tmp_path / "in.ipynb"),
+            str(tmp_path / "out.ipynb"),
+            "-k",
+            "bitfusion-pm",
+            "-p",
+            "n",
+            "2",
+        ],
+        env={**os.environ, "JUPYTER_PATH": str(tmp_path / "share" / "jupyter")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert out.cells[-1].outputs[0]["text"] == "3072\n"
