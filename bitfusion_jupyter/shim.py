@@ -87,6 +87,9 @@ class Shim:
         self.stop = False
         self.interrupts = 0
         self.pending: dict | None = None  # a move the magic asked for, done when idle
+        # Like ipykernel, end with the process that started us (a Jupyter server or console
+        # killed without a goodbye), or the share would be renewed for nobody, forever.
+        self.parent = os.getppid()
         self._attach(grant, kernel_id, proc_id)
 
     def _attach(self, grant: Grant, kernel_id: str, proc_id: str) -> None:
@@ -114,6 +117,9 @@ class Shim:
         by_socket = {sock: ch for ch, sock in self.ports.routers.items()}
         poller = self._poller()
         while not self.stop:
+            if os.getppid() != self.parent:
+                say("the process that started this kernel is gone; giving the share back.")
+                return 0
             self.conn.flush()
             while self.interrupts:
                 self.interrupts -= 1

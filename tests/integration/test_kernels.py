@@ -397,3 +397,37 @@ def test_papermill_runs_a_parameterised_notebook_on_a_share(client_env, tmp_path
     assert r.returncode == 0, r.stderr
     out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
     assert out.cells[-1].outputs[0]["text"] == "3072\n"
+
+
+def test_a_shim_whose_frontend_was_killed_gives_its_share_back(client_env, tmp_path):
+    import subprocess
+
+    # A frontend (here a small Python) starts the kernel, then dies without a goodbye.
+    frontend = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time\n"
+                "from jupyter_client import KernelManager\n"
+                "from jupyter_client.kernelspec import KernelSpec\n"
+                "km = KernelManager()\n"
+                f"km._kernel_spec = KernelSpec(argv={shim_spec('-m', '1024').argv!r}, "
+                "display_name='x', language='python', interrupt_mode='signal')\n"
+                "km.start_kernel(); kc = km.client(); kc.start_channels(); kc.wait_for_ready(60)\n"
+                "print('ready', flush=True); time.sleep(120)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    while (line := frontend.stdout.readline()) not in ("ready\n", ""):
+        pass  # the kernel's own start-up notes share the frontend's stdout
+    assert line == "ready\n"
+    assert len(_shares(client_env)) == 1
+    frontend.kill()
+    frontend.wait()
+    deadline = time.monotonic() + 20
+    while _shares(client_env) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _shares(client_env) == []
