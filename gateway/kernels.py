@@ -25,6 +25,7 @@ import zmq.asyncio
 log = logging.getLogger("bitfusion.gateway")
 
 CHANNELS = ("shell", "control", "stdin", "iopub")
+IOPUB_GRACE_S = 3.0
 _DEALER_CHANNELS = ("shell", "control", "stdin")
 
 # name -> argv; {connection_file} is replaced. The default is this Python with ipykernel.
@@ -116,6 +117,12 @@ class KernelChannels:
         self.ctx = ctx
         self.url = {ch: f"tcp://{info['ip']}:{info[f'{ch}_port']}" for ch in (*CHANNELS, "hb")}
         self.on_message = on_message
+        # Until our iopub subscription is live, the kernel's outputs would be lost, so messages
+        # for the kernel wait here. The kernel's XPUB greets each new subscriber; a kernel
+        # that does not is trusted after IOPUB_GRACE_S.
+        self._iopub_live = False
+        self._held: list[tuple[str, bytes, list[bytes]]] = []
+        self._grace = asyncio.get_running_loop().call_later(IOPUB_GRACE_S, self._go_live)
         self._dealers: dict[tuple[str, bytes], zmq.asyncio.Socket] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.iopub = ctx.socket(zmq.SUB)
@@ -133,6 +140,8 @@ class KernelChannels:
         try:
             while True:
                 frames = await sock.recv_multipart()
+                if channel == "iopub" and not self._iopub_live:
+                    self._go_live()
                 await self.on_message(channel, ident, frames)
         except (asyncio.CancelledError, zmq.ZMQError):
             pass
@@ -154,12 +163,26 @@ class KernelChannels:
                 self._watch(ch, ident, sock)
         return self._dealers[key]
 
+    def _go_live(self) -> None:
+        if self._iopub_live:
+            return
+        self._grace.cancel()
+        # Sent in order before anything newer can be: a DEALER queues without blocking.
+        for channel, ident, frames in self._held:
+            self._dealer(channel, ident).send_multipart(frames)
+        self._held.clear()
+        self._iopub_live = True
+
     async def send(self, channel: str, ident: bytes, frames: list[bytes]) -> None:
         if channel == "iopub":
             return  # nothing goes to a kernel on iopub
+        if not self._iopub_live:
+            self._held.append((channel, ident, frames))
+            return
         await self._dealer(channel, ident).send_multipart(frames)
 
     def close(self) -> None:
+        self._grace.cancel()
         for task in list(self._tasks):
             task.cancel()
         for sock in (self.iopub, *self._dealers.values()):

@@ -431,3 +431,62 @@ def test_a_shim_whose_frontend_was_killed_gives_its_share_back(client_env, tmp_p
     while _shares(client_env) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _shares(client_env) == []
+
+
+def test_a_cell_sent_before_the_kernel_is_ready_gets_its_output(client_env):
+    # jupyter console sends the first cell as soon as it can; the gateway must not let the
+    # kernel run it before the kernel's outputs can reach us. Three starts, since it was a race.
+    for _ in range(3):
+        km = KernelManager()
+        km._kernel_spec = shim_spec("-m", "512")
+        km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        try:
+            msg_id = kc.execute("print('early')")
+            text, deadline = "", time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    msg = kc.get_iopub_msg(timeout=1)
+                except Exception:
+                    continue
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                if msg["msg_type"] == "stream":
+                    text += msg["content"]["text"]
+                if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                    break
+            assert text == "early\n"
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
+
+
+def test_jupyter_console_runs_cells_on_a_share(client_env, tmp_path):
+    import subprocess
+
+    pytest.importorskip("jupyter_console")
+    kernels = tmp_path / "share" / "jupyter" / "kernels" / "bitfusion-console"
+    kernels.mkdir(parents=True)
+    (kernels / "kernel.json").write_text(json.dumps(shim_spec("-m", "1024").to_dict()))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jupyter_console",
+            "--simple-prompt",
+            "--kernel",
+            "bitfusion-console",
+        ],
+        input="import os\nprint('MiB', os.environ['BITFUSION_MEMORY_MIB'])\nexit\n",
+        env={**os.environ, "JUPYTER_PATH": str(tmp_path / "share" / "jupyter")},
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "MiB 1024" in r.stdout
+    deadline = time.monotonic() + 15
+    while _shares(client_env) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _shares(client_env) == []
