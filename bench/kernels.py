@@ -13,9 +13,7 @@ it is measured (the machine may have few cores).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -27,7 +25,7 @@ from pathlib import Path
 from jupyter_client import BlockingKernelClient, KernelManager
 from jupyter_client.kernelspec import KernelSpec
 
-from gateway.spawned import SpawnedGateway, free_port
+from gateway.spawned import SpawnedGateway, free_port, stop_leftovers
 
 READY_TIMEOUT_S = 60.0
 SHARE_MIB = 2048
@@ -180,22 +178,6 @@ def p99(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=100)[98] if len(xs) > 1 else xs[0]
 
 
-def kill_leftovers(state_dir: Path) -> None:
-    """Kill share processes the gateway left behind (nannies and their process groups)."""
-    run_dir = state_dir / "run"
-    for status in run_dir.glob("*.json") if run_dir.exists() else []:
-        try:
-            data = json.loads(status.read_text())
-        except (OSError, ValueError):
-            continue
-        for pid, group in ((data.get("nanny_pid"), False), (data.get("pgid"), True)):
-            if pid:
-                try:
-                    (os.killpg if group else os.kill)(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-
-
 def table(local: dict[str, list[float]], shared: dict[str, list[float]], args) -> str:
     med = statistics.median
     rows: list[tuple[str, str, str, str, str, str]] = []
@@ -289,7 +271,7 @@ def main() -> None:
             shared_results = measure(shared, args)
         finally:
             gw.stop()
-            kill_leftovers(gw.state_dir)
+            stop_leftovers(gw.state_dir)
 
     print()
     print(table(local_results, shared_results, args))

@@ -105,3 +105,17 @@ class SpawnedGateway:
             )
             self._tokens[key] = out.stdout.strip()
         return self._tokens[key]
+
+
+def stop_leftovers(state_dir: Path) -> None:
+    """Kill every share process (nanny and its child's group) recorded under ``state_dir``.
+
+    For tests and benchmarks, so that one that fails halfway leaks no process.
+    """
+    from gateway import launcher
+
+    run_dir = state_dir / "run"
+    for path in run_dir.glob("*.json") if run_dir.exists() else []:
+        status = launcher.read_status(path)
+        if status:
+            launcher.kill_orphan(status)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.spawned import SpawnedGateway, free_port
+from gateway.spawned import SpawnedGateway, free_port, stop_leftovers
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,20 +98,3 @@ def gateway(tmp_path):
     yield gw
     gw.kill(signal.SIGTERM)
     stop_leftovers(gw.state_dir)
-
-
-def stop_leftovers(state_dir: Path) -> None:
-    """Kill any share process a test left behind (a failed test must not leak processes)."""
-    import json
-
-    for status in (state_dir / "run").glob("*.json") if (state_dir / "run").exists() else []:
-        try:
-            data = json.loads(status.read_text())
-        except ValueError:
-            continue
-        for pid, group in ((data.get("nanny_pid"), False), (data.get("pgid"), True)):
-            if pid:
-                try:
-                    (os.killpg if group else os.kill)(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
