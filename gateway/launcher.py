@@ -189,6 +189,14 @@ def _is_pid(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 1
 
 
+def is_nanny(pid: int) -> bool:
+    """True when ``pid`` is a live nanny (so not a process a user may claim)."""
+    try:
+        return b"gateway.nanny" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def _looks_like_nanny(pid: int) -> bool:
     # The nanny may be long gone and its pid reused: only kill a process that is a nanny.
     try:

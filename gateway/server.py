@@ -227,6 +227,16 @@ class Gateway:
                 log.warning("refused %s: %s", msg.type, exc)
             if spec.request:
                 await self._error(ident, msg["id"], exc.code, str(exc))
+        except Exception:
+            # A bug, not the sender's fault: log it, and still answer so no client hangs.
+            log.exception("internal error while handling %s", msg.type)
+            if spec.request:
+                await self._error(
+                    ident,
+                    msg["id"],
+                    protocol.E_INTERNAL,
+                    f"The gateway failed on this {msg.type} request; its log says why.",
+                )
 
     def _authenticate(self, text: str) -> tokens.Token:
         try:
@@ -489,13 +499,21 @@ class Gateway:
             raise RequestError(protocol.E_NOT_FOUND, f"Share {share.id} is being released.")
         self.ledger.renew(share, self.cfg.lease_grace_s)
         for item in msg.get("attach") or []:
-            if isinstance(item, list) and len(item) == 2:
-                relay = self._relay(str(item[0]), tok)
-                if relay is not None and relay.subscriber != ident:
-                    await relay.attach(ident, int(item[1]))
-                for kernel in self.kernels.values():
-                    if relay is not None and kernel.proc_id == relay.proc_id:
-                        kernel.subscriber = ident
+            if not (
+                isinstance(item, list)
+                and len(item) == 2
+                and isinstance(item[0], str)
+                and type(item[1]) is int
+            ):
+                raise RequestError(protocol.E_BAD_REQUEST, "attach takes [[proc_id, seq], ...].")
+            relay = self._relay(item[0], tok)
+            if relay is None:
+                continue
+            if relay.subscriber != ident:
+                await relay.attach(ident, item[1])
+            for kernel in self.kernels.values():
+                if kernel.proc_id == relay.proc_id:
+                    kernel.subscriber = ident
         return {
             "lease_s": self.cfg.lease_grace_s,
             "usage_mib": {str(k): v for k, v in self.usage.get(share.id, {}).items()},
@@ -722,6 +740,29 @@ class Gateway:
 
     async def _on_register_pid(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict:
         share = self._share(msg["share_id"], tok)
+        pid = msg["pid"]
+        # The gateway signals a registered process when the share ends, so a user may only
+        # register a process of their own making: not one of another share, not a nanny,
+        # not the gateway or a process it depends on.
+        sid = session_of(pid) if pid > 1 else None
+        taken = {
+            session_of(p.pid)
+            for p in self.ledger.processes.values()
+            if p.pid and p.share_id != share.id
+        }
+        if (
+            sid is None
+            or sid in taken
+            or sid in (os.getsid(0), os.getpid())
+            or pid in (os.getpid(), os.getppid())
+            or launcher.is_nanny(pid)
+        ):
+            self.ledger.event("denied", tok.user, share.id, f"register_pid {pid} refused")
+            raise RequestError(
+                protocol.E_DENIED,
+                f"Process {pid} cannot join share {share.id}: only a process you started "
+                "yourself, in a session of its own, can.",
+            )
         proc = Process(
             "p-" + os.urandom(4).hex(), share.id, ["(local)"], None, None, None, msg["pid"]
         )

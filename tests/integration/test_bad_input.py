@@ -182,3 +182,43 @@ def test_gateway_refuses_a_bad_simulate_spec(tmp_path):
         timeout=30,
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr and "2x16GiB" in r.stderr
+
+
+def test_a_user_cannot_claim_another_shares_process(gateway):
+    """register_pid (used by `bitfusion local`) must not let bob adopt alice's process, which
+    the gateway would then signal when bob's share ends."""
+    from remoting import tokens
+    from remoting.client import GatewayConnection, GatewayError
+
+    alice = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bitfusion_jupyter",
+            "run",
+            "-m",
+            "512",
+            "--",
+            sys.executable,
+            "-c",
+            "import os, time; print(os.getpid(), flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=gateway.env("alice"),
+        text=True,
+    )
+    victim = int(alice.stdout.readline())
+    conn = GatewayConnection(gateway.address, tokens.parse(gateway.token("bob")))
+    try:
+        share = conn.request("allocate", gpus=1, mib=512)["share"]["share_id"]
+        for pid in (victim, 1, gateway.proc.pid):
+            with pytest.raises(GatewayError, match=f"Process {pid} cannot join"):
+                conn.request("register_pid", share_id=share, pid=pid)
+        conn.request("release", share_id=share)
+    finally:
+        conn.close()
+    assert alice.poll() is None  # alice's command is untouched
+    alice.kill()
+    alice.wait()
