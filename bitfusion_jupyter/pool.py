@@ -35,18 +35,25 @@ class Grant:
 
 
 class Pool:
-    def __init__(self, servers: list[str], timeout: float = DEFAULT_TIMEOUT_S):
+    def __init__(
+        self, servers: list[str], timeout: float = DEFAULT_TIMEOUT_S, zero_copy: bool = False
+    ):
         self.servers = servers
         self.timeout = timeout
+        self.zero_copy = zero_copy  # see GatewayConnection
         self._conns: dict[str, GatewayConnection] = {}
 
     @classmethod
-    def from_config(cls, server_list: str | None, timeout: float = DEFAULT_TIMEOUT_S) -> Pool:
-        return cls(config.servers(server_list).servers, timeout)
+    def from_config(
+        cls, server_list: str | None, timeout: float = DEFAULT_TIMEOUT_S, zero_copy: bool = False
+    ) -> Pool:
+        return cls(config.servers(server_list).servers, timeout, zero_copy)
 
     def connect(self, server: str) -> GatewayConnection:
         if server not in self._conns:
-            self._conns[server] = GatewayConnection(server, config.token_for(server), self.timeout)
+            self._conns[server] = GatewayConnection(
+                server, config.token_for(server), self.timeout, zero_copy=self.zero_copy
+            )
         return self._conns[server]
 
     def ask_all(self, msg_type: str, **fields: Any) -> list[tuple[str, dict | GatewayError]]:

@@ -19,6 +19,7 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import zmq
 
@@ -27,7 +28,7 @@ from bitfusion_jupyter.pool import Grant, Pool, say
 from bitfusion_jupyter.runner import ProcessStream
 from remoting import tokens
 from remoting.client import DEFAULT_TIMEOUT_S, GatewayError
-from remoting.protocol import Message
+from remoting.protocol import Message, as_bytes
 
 ROUTER_CHANNELS = ("shell", "control", "stdin")
 # An input request whose prompt starts with this comes from the %bitfusion magic for the shim.
@@ -213,7 +214,7 @@ class Shim:
             filters=request["request"].get("filters") or [],
             wait_s=request.get("wait_s", 0),
         )
-        pool = Pool.from_config(request.get("servers") or self.server_list)
+        pool = Pool.from_config(request.get("servers") or self.server_list, zero_copy=True)
         try:
             grant = pool.allocate(req, release_on_exit=True)
         except (config.ConfigError, tokens.TokenError, GatewayError) as exc:
@@ -267,9 +268,10 @@ class Shim:
         return True
 
 
-def _jupyter_parts(frames: list[bytes]) -> dict | None:
+def _jupyter_parts(frames: list[Any]) -> dict | None:
     """Header, parent header and content of a Jupyter message's frames (None if not one)."""
     try:
+        frames = [as_bytes(f) for f in frames[:8]]  # routing ids, delimiter, sig, 4 parts
         i = frames.index(b"<IDS|MSG>")
         return {
             "header": json.loads(frames[i + 2]),
@@ -364,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     pool: Pool | None = None
     grant: Grant | None = None
     try:
-        pool = Pool.from_config(args.server_list, args.timeout)
+        pool = Pool.from_config(args.server_list, args.timeout, zero_copy=True)
         adopt = os.environ.pop(ADOPT_ENV, None)
         if adopt:
             # A local kernel whose %bitfusion magic took this share, then became this shim.

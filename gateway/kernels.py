@@ -139,7 +139,7 @@ class KernelChannels:
     async def _read(self, channel: str, ident: bytes, sock: zmq.asyncio.Socket) -> None:
         try:
             while True:
-                frames = await sock.recv_multipart()
+                frames = await sock.recv_multipart(copy=False)  # forwarded, never copied
                 if channel == "iopub" and not self._iopub_live:
                     self._go_live()
                 await self.on_message(channel, ident, frames)

@@ -194,6 +194,8 @@ class Gateway:
     # --- receiving -----------------------------------------------------------------------
     async def _receive_loop(self) -> None:
         while True:
+            # Copied: what clients send is small (requests, stdin, cells); the large flow is
+            # kernel output, which KernelChannels receives without a copy.
             frames = await self.sock.recv_multipart(copy=True)
             ident, body = frames[0], frames[1:]
             try:
@@ -777,7 +779,9 @@ class Gateway:
     async def _on_stdin(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
         relay = self._relay(msg["proc_id"], tok)
         if relay is not None:
-            await relay.send({"type": "stdin", "seq": msg["seq"]}, msg.payloads[0])
+            await relay.send(
+                {"type": "stdin", "seq": msg["seq"]}, protocol.as_bytes(msg.payloads[0])
+            )
 
     async def _on_stdin_close(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
         relay = self._relay(msg["proc_id"], tok)
@@ -890,7 +894,7 @@ def _salvage_id(body: Sequence[bytes]) -> int | None:
     import json
 
     try:
-        value = json.loads(body[1]).get("id")
+        value = json.loads(protocol.as_bytes(body[1])).get("id")
         return value if isinstance(value, int) and not isinstance(value, bool) else None
     except Exception:
         return None

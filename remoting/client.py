@@ -57,11 +57,15 @@ class GatewayConnection:
         token: Token,
         timeout: float = DEFAULT_TIMEOUT_S,
         context: zmq.Context | None = None,
+        zero_copy: bool = False,
     ):
         self.address = address
         self.host, self.port = split_address(address)
         self.token = token
         self.timeout = timeout
+        # Receive without copying (zmq.Frame payloads) where large payloads flow, the kernel
+        # shim; for small control messages a copy is cheaper than a Frame object.
+        self.zero_copy = zero_copy
         self._ids = itertools.count(1)
         self._pending: collections.deque[Message] = collections.deque()
         self._outbox: collections.deque[list[bytes]] = collections.deque()
@@ -206,7 +210,7 @@ class GatewayConnection:
                 self._pending.append(msg)
 
     def _recv(self) -> Message | None:
-        frames = self.sock.recv_multipart()
+        frames = self.sock.recv_multipart(copy=not self.zero_copy)
         try:
             return protocol.decode(frames)
         except ProtocolError:

@@ -184,11 +184,20 @@ def encode(msg_type: str, payloads: Sequence[bytes] = (), **fields: Any) -> list
     return [MAGIC, json.dumps(header, separators=(",", ":")).encode(), *payloads]
 
 
-def decode(frames: Sequence[bytes]) -> Message:
-    """Read the frames of one message; anything malformed raises ProtocolError."""
-    if len(frames) < 2 or frames[0] != MAGIC:
+def as_bytes(frame: Any) -> bytes:
+    """A frame's bytes, whether it came as bytes or as a zmq.Frame (received with copy=False)."""
+    return frame if isinstance(frame, bytes) else frame.bytes
+
+
+def decode(frames: Sequence[Any]) -> Message:
+    """Read the frames of one message; anything malformed raises ProtocolError.
+
+    Frames may be bytes or zmq.Frame objects: payloads are kept as they came, so a large
+    Jupyter message is forwarded without being copied into Python bytes on the way.
+    """
+    if len(frames) < 2 or as_bytes(frames[0]) != MAGIC:
         raise ProtocolError("not a bitfusion message (bad magic or too few frames).")
-    raw = frames[1]
+    raw = as_bytes(frames[1])
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError(f"message header of {len(raw)} bytes is over {MAX_HEADER_BYTES}.")
     try:
@@ -197,7 +206,7 @@ def decode(frames: Sequence[bytes]) -> Message:
         raise ProtocolError(f"message header is not JSON ({exc.__class__.__name__}).") from None
     if not isinstance(header, dict):
         raise ProtocolError("message header is not a JSON object.")
-    payloads = tuple(bytes(p) for p in frames[2:])
+    payloads = tuple(frames[2:])
     for p in payloads:
         if len(p) > MAX_PAYLOAD_BYTES:
             raise ProtocolError(f"payload of {len(p)} bytes is over {MAX_PAYLOAD_BYTES}.")
