@@ -207,16 +207,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             return ProcessStream(grant.conn, grant.share_id, data["proc_id"], grant.lease_s).run()
         finally:
             if ephemeral:
-                _release_quietly(grant)
+                grant.release(timeout=5.0)
     finally:
         pool.close()
-
-
-def _release_quietly(grant: Grant) -> None:
-    try:
-        grant.conn.request("release", share_id=grant.share_id, timeout=5.0)
-    except GatewayError:
-        pass  # unreachable: the gateway frees it when the lease runs out
 
 
 def cmd_local(args: argparse.Namespace) -> int:
@@ -230,7 +223,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         try:
             return run_local(grant, grant.env, argv)
         finally:
-            _release_quietly(grant)
+            grant.release(timeout=5.0)
     finally:
         pool.close()
 

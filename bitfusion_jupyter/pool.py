@@ -33,6 +33,13 @@ class Grant:
     def share_id(self) -> str:
         return self.share["share_id"]
 
+    def release(self, timeout: float) -> None:
+        """Give the share back; an unreachable gateway frees it when the lease runs out."""
+        try:
+            self.conn.request("release", share_id=self.share_id, timeout=timeout)
+        except GatewayError:
+            pass
+
 
 class Pool:
     def __init__(

@@ -251,7 +251,7 @@ class Shim:
         assert pending is not None
         old = self.grant
         if pending["action"] == "local":
-            _release(old)
+            old.release(timeout=3.0)
             become_local_kernel(self.ports, str(self.info["__file__"]))
             return False  # not reached: exec
         grant: Grant = pending["grant"]
@@ -259,10 +259,10 @@ class Shim:
             started = start_kernel(grant, self.info, pending["kernel"])
         except GatewayError as exc:
             say(f"could not start the kernel on the new share ({exc}); staying where it was.")
-            _release(grant)
+            grant.release(timeout=3.0)
             pending["pool"].close()
             return False
-        _release(old)  # ends the old kernel
+        old.release(timeout=3.0)  # ends the old kernel
         self._attach(grant, started["kernel_id"], started["proc_id"])
         say(describe(grant, started["kernel"]))
         return True
@@ -290,13 +290,6 @@ def _idle_after(frames: list[bytes], parent_id: str | None) -> bool:
         and parts["content"].get("execution_state") == "idle"
         and parts["parent"].get("msg_id") == parent_id
     )
-
-
-def _release(grant: Grant) -> None:
-    try:
-        grant.conn.request("release", share_id=grant.share_id, timeout=3.0)
-    except GatewayError:
-        pass  # the lease runs out on its own
 
 
 def start_kernel(grant: Grant, info: dict, kernel: str) -> dict:
@@ -388,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if grant is not None:
-            _release(grant)
+            grant.release(timeout=3.0)
         if pool is not None:
             pool.close()
         ports.close()
