@@ -15,6 +15,7 @@ import pytest
 from gateway.spawned import SpawnedGateway, free_port, stop_leftovers
 
 REPO = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "bitfusion_jupyter"]
 
 
 @dataclass
@@ -50,13 +51,26 @@ class GatewayProcess(SpawnedGateway):
     ) -> subprocess.CompletedProcess:
         """Run the real `bitfusion` CLI as ``user``."""
         return subprocess.run(
-            [sys.executable, "-m", "bitfusion_jupyter", *args],
+            [*CLI, *args],
             input=input,
             capture_output=True,
             text=True,
             timeout=timeout,
             env=env or self.env(user, admin),
             stdin=None if input is not None else subprocess.DEVNULL,
+        )
+
+    def bf_background(
+        self, *args: str, user: str = "alice", env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
+        """Start the real `bitfusion` CLI as ``user`` and return at once (output piped)."""
+        return subprocess.Popen(
+            [*CLI, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=env or self.env(user),
+            text=True,
         )
 
 

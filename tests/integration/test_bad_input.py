@@ -190,24 +190,14 @@ def test_a_user_cannot_claim_another_shares_process(gateway):
     from remoting import tokens
     from remoting.client import GatewayConnection, GatewayError
 
-    alice = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bitfusion_jupyter",
-            "run",
-            "-m",
-            "512",
-            "--",
-            sys.executable,
-            "-c",
-            "import os, time; print(os.getpid(), flush=True); time.sleep(60)",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        env=gateway.env("alice"),
-        text=True,
+    alice = gateway.bf_background(
+        "run",
+        "-m",
+        "512",
+        "--",
+        sys.executable,
+        "-c",
+        "import os, time; print(os.getpid(), flush=True); time.sleep(60)",
     )
     victim = int(alice.stdout.readline())
     conn = GatewayConnection(gateway.address, tokens.parse(gateway.token("bob")))

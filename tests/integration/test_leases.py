@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -33,24 +32,14 @@ def _alive(pid):
 
 
 def test_killed_client_frees_the_share_and_stops_its_process(gateway):
-    client = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bitfusion_jupyter",
-            "run",
-            "-m",
-            "2048",
-            "--",
-            sys.executable,
-            "-c",
-            "import os, time; print(os.getpid(), flush=True); time.sleep(120)",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        env=gateway.env(),
-        text=True,
+    client = gateway.bf_background(
+        "run",
+        "-m",
+        "2048",
+        "--",
+        sys.executable,
+        "-c",
+        "import os, time; print(os.getpid(), flush=True); time.sleep(120)",
     )
     remote_pid = int(client.stdout.readline())
     assert len(_shares(gateway)) == 1
@@ -65,25 +54,15 @@ def test_killed_client_frees_the_share_and_stops_its_process(gateway):
 def test_a_restarted_gateway_adopts_running_commands(tmp_path):
     gw = start_gateway(tmp_path, "--simulate-gpus", "2x16GiB", "--lease-grace", "10")
     try:
-        client = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bitfusion_jupyter",
-                "run",
-                "-m",
-                "2048",
-                "--",
-                sys.executable,
-                "-u",
-                "-c",
-                "import time\nfor i in range(60):\n    print(i)\n    time.sleep(0.1)\n",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            env=gw.env(),
-            text=True,
+        client = gw.bf_background(
+            "run",
+            "-m",
+            "2048",
+            "--",
+            sys.executable,
+            "-u",
+            "-c",
+            "import time\nfor i in range(60):\n    print(i)\n    time.sleep(0.1)\n",
         )
         assert client.stdout.readline() == "0\n"
         gw.kill(signal.SIGKILL)

@@ -2,33 +2,23 @@
 
 import json
 import signal
-import subprocess
 import sys
 import time
 
 
 def _alloc(gateway, share_mib, use_mib, seconds=60, user="alice"):
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bitfusion_jupyter",
-            "run",
-            "-m",
-            str(share_mib),
-            "--",
-            sys.executable,
-            "-m",
-            "gateway.simulated_alloc",
-            str(use_mib),
-            "--seconds",
-            str(seconds),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        env=gateway.env(user),
-        text=True,
+    return gateway.bf_background(
+        "run",
+        "-m",
+        str(share_mib),
+        "--",
+        sys.executable,
+        "-m",
+        "gateway.simulated_alloc",
+        str(use_mib),
+        "--seconds",
+        str(seconds),
+        user=user,
     )
 
 

@@ -1,8 +1,6 @@
 """Looking at the pool and admission: list_gpus, smi, health, best fit, queueing."""
 
 import json
-import subprocess
-import sys
 import time
 
 
@@ -49,12 +47,13 @@ def test_two_12gib_shares_land_on_different_gpus_and_a_third_is_refused(gateway)
     assert "No room for 1 GPU × 12288 MiB" in c.stderr and "4096 of 16384 MiB free" in c.stderr
     assert "Traceback" not in c.stderr
     # With --wait, the third queues and gets the GPU the moment one is released.
-    waiter = subprocess.Popen(
-        [sys.executable, "-m", "bitfusion_jupyter", "request_gpus", "-m", "12288", "--wait", "30"],
+    waiter = gateway.bf_background(
+        "request_gpus",
+        "-m",
+        "12288",
+        "--wait",
+        "30",
         env=gateway.env("carol", BITFUSION_SESSION="carol-wait"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     time.sleep(1.5)
     assert waiter.poll() is None

@@ -67,14 +67,7 @@ def test_killed_by_signal_gives_128_plus_n(gateway):
 
 
 def _start_run(gateway, *cmd):
-    return subprocess.Popen(
-        [sys.executable, "-m", "bitfusion_jupyter", "run", "-m", "512", "--", *cmd],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        env=gateway.env(),
-        text=True,
-    )
+    return gateway.bf_background("run", "-m", "512", "--", *cmd)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
