@@ -3,10 +3,12 @@ runs the real `bitfusion` CLI against it as a given user."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +74,20 @@ class GatewayProcess(SpawnedGateway):
             env=env or self.env(user),
             text=True,
         )
+
+    def shares(self) -> list[dict]:
+        """Every share the gateway holds, as its admin sees them."""
+        r = self.bf("list_shares", "--json", user="root", admin=True)
+        return json.loads(r.stdout)[0]["data"]["shares"]
+
+    def no_shares_within(self, timeout: float) -> bool:
+        """True once the gateway holds no share; False if that takes longer than ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.shares():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+        return True
 
 
 def base_env(home: Path) -> dict[str, str]:

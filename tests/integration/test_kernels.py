@@ -15,11 +15,6 @@ from jupyter_client.kernelspec import KernelSpec
 from nbclient import NotebookClient
 
 
-def _shares(gateway):
-    r = gateway.bf("list_shares", "--json", user="root", admin=True)
-    return json.loads(r.stdout)[0]["data"]["shares"]
-
-
 def shim_spec(*share_args: str) -> KernelSpec:
     return KernelSpec(
         argv=[
@@ -83,7 +78,7 @@ def test_execute_runs_inside_the_share(kernel, client_env):
         m["content"]["data"]["text/plain"] for m in outputs if m["msg_type"] == "execute_result"
     ]
     assert results == ["42"]
-    assert len(_shares(client_env)) == 1
+    assert len(client_env.shares()) == 1
 
 
 def test_errors_come_back_as_errors(kernel):
@@ -157,23 +152,20 @@ def test_interrupt_stops_a_long_sleep(kernel):
 def test_restart_gives_a_fresh_kernel_on_a_fresh_share(kernel, client_env):
     km, kc = kernel
     run_cell(kc, "x = 5\nimport os\nprint(os.environ['BITFUSION_SHARE_ID'])")
-    first = _shares(client_env)[0]["share_id"]
+    first = client_env.shares()[0]["share_id"]
     km.restart_kernel(now=False)
     kc.wait_for_ready(timeout=60)
     reply, outputs = run_cell(kc, "print('x' in dir())")
     assert _stream_text(outputs) == "False\n"
-    shares = _shares(client_env)
+    shares = client_env.shares()
     assert len(shares) == 1 and shares[0]["share_id"] != first  # the old share was freed
 
 
 def test_shutdown_frees_the_share(kernel, client_env):
     km, kc = kernel
-    assert len(_shares(client_env)) == 1
+    assert len(client_env.shares()) == 1
     km.shutdown_kernel(now=False)
-    deadline = time.monotonic() + 15
-    while _shares(client_env) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _shares(client_env) == []
+    assert client_env.no_shares_within(15)
 
 
 def _run_shim(tmp_path, *share_args):
@@ -230,10 +222,7 @@ def test_nbclient_runs_a_notebook_on_a_share(client_env, tmp_path, monkeypatch):
     NotebookClient(nb, kernel_name="bitfusion-test", timeout=60).execute()
     assert nb.cells[0].outputs[0]["data"]["text/plain"] == "'4096'"
     assert nb.cells[1].outputs[0]["data"]["text/plain"] == "45"
-    deadline = time.monotonic() + 15
-    while _shares(client_env) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _shares(client_env) == []
+    assert client_env.no_shares_within(15)
 
 
 def _until(kc, code, want, timeout=60):
@@ -280,7 +269,7 @@ def test_the_magic_moves_a_local_kernel_onto_shares_and_back(client_env):
         check = "import os; print(os.environ.get('BITFUSION_MEMORY_MIB'))"
         _until(kc, check, "2048\n")
         assert km.provisioner.process.pid == pid  # the same process, now the shim
-        first = _shares(client_env)[0]["share_id"]
+        first = client_env.shares()[0]["share_id"]
         status = _stream_text(run_cell(kc, "%bitfusion")[1])
         assert f"runs in share {first} on gpuhost (SIMULATED)" in status
 
@@ -288,7 +277,7 @@ def test_the_magic_moves_a_local_kernel_onto_shares_and_back(client_env):
         reply, outputs = run_cell(kc, "y = 2\n%bitfusion -p 0.5")
         assert reply["status"] == "ok" and "moves to" in _stream_text(outputs)
         _until(kc, check, "8192\n")
-        shares = _shares(client_env)
+        shares = client_env.shares()
         assert len(shares) == 1 and shares[0]["share_id"] != first
         assert _stream_text(run_cell(kc, "print('y' in dir())")[1]) == "False\n"
 
@@ -296,7 +285,7 @@ def test_the_magic_moves_a_local_kernel_onto_shares_and_back(client_env):
         reply, outputs = run_cell(kc, "%bitfusion --local")
         assert reply["status"] == "ok" and "back to a local kernel" in _stream_text(outputs)
         _until(kc, check, "None\n")
-        assert _shares(client_env) == []
+        assert client_env.shares() == []
         assert km.provisioner.process.pid == pid
     finally:
         kc.stop_channels()
@@ -324,7 +313,7 @@ def test_a_kernel_survives_a_gateway_restart(tmp_path, monkeypatch):
         time.sleep(1)
         gw.start()  # same state dir and port: it adopts the kernel; the shim reconnects
         _until(kc, "print(state)", "kept\n", timeout=60)
-        assert len(_shares(gw)) == 1
+        assert len(gw.shares()) == 1
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
@@ -336,7 +325,7 @@ def test_an_unknown_kernel_environment_is_named(client_env, tmp_path):
     r = _run_shim(tmp_path, "-m", "1024", "--kernel", "julia")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "offers no kernel 'julia'; it offers python3" in r.stderr
-    assert _shares(client_env) == []  # the share taken for it was given back
+    assert client_env.shares() == []  # the share taken for it was given back
 
 
 def test_the_magic_documents_its_options(kernel):
@@ -424,13 +413,10 @@ def test_a_shim_whose_frontend_was_killed_gives_its_share_back(client_env, tmp_p
     while (line := frontend.stdout.readline()) not in ("ready\n", ""):
         pass  # the kernel's own start-up notes share the frontend's stdout
     assert line == "ready\n"
-    assert len(_shares(client_env)) == 1
+    assert len(client_env.shares()) == 1
     frontend.kill()
     frontend.wait()
-    deadline = time.monotonic() + 20
-    while _shares(client_env) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _shares(client_env) == []
+    assert client_env.no_shares_within(20)
 
 
 def test_a_cell_sent_before_the_kernel_is_ready_gets_its_output(client_env):
@@ -486,7 +472,4 @@ def test_jupyter_console_runs_cells_on_a_share(client_env, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "MiB 1024" in r.stdout
-    deadline = time.monotonic() + 15
-    while _shares(client_env) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _shares(client_env) == []
+    assert client_env.no_shares_within(15)

@@ -18,11 +18,6 @@ def _wait_for(predicate, timeout=15.0):
     return False
 
 
-def _shares(gateway):
-    r = gateway.bf("list_shares", "--json", user="root", admin=True)
-    return json.loads(r.stdout)[0]["data"]["shares"]
-
-
 def _alive(pid):
     try:
         os.kill(pid, 0)
@@ -42,10 +37,10 @@ def test_killed_client_frees_the_share_and_stops_its_process(gateway):
         "import os, time; print(os.getpid(), flush=True); time.sleep(120)",
     )
     remote_pid = int(client.stdout.readline())
-    assert len(_shares(gateway)) == 1
+    assert len(gateway.shares()) == 1
     client.kill()  # kill -9: no goodbye, no release
     client.wait()
-    assert _wait_for(lambda: not _shares(gateway), timeout=15), "share not freed"
+    assert gateway.no_shares_within(15), "share not freed"
     assert _wait_for(lambda: not _alive(remote_pid), timeout=10), "process left running"
     events = json.loads(gateway.bf("list_shares", "--json").stdout)[0]["data"]["events"]
     assert any(e["kind"] == "lease_expired" for e in events)
@@ -73,7 +68,7 @@ def test_a_restarted_gateway_adopts_running_commands(tmp_path):
         assert client.returncode == 0, client.stderr.read()
         numbers = [int(x) for x in ("0\n" + out).split()]
         assert numbers == list(range(60)), "output lost or duplicated across the restart"
-        assert _wait_for(lambda: not _shares(gw))
+        assert gw.no_shares_within(15)
     finally:
         gw.kill()
         stop_leftovers(gw.state_dir)
