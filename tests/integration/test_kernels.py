@@ -31,21 +31,32 @@ def shim_spec(*share_args: str) -> KernelSpec:
     )
 
 
-@pytest.fixture
-def client_env(gateway, monkeypatch):
+def point_client_at(gateway, monkeypatch) -> None:
+    """Make this test process a client of ``gateway`` (kernels it starts inherit this)."""
     for key, value in gateway.env().items():
         if key.startswith("BITFUSION") or key == "PYTHONPATH":
             monkeypatch.setenv(key, value)
+
+
+def start_shim_kernel(*share_args: str) -> tuple[KernelManager, object]:
+    """A kernel started through the shim, as a Jupyter server starts one, and its client."""
+    km = KernelManager()
+    km._kernel_spec = shim_spec(*share_args)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    return km, kc
+
+
+@pytest.fixture
+def client_env(gateway, monkeypatch):
+    point_client_at(gateway, monkeypatch)
     return gateway
 
 
 @pytest.fixture
 def kernel(client_env):
-    km = KernelManager()
-    km._kernel_spec = shim_spec("-m", "2048")
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
+    km, kc = start_shim_kernel("-m", "2048")
     kc.wait_for_ready(timeout=60)
     yield km, kc
     kc.stop_channels()
@@ -298,14 +309,8 @@ def test_a_kernel_survives_a_gateway_restart(tmp_path, monkeypatch):
     from tests.conftest import start_gateway, stop_leftovers
 
     gw = start_gateway(tmp_path, "--simulate-gpus", "2x16GiB", "--lease-grace", "15")
-    for key, value in gw.env().items():
-        if key.startswith("BITFUSION") or key == "PYTHONPATH":
-            monkeypatch.setenv(key, value)
-    km = KernelManager()
-    km._kernel_spec = shim_spec("-m", "1024")
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
+    point_client_at(gw, monkeypatch)
+    km, kc = start_shim_kernel("-m", "1024")
     try:
         kc.wait_for_ready(timeout=60)
         run_cell(kc, "state = 'kept'")
@@ -423,11 +428,7 @@ def test_a_cell_sent_before_the_kernel_is_ready_gets_its_output(client_env):
     # jupyter console sends the first cell as soon as it can; the gateway must not let the
     # kernel run it before the kernel's outputs can reach us. Three starts, since it was a race.
     for _ in range(3):
-        km = KernelManager()
-        km._kernel_spec = shim_spec("-m", "512")
-        km.start_kernel()
-        kc = km.client()
-        kc.start_channels()
+        km, kc = start_shim_kernel("-m", "512")
         try:
             msg_id = kc.execute("print('early')")
             text, deadline = "", time.monotonic() + 30
