@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from bitfusion_jupyter import config, share_request
+from bitfusion_jupyter import config, share_request, share_sidecar
 from bitfusion_jupyter.pool import Grant, Pool, say
 from bitfusion_jupyter.runner import ProcessStream
 from remoting import tokens
@@ -78,8 +78,7 @@ class Shim:
         ports: LocalPorts,
         info: dict,
         grant: Grant,
-        kernel_id: str,
-        proc_id: str,
+        started: dict,
         server_list: str | None,
     ) -> None:
         self.ports = ports
@@ -91,14 +90,17 @@ class Shim:
         # Like ipykernel, end with the process that started us (a Jupyter server or console
         # killed without a goodbye), or the share would be renewed for nobody, forever.
         self.parent = os.getppid()
-        self._attach(grant, kernel_id, proc_id)
+        self._attach(grant, started)
 
-    def _attach(self, grant: Grant, kernel_id: str, proc_id: str) -> None:
+    def _attach(self, grant: Grant, started: dict) -> None:
         self.grant = grant
         self.conn = grant.conn
-        self.kernel_id = kernel_id
-        self.stream = ProcessStream(grant.conn, grant.share_id, proc_id, grant.lease_s)
+        self.kernel_id = started["kernel_id"]
+        self.stream = ProcessStream(grant.conn, grant.share_id, started["proc_id"], grant.lease_s)
         self.stream.close_stdin()  # a kernel reads no stdin; its input comes on its channel
+        share_sidecar.write(
+            self.info["__file__"], grant.conn.address, grant.share, started["kernel"], grant.lease_s
+        )
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT:
@@ -263,7 +265,7 @@ class Shim:
             pending["pool"].close()
             return False
         old.release(timeout=3.0)  # ends the old kernel
-        self._attach(grant, started["kernel_id"], started["proc_id"])
+        self._attach(grant, started)
         say(describe(grant, started["kernel"]))
         return True
 
@@ -306,6 +308,7 @@ def start_kernel(grant: Grant, info: dict, kernel: str) -> dict:
 def become_local_kernel(ports: LocalPorts, connection_file: str) -> None:
     """Turn this process into a plain local ipykernel on the same ports (same pid)."""
     ports.close()  # the rest (the gateway link) closes with the exec
+    share_sidecar.remove(connection_file)
     env = {k: v for k, v in os.environ.items() if k != ADOPT_ENV}
     os.execve(
         sys.executable,
@@ -371,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             grant = pool.allocate(req, release_on_exit=True, on_queue=say)
         started = start_kernel(grant, info, args.kernel)
         say(describe(grant, started["kernel"]))
-        shim = Shim(ports, info, grant, started["kernel_id"], started["proc_id"], args.server_list)
+        shim = Shim(ports, info, grant, started, args.server_list)
         try:
             return shim.run()
         finally:
@@ -385,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         if pool is not None:
             pool.close()
         ports.close()
+        share_sidecar.remove(args.connection_file)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from gateway import launcher
+from gateway import launcher, usage_files
 from gateway.cluster_keys import ClusterKeys
 from gateway.gpus import GpuInventory
 from gateway.kernels import DEFAULT_KERNELS, KernelChannels, write_connection_file
@@ -552,6 +552,7 @@ class Gateway:
                 self.ledger.finish_process(proc.id, None)
             self.ledger.release(share.id, reason, user)
             self.usage.pop(share.id, None)
+            usage_files.remove(usage_files.path_for(self.cfg.state_dir, share.id))
             log.debug("released %s (%s)", share.id, reason)
         finally:
             self.ending.discard(share.id)
@@ -626,6 +627,7 @@ class Gateway:
                 self.cfg.state_dir / "simulated-usage" if self.inventory.simulated else None
             ),
             mps=self.mps,
+            usage_file=usage_files.path_for(self.cfg.state_dir, share.id),
             base=base,
         )
 
@@ -844,10 +846,30 @@ class Gateway:
                     for s in self.ledger.shares.values()
                 ]
                 self.usage = self.police.usage_by_share(usage, policed, session_of)
+                self._write_usage_files()
                 for verdict in self.police.review(usage, policed, session_of):
                     await self._execute(verdict)
             except Exception:
                 log.exception("policing failed")
+
+    def _write_usage_files(self) -> None:
+        # In the loop, not a thread: a share that ends meanwhile must not get its file back.
+        usage_files.remove_all_but(self.cfg.state_dir, set(self.ledger.shares))
+        utilization = {s.index: s.utilization_pct for s in self.inventory.states()}
+        for share in list(self.ledger.shares.values()):
+            if share.id in self.ending:
+                continue
+            usage_files.write(
+                usage_files.path_for(self.cfg.state_dir, share.id),
+                usage_files.record(
+                    share_id=share.id,
+                    server=self.cfg.hostname,
+                    lease=usage_files.lease_state(share.lease_expires, self.cfg.lease_grace_s),
+                    gpus=share.public(self.gpus)["gpus"],
+                    used_mib=self.usage.get(share.id, {}),
+                    utilization=utilization,
+                ),
+            )
 
     async def _execute(self, verdict: Verdict) -> None:
         self.ledger.event(

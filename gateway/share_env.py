@@ -15,7 +15,11 @@ MIB = 1024 * 1024
 SHARE_SITE = Path(__file__).resolve().parent / "share_site"
 
 # Set here from the share alone, so a stale value inherited from the base is never kept.
-_OWNED = ("BITFUSION_SIMULATED_USAGE_DIR", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT")
+_OWNED = (
+    "BITFUSION_SIMULATED_USAGE_DIR",
+    "BITFUSION_USAGE_FILE",
+    "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT",
+)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ def share_environment(
     gpus: Sequence[ShareGpu],
     simulated_usage_dir: Path | None,
     mps: bool,
+    usage_file: Path | None = None,
     base: Mapping[str, str],
 ) -> dict[str, str]:
     """A copy of ``base`` plus what a process in the share needs to find and respect its GPUs."""
@@ -57,6 +62,8 @@ def share_environment(
             "PYTHONPATH": _with_share_site(base.get("PYTHONPATH", "")),
         }
     )
+    if usage_file is not None:
+        env["BITFUSION_USAGE_FILE"] = str(usage_file)
     if simulated_usage_dir is not None:
         env["BITFUSION_SIMULATED_USAGE_DIR"] = str(simulated_usage_dir)
     if gpus:

@@ -14,6 +14,8 @@ from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpec
 from nbclient import NotebookClient
 
+from bitfusion_jupyter import share_sidecar
+
 
 def shim_spec(*share_args: str) -> KernelSpec:
     return KernelSpec(
@@ -177,6 +179,39 @@ def test_shutdown_frees_the_share(kernel, client_env):
     assert len(client_env.shares()) == 1
     km.shutdown_kernel(now=False)
     assert client_env.no_shares_within(15)
+
+
+def test_the_share_and_its_live_usage_are_told_to_server_and_kernel(kernel, client_env):
+    """The Jupyter server's side learns the kernel's share from the shim's sidecar file; the
+    kernel reads its share's live usage from the gateway's usage file."""
+    km, kc = kernel
+    [share] = client_env.shares()
+    sidecar = share_sidecar.read(km.connection_file)
+    assert sidecar is not None and sidecar["share_id"] == share["share_id"]
+    assert [g["mib"] for g in sidecar["gpus"]] == [2048] and sidecar["gpus"][0]["simulated"]
+    code = (
+        "import json, os, subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-m', 'gateway.simulated_alloc', '700',"
+        " '--seconds', '30'])\n"
+        "deadline, seen = time.time() + 15, None\n"
+        "while time.time() < deadline:\n"
+        "    seen = json.load(open(os.environ['BITFUSION_USAGE_FILE']))\n"
+        "    if seen['gpus'][0]['used_mib'] == 700: break\n"
+        "    time.sleep(0.2)\n"
+        "p.terminate(); p.wait()\n"
+        "print(json.dumps(seen))"
+    )
+    reply, outputs = run_cell(kc, code)
+    assert reply["status"] == "ok", reply
+    seen = json.loads(_stream_text(outputs))
+    assert seen["share_id"] == share["share_id"] and seen["lease"] == "held"
+    assert seen["gpus"][0]["used_mib"] == 700 and seen["gpus"][0]["mib"] == 2048
+    usage_file = client_env.state_dir / "usage" / f"{share['share_id']}.json"
+    assert usage_file.exists()
+    km.shutdown_kernel(now=False)
+    assert client_env.no_shares_within(15)
+    assert not share_sidecar.path_for(km.connection_file).exists()
+    assert not usage_file.exists()
 
 
 def _run_shim(tmp_path, *share_args):

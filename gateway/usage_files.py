@@ -1,0 +1,85 @@
+"""Per-share usage files: what a share's own processes may read about their share, live.
+
+The gateway samples GPU memory per share about once a second for policing. It writes the
+result for each share to a small JSON file whose path the share's processes get as
+``BITFUSION_USAGE_FILE``, so a kernel's widget can show its usage without holding a token
+or talking to the gateway. Written atomically (temporary file, then rename); removed when
+the share ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ENV = "BITFUSION_USAGE_FILE"
+
+
+def path_for(state_dir: Path, share_id: str) -> Path:
+    return state_dir / "usage" / f"{share_id}.json"
+
+
+def lease_state(lease_expires: float, lease_grace_s: float, now: float | None = None) -> str:
+    """ "held" while the client renews; "grace" once it has missed about two renewals.
+
+    Clients renew every quarter of the grace (at most 5 s), so a lease with less than half
+    of the grace left has not been renewed for a while: the share ends when it runs out.
+    """
+    left = lease_expires - (time.time() if now is None else now)
+    return "held" if left > lease_grace_s / 2 else "grace"
+
+
+def record(
+    *,
+    share_id: str,
+    server: str,
+    lease: str,
+    gpus: Sequence[Mapping[str, Any]],
+    used_mib: Mapping[int, int],
+    utilization: Mapping[int, int | None],
+) -> dict[str, Any]:
+    """The file's content; ``gpus`` are a share's public GPU rows (index, uuid, name, mib...)."""
+    return {
+        "share_id": share_id,
+        "server": server,
+        "updated": time.time(),
+        "lease": lease,
+        "simulated": any(g["simulated"] for g in gpus),
+        "gpus": [
+            {
+                "index": g["index"],
+                "uuid": g["uuid"],
+                "name": g["name"],
+                "mib": g["mib"],
+                "used_mib": int(used_mib.get(g["index"], 0)),
+                "utilization_pct": utilization.get(g["index"]),
+                "memory_total_mib": g["total_mib"],
+                "simulated": g["simulated"],
+            }
+            for g in gpus
+        ],
+    }
+
+
+def write(path: Path, content: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(content))
+    os.replace(tmp, path)
+
+
+def remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def remove_all_but(state_dir: Path, share_ids: set[str]) -> None:
+    """Remove the files of shares that ended, say while the gateway was down."""
+    folder = state_dir / "usage"
+    if folder.is_dir():
+        for path in folder.glob("*.json"):
+            if path.stem not in share_ids:
+                remove(path)
