@@ -1,6 +1,14 @@
-"""Client side of bitfusion-jupyter: the `bitfusion` CLI and (later) Jupyter integration."""
+"""Client side of bitfusion-jupyter: the `bitfusion` CLI, the kernel shim, kernelspecs, the
+%bitfusion magic, the live widget and the jupyter_server extension."""
+
+from typing import Any
+
+# Imported eagerly so that `bitfusion_jupyter.widget` stays the function: importing the
+# submodule later would otherwise rebind the package attribute to the module.
+from bitfusion_jupyter.widget import widget
 
 __version__ = "0.1.0"
+__all__ = ["widget"]
 
 
 def load_ipython_extension(ipython: object) -> None:
@@ -8,3 +16,14 @@ def load_ipython_extension(ipython: object) -> None:
     from bitfusion_jupyter.magics import load
 
     load(ipython)
+
+
+def _jupyter_server_extension_points() -> list[dict[str, Any]]:
+    """jupyter_server finds the extension (enabled as "bitfusion_jupyter") through this."""
+    return [{"module": "bitfusion_jupyter.serverext"}]
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """The built JupyterLab panel (labextension/ builds it here; the wheel also installs it
+    under share/jupyter/labextensions, where JupyterLab finds it)."""
+    return [{"src": "labextension", "dest": "bitfusion-jupyter"}]

@@ -98,6 +98,19 @@ def _up(p: argparse.ArgumentParser) -> None:
         help="use a simulated pool even if NVML finds GPUs",
     )
     p.add_argument("--exit", action="store_true", help="stop after the first run (for tests)")
+    p.add_argument(
+        "--no-lab",
+        dest="lab",
+        action="store_false",
+        help="keep only the gateway running: no kernelspec presets, no JupyterLab",
+    )
+    p.add_argument(
+        "--lab-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="JupyterLab's port (default 8888, or a free one when 8888 is taken)",
+    )
 
 
 def _kernelspec(p: argparse.ArgumentParser) -> None:
@@ -120,7 +133,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "kernelspec": ("install Jupyter kernelspecs whose kernels run on a share", _kernelspec),
     "init": ("record your token and a server", _init),
     "gateway": ("run the gateway on a GPU server (or manage its tokens)", _gateway),
-    "up": ("quick start: a gateway on this machine, a token, a first run", _up),
+    "up": ("quick start: a gateway on this machine, a token, a first run, JupyterLab", _up),
 }
 
 
@@ -295,7 +308,12 @@ def dispatch(args: argparse.Namespace) -> int:
         from gateway.app import default_state_dir
 
         return up.run(
-            args.state_dir or default_state_dir(), args.port, args.simulate_gpus, stay=not args.exit
+            args.state_dir or default_state_dir(),
+            args.port,
+            args.simulate_gpus,
+            stay=not args.exit,
+            lab=args.lab,
+            lab_port=args.lab_port,
         )
     simple = {
         "list_gpus": pool_views.list_gpus,

@@ -6,7 +6,7 @@
   server keeps talking to it) and the shim starts the new kernel inside the share.
 - In a kernel that runs on a share, the magic asks its shim, through a marked stdin request
   the shim answers itself, to move to another share or (`--local`) back to this machine.
-- With no arguments it shows this kernel's share.
+- With no arguments it shows this kernel's share: a line of text and the live widget.
 """
 
 from __future__ import annotations
@@ -49,6 +49,24 @@ def share_status() -> str:
     for index, mib, total in zip(indices, mibs, totals, strict=False):
         lines.append(f"  GPU {index}: {mib} MiB of {total} MiB")
     return "\n".join(lines)
+
+
+def show_share() -> None:
+    """This kernel's share in a line of text, then the live widget (of the share or the pool).
+
+    The text stays for frontends that draw no widgets (nbconvert, papermill, consoles).
+    """
+    print(share_status(), flush=True)
+    try:
+        import ipywidgets  # noqa: F401
+        from IPython import get_ipython
+    except ImportError:
+        return
+    if getattr(get_ipython(), "kernel", None) is None:  # a terminal IPython draws no widgets
+        return
+    from bitfusion_jupyter.widget import widget
+
+    widget()
 
 
 def _restore_std_fds() -> None:
@@ -128,7 +146,7 @@ class BitfusionMagics(Magics):
         args = parse_argstring(self.bitfusion, line)
         sizing = args.num_gpus is not None or args.memory is not None or args.partial is not None
         if not sizing and not args.filter and not args.local:
-            print(share_status())
+            show_share()
             return
         if args.local:
             if not in_share():

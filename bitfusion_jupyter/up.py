@@ -3,24 +3,34 @@
 Starts a gateway (on the real GPUs when NVML finds any, else on a simulated pool, and says
 which), gives the current user a token, records it for the client, then shows the pool with
 `list_gpus` and runs a first command on a share, so a newcomer sees the whole path work.
-The gateway then keeps running in the foreground until Ctrl-C.
+Then it installs the kernelspec presets (user-level) and starts JupyterLab wired to the
+gateway, with the "GPU pool" panel; the gateway and JupyterLab keep running in the
+foreground until Ctrl-C, which stops both (JupyterLab first, so its kernels give their shares
+back). `--no-lab` keeps only the gateway running; `--exit` stops after the first run.
 """
 
 from __future__ import annotations
 
 import getpass
 import os
+import secrets
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.error import URLError
+from urllib.request import urlopen
 
 from bitfusion_jupyter import config
 from bitfusion_jupyter.share_request import UsageError
-from gateway.spawned import SpawnedGateway, SpawnError
+from gateway.spawned import SpawnedGateway, SpawnError, free_port
 
 DEMO_SIMULATION = "2x16GiB"
+LAB_PORT = 8888  # JupyterLab's usual port; a free one when something else has it
+LAB_START_S = 120.0  # a first JupyterLab start on a slow machine takes a while
 
 
 def nvml_gpu_count() -> int:
@@ -45,7 +55,128 @@ def _bitfusion(*args: str, env: dict[str, str]) -> int:
     return subprocess.call([sys.executable, "-m", "bitfusion_jupyter", *args], env=env)
 
 
-def run(state_dir: Path, port: int, simulate: str | None, stay: bool) -> int:
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class JupyterLab:
+    """`python -m jupyterlab` on loopback with a fresh token, logging to a file.
+
+    It runs in its own session, so the terminal's Ctrl-C reaches only us: we then stop it
+    with SIGTERM, which JupyterLab takes as "shut down the kernels and exit" (SIGINT would
+    make it ask for confirmation)."""
+
+    def __init__(
+        self, port: int, env: dict[str, str], log_path: Path, extra_args: tuple[str, ...] = ()
+    ) -> None:
+        self.port = port
+        self.token = secrets.token_hex(24)
+        self.log_path = log_path
+        with log_path.open("a") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "jupyterlab",
+                    "--no-browser",
+                    "--ServerApp.ip=127.0.0.1",
+                    f"--ServerApp.port={port}",
+                    "--ServerApp.port_retries=0",
+                    f"--IdentityProvider.token={self.token}",
+                    # Containers (Docker, Binder) often run the quick start as root.
+                    *(["--allow-root"] if os.geteuid() == 0 else []),
+                    *extra_args,
+                ],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/lab?token={self.token}"
+
+    def wait_ready(self, timeout: float = LAB_START_S) -> bool:
+        """True once the server answers; False if it ended or took longer than ``timeout``."""
+        status = f"http://127.0.0.1:{self.port}/api/status?token={self.token}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urlopen(status, timeout=2):
+                    return True
+            except (URLError, OSError):
+                time.sleep(0.3)
+        return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def log_tail(self, lines: int = 20) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _serve_lab(gateway: SpawnedGateway, env: dict[str, str], lab_port: int | None) -> int:
+    """Presets, then JupyterLab until Ctrl-C (or until it or the gateway ends)."""
+    _say("Installing the kernelspec presets for you (user-level).")
+    _bitfusion("kernelspec", "install", "--presets", "--user", env=env)
+    port = lab_port or (LAB_PORT if _port_free(LAB_PORT) else free_port())
+    log_path = gateway.state_dir / "jupyterlab.log"
+    _say(f"Starting JupyterLab on 127.0.0.1:{port} (it logs to {log_path}).")
+    lab = JupyterLab(port, env, log_path)
+    try:
+        if not lab.wait_ready():
+            print(lab.log_tail(), file=sys.stderr)
+            raise UsageError(f"JupyterLab did not start; its log is {log_path} (last lines above).")
+        _say(
+            "JupyterLab is ready. Open this URL, then the GPU pool panel (the GPU icon on the "
+            "left) or a 'Python 3 · … GPU' kernel in the launcher:"
+        )
+        print(f"\n    {lab.url}\n", flush=True)
+        _say("Ctrl-C stops JupyterLab and the gateway.")
+        assert gateway.proc is not None
+        while True:
+            if lab.proc.poll() is not None:
+                _say(f"JupyterLab ended (exit code {lab.proc.returncode}); stopping the gateway.")
+                return lab.proc.returncode or 0
+            if gateway.proc.poll() is not None:
+                _say(f"The gateway ended (exit code {gateway.proc.returncode}); see its log.")
+                return gateway.proc.returncode or 1
+            time.sleep(0.5)
+    finally:
+        # Before the gateway stops: the kernels' shims give their shares back on the way out.
+        lab.stop()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run(
+    state_dir: Path,
+    port: int,
+    simulate: str | None,
+    stay: bool,
+    lab: bool = True,
+    lab_port: int | None = None,
+) -> int:
+    # A closed terminal (SIGHUP) or `kill` (SIGTERM) cleans up as Ctrl-C does: JupyterLab runs
+    # in its own session and would otherwise outlive us.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     gpus = nvml_gpu_count()
     if simulate is None and gpus == 0:
         simulate = DEMO_SIMULATION
@@ -83,6 +214,8 @@ def run(state_dir: Path, port: int, simulate: str | None, stay: bool) -> int:
         )  # fmt: skip
         if not stay:
             return 0
+        if lab:
+            return _serve_lab(gateway, env, lab_port)
         _say(
             "The gateway is running; try 'bitfusion run -n 1 -m 2048 -- nvidia-smi' or "
             "'bitfusion smi' in another shell. Ctrl-C stops it."

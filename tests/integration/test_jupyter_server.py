@@ -119,9 +119,11 @@ async def _execute(base, token, kernel_id, code):
             }
         )
     )
-    out, status = "", None
+    # Like JupyterLab, read until the kernel is idle again: the reply (shell) and the
+    # output (iopub) travel on different sockets, and either may come first.
+    out, status, idle = "", None, False
     deadline = time.monotonic() + 60
-    while status is None and time.monotonic() < deadline:
+    while not (status and idle) and time.monotonic() < deadline:
         msg = json.loads(await asyncio.wait_for(ws.read_message(), 60))
         if msg.get("parent_header", {}).get("msg_id") != msg_id:
             continue
@@ -129,6 +131,8 @@ async def _execute(base, token, kernel_id, code):
             out += msg["content"]["text"]
         if msg["msg_type"] == "execute_reply":
             status = msg["content"]["status"]
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            idle = True
     ws.close()
     return status, out
 

@@ -10,60 +10,15 @@ import time
 
 import nbformat
 import pytest
-from jupyter_client import KernelManager
-from jupyter_client.kernelspec import KernelSpec
 from nbclient import NotebookClient
 
 from bitfusion_jupyter import share_sidecar
-
-
-def shim_spec(*share_args: str) -> KernelSpec:
-    return KernelSpec(
-        argv=[
-            sys.executable,
-            "-m",
-            "bitfusion_jupyter.shim",
-            "--connection-file",
-            "{connection_file}",
-            *share_args,
-        ],
-        display_name="Python 3 · test share",
-        language="python",
-        interrupt_mode="signal",
-    )
-
-
-def point_client_at(gateway, monkeypatch) -> None:
-    """Make this test process a client of ``gateway`` (kernels it starts inherit this)."""
-    for key, value in gateway.env().items():
-        if key.startswith("BITFUSION") or key == "PYTHONPATH":
-            monkeypatch.setenv(key, value)
-
-
-def start_shim_kernel(*share_args: str) -> tuple[KernelManager, object]:
-    """A kernel started through the shim, as a Jupyter server starts one, and its client."""
-    km = KernelManager()
-    km._kernel_spec = shim_spec(*share_args)
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    return km, kc
-
-
-@pytest.fixture
-def client_env(gateway, monkeypatch):
-    point_client_at(gateway, monkeypatch)
-    return gateway
-
-
-@pytest.fixture
-def kernel(client_env):
-    km, kc = start_shim_kernel("-m", "2048")
-    kc.wait_for_ready(timeout=60)
-    yield km, kc
-    kc.stop_channels()
-    if km.is_alive():
-        km.shutdown_kernel(now=True)
+from tests.integration.conftest import (
+    point_client_at,
+    shim_spec,
+    start_local_kernel,
+    start_shim_kernel,
+)
 
 
 def run_cell(kc, code, timeout=60, stdin_hook=None):
@@ -289,10 +244,7 @@ def _until(kc, code, want, timeout=60):
 
 
 def test_the_magic_moves_a_local_kernel_onto_shares_and_back(client_env):
-    km = KernelManager(kernel_name="python3")
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
+    km, kc = start_local_kernel()
     try:
         kc.wait_for_ready(timeout=60)
         pid = km.provisioner.process.pid

@@ -1,0 +1,174 @@
+"""The pool as the notebook widget and the Jupyter server extension show it.
+
+`ask_all` asks every gateway for its GPUs and the user's shares, one short-lived connection
+per server in threads, so an unreachable server costs one timeout, not one per request.
+`pool_view` turns those answers into the JSON served at ``/bitfusion/api/pool`` (the shape
+is written down in ``bitfusion_jupyter.serverext``); the widget shows the same JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from bitfusion_jupyter import config
+
+NO_SERVERS = "No GPU servers are configured: run `bitfusion init --token TOKEN --server HOST:PORT`."
+DASHBOARD_PORT = 54000
+TIMEOUT_S = 2.0  # a browser panel or a widget waits on this; a healthy gateway answers in ms
+
+
+@dataclass
+class Answer:
+    """What one gateway said (or why it said nothing)."""
+
+    address: str
+    state: str = "ok"  # "ok" | "unreachable" | "unauthorized" | "error"
+    error: str | None = None
+    gpus: dict[str, Any] | None = None  # the list_gpus reply
+    shares: dict[str, Any] | None = None  # the list_shares reply
+    user: str | None = None  # the token's user: an admin token lists everyone's shares
+
+
+def configured() -> tuple[list[str], str | None]:
+    """The configured servers, or none and the sentence that says what to do."""
+    try:
+        return config.servers().servers, None
+    except config.ConfigError as exc:
+        text = str(exc)
+        # config words "none configured" for the CLI (-l); the UIs point at `bitfusion init`.
+        return [], NO_SERVERS if text.startswith("No servers are configured") else text
+
+
+def state_of(exc: Exception) -> str:
+    """'unreachable', 'unauthorized' or 'error' for a GatewayError."""
+    from remoting import protocol
+
+    code = getattr(exc, "code", "error")
+    if code == protocol.E_AUTH:
+        return "unauthorized"
+    if code == "unreachable":
+        # A token of another pool fails the encrypted handshake; remoting.client says so.
+        return "unauthorized" if "handshake" in str(exc) else "unreachable"
+    return "error"
+
+
+def ask(server: str, timeout: float = TIMEOUT_S) -> Answer:
+    """list_gpus and list_shares of one gateway, over one connection."""
+    from remoting.client import GatewayConnection, GatewayError
+
+    try:
+        token = config.token_for(server)
+    except config.ConfigError as exc:
+        return Answer(server, "unauthorized", str(exc))
+    try:
+        conn = GatewayConnection(server, token, timeout)
+    except GatewayError as exc:
+        return Answer(server, state_of(exc), str(exc), user=token.user)
+    try:
+        gpus = conn.request("list_gpus")
+        shares = conn.request("list_shares")
+    except GatewayError as exc:
+        return Answer(server, state_of(exc), str(exc), user=token.user)
+    finally:
+        conn.close()
+    return Answer(server, gpus=gpus, shares=shares, user=token.user)
+
+
+def ask_all(servers: list[str], timeout: float = TIMEOUT_S) -> list[Answer]:
+    if not servers:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(servers))) as ex:
+        return list(ex.map(lambda s: ask(s, timeout), servers))
+
+
+def dashboard_url(address: str) -> str:
+    from remoting.client import split_address
+
+    host = split_address(address)[0]
+    return f"http://{f'[{host}]' if ':' in host else host}:{DASHBOARD_PORT}/"
+
+
+def my_shares(answer: Answer) -> list[dict[str, Any]]:
+    """The token user's own shares in a list_shares reply."""
+    if answer.shares is None:
+        return []
+    return [s for s in answer.shares.get("shares", []) if s.get("owner") == answer.user]
+
+
+def used_mib(share: Mapping[str, Any], index: int) -> int:
+    return int((share.get("usage_mib") or {}).get(str(index), 0))
+
+
+def server_view(
+    answer: Answer, kernel_of: Mapping[tuple[str, str], str] | None = None
+) -> dict[str, Any]:
+    """One server of ``/bitfusion/api/pool``; ``kernel_of`` maps (server, share_id) -> kernel."""
+    kernel_of = kernel_of or {}
+    row: dict[str, Any] = {
+        "address": answer.address,
+        "state": answer.state,
+        "error": answer.error,
+        "hostname": None,
+        "simulated": False,
+        "dashboard_url": dashboard_url(answer.address),
+        "gpus": [],
+    }
+    if answer.gpus is None:
+        return row
+    row["hostname"] = answer.gpus.get("server")
+    row["simulated"] = bool(answer.gpus.get("simulated"))
+    mine: dict[int, list[dict[str, Any]]] = {}
+    for share in my_shares(answer):
+        for g in share["gpus"]:
+            mine.setdefault(g["index"], []).append(
+                {
+                    "share_id": share["share_id"],
+                    "mib": g["mib"],
+                    "used_mib": used_mib(share, g["index"]),
+                    "kernel_id": kernel_of.get((answer.address, share["share_id"])),
+                }
+            )
+    for g in answer.gpus.get("gpus", []):
+        held = mine.get(g["index"], [])
+        granted = int(g["memory_granted_mib"])
+        row["gpus"].append(
+            {
+                "index": g["index"],
+                "uuid": g["uuid"],
+                "name": g["name"],
+                "memory_total_mib": g["memory_total_mib"],
+                "memory_granted_mib": granted,
+                "memory_free_mib": g["memory_free_mib"],
+                "memory_used_mib": g.get("memory_used_mib"),
+                "utilization_pct": g.get("utilization_pct"),
+                "simulated": bool(g["simulated"]),
+                "shares": g["shares"],
+                "mine": held,
+                "others_mib": max(0, granted - sum(m["mib"] for m in held)),
+            }
+        )
+    return row
+
+
+def pool_view(
+    message: str | None,
+    answers: list[Answer],
+    kernel_of: Mapping[tuple[str, str], str] | None = None,
+) -> dict[str, Any]:
+    """The whole of ``/bitfusion/api/pool`` from `configured()`'s message and the answers."""
+    if message is not None and not answers:
+        return {"configured": False, "message": message, "servers": []}
+    return {
+        "configured": True,
+        "message": message,
+        "servers": [server_view(a, kernel_of) for a in answers],
+    }
+
+
+def snapshot(timeout: float = TIMEOUT_S) -> dict[str, Any]:
+    """The pool as this process's configuration sees it, asked now."""
+    servers, message = configured()
+    return pool_view(message, ask_all(servers, timeout))

@@ -1,0 +1,61 @@
+"""The jupyter_server extension: the pool, this server's kernels and their shares, for the
+JupyterLab panel. The browser only talks to its own Jupyter server, behind its auth; the
+server asks the gateways (servers.conf / BITFUSION_SERVERS, the user's token).
+
+Enabled as ``bitfusion_jupyter`` (``jupyter-config/jupyter_server_config.d/``, installed with
+the package). The contract, under the server's base URL:
+
+``GET /bitfusion/api/pool``
+    ``{"configured": bool, "message": str|null, "servers": [{"address": "host:port",
+    "state": "ok"|"unreachable"|"unauthorized"|"error", "error": str|null,
+    "hostname": str|null, "simulated": bool, "dashboard_url": "http://HOST:54000/",
+    "gpus": [{"index", "uuid", "name", "memory_total_mib", "memory_granted_mib",
+    "memory_free_mib", "memory_used_mib", "utilization_pct", "simulated": bool,
+    "shares": int, "mine": [{"share_id", "mib", "used_mib", "kernel_id": str|null}],
+    "others_mib": int}]}]}``. With no server configured: ``configured`` false, ``servers``
+    empty and ``message`` says to run ``bitfusion init``. A server that does not answer is
+    listed with its state and a one-sentence ``error`` (``unauthorized``: the token is
+    missing, refused, or of another pool). ``mine`` are the token user's shares on that GPU,
+    ``kernel_id`` the kernel of this server holding it; ``others_mib`` the rest granted.
+
+``GET /bitfusion/api/kernels``
+    ``{"kernels": [{"kernel_id", "name" (kernelspec), "execution_state", "share": null |
+    {"server", "share_id", "kernel", "since", "gpus": [{"index", "name", "uuid", "mib",
+    "simulated", "used_mib": int|null}]}}]}``; ``share`` is null for a local kernel,
+    ``used_mib`` null while the share's gateway does not answer.
+
+``GET /bitfusion/api/presets``
+    ``{"presets": [{"name", "display_name", "gpus", "mib": int|null, "fraction":
+    float|null}]}``: the installed bitfusion kernelspecs.
+
+``POST /bitfusion/api/kernelspecs`` with ``{"gpus": int, "mib": int|null, "fraction":
+float|null}``
+    200 ``{"name", "display_name"}``: an installed bitfusion kernelspec for that share,
+    else a new user kernelspec. 400 ``{"message": one sentence}`` for a bad request.
+
+``POST /bitfusion/api/kernels/<kernel_id>/shutdown``
+    Shuts the kernel down through the server's kernel manager (its shim frees the share):
+    200 ``{"shut_down": kernel_id}``; 404 ``{"message"}`` for a kernel this server does not run.
+
+``WS /bitfusion/api/live``
+    Pushes ``{"pool": <as GET pool>, "kernels": <as GET kernels>}`` about once a second while
+    connected.
+
+Gateway answers are shared by all requests for a second (`survey.Survey`), asked in a thread
+with 2 s timeouts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _jupyter_server_extension_points() -> list[dict[str, Any]]:
+    return [{"module": "bitfusion_jupyter.serverext"}]
+
+
+def _load_jupyter_server_extension(serverapp: Any) -> None:
+    from bitfusion_jupyter.serverext import handlers
+
+    handlers.setup(serverapp.web_app)
+    serverapp.log.info("bitfusion: /bitfusion/api is ready")

@@ -1,0 +1,97 @@
+"""This Jupyter server's kernels and the shares they run on.
+
+The server knows each kernel's connection file; the kernel shim keeps a sidecar file beside
+it naming its share (`bitfusion_jupyter.share_sidecar`). The live usage of each share comes
+from its gateway's list_shares answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bitfusion_jupyter import share_sidecar
+from bitfusion_jupyter.pool_status import Answer, used_mib
+
+
+@dataclass(frozen=True)
+class KernelShare:
+    kernel_id: str
+    name: str  # the kernelspec's name
+    execution_state: str
+    sidecar: dict[str, Any] | None  # None: a local kernel (or a shim still taking its share)
+
+
+def running(kernel_manager: Any) -> list[KernelShare]:
+    """Every kernel of ``kernel_manager`` (a jupyter_server MappingKernelManager)."""
+    out = []
+    for kid in list(kernel_manager.list_kernel_ids()):
+        try:
+            km = kernel_manager.get_kernel(kid)
+        except KeyError:
+            continue  # shut down meanwhile
+        cf = getattr(km, "connection_file", None)
+        out.append(
+            KernelShare(
+                kid,
+                getattr(km, "kernel_name", "") or "",
+                getattr(km, "execution_state", None) or "unknown",
+                share_sidecar.read(cf) if cf else None,
+            )
+        )
+    return out
+
+
+def servers_of(kernels: list[KernelShare]) -> list[str]:
+    return list(dict.fromkeys(k.sidecar["server"] for k in kernels if k.sidecar))
+
+
+def kernel_of(kernels: list[KernelShare]) -> dict[tuple[str, str], str]:
+    """(server, share_id) -> kernel id, so the pool can say which kernel holds a share."""
+    return {(k.sidecar["server"], k.sidecar["share_id"]): k.kernel_id for k in kernels if k.sidecar}
+
+
+def _share_usage(answer: Answer | None, share_id: str) -> dict[str, Any] | None:
+    if answer is None or answer.shares is None:
+        return None
+    for share in answer.shares.get("shares", []):
+        if share.get("share_id") == share_id:
+            return share
+    return None
+
+
+def kernels_view(kernels: list[KernelShare], answers: Mapping[str, Answer]) -> dict[str, Any]:
+    """The whole of ``/bitfusion/api/kernels``."""
+    rows = []
+    for k in kernels:
+        share = None
+        if k.sidecar:
+            s = k.sidecar
+            live = _share_usage(answers.get(s["server"]), s["share_id"])
+            share = {
+                "server": s["server"],
+                "share_id": s["share_id"],
+                "kernel": s.get("kernel"),
+                "since": s.get("since"),
+                "gpus": [
+                    {
+                        "index": g["index"],
+                        "name": g["name"],
+                        "uuid": g["uuid"],
+                        "mib": g["mib"],
+                        "simulated": bool(g.get("simulated")),
+                        "used_mib": None if live is None else used_mib(live, g["index"]),
+                    }
+                    for g in s.get("gpus", [])
+                ],
+            }
+        rows.append(
+            {
+                "kernel_id": k.kernel_id,
+                "name": k.name,
+                "execution_state": k.execution_state,
+                "share": share,
+            }
+        )
+    return {"kernels": rows}

@@ -1,0 +1,103 @@
+"""Kernelspecs for the panel's "start a notebook on a share" form: list them, or make one.
+
+A request for a share size someone already has a bitfusion kernelspec for reuses it (the
+presets included); otherwise a user kernelspec is installed, as
+`bitfusion kernelspec install --user` would.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from bitfusion_jupyter import kernelspecs
+from bitfusion_jupyter.share_request import ShareRequest, UsageError
+
+
+class SpecError(ValueError):
+    """A request the panel should not have sent; the text is one sentence for the user."""
+
+
+def presets() -> list[dict[str, Any]]:
+    """Every installed bitfusion kernelspec, as ``/bitfusion/api/presets`` lists it."""
+    out = []
+    for spec in kernelspecs.installed():
+        meta = spec[kernelspecs.METADATA_KEY]
+        out.append(
+            {
+                "name": spec["name"],
+                "display_name": spec["display_name"],
+                "gpus": meta.get("gpus") or 1,
+                "mib": meta.get("mib"),
+                "fraction": meta.get("fraction"),
+            }
+        )
+    return out
+
+
+def _whole(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecError(f"{key} must be a whole number of at least 1, not {value!r}.")
+    return value
+
+
+def read_request(body: Any) -> ShareRequest:
+    """The share a POST body asks for; raises SpecError."""
+    if not isinstance(body, dict):
+        raise SpecError('Send a JSON object such as {"gpus": 1, "mib": 2048}.')
+    if body.get("gpus") is None:
+        raise SpecError('Say how many GPUs the kernel gets, e.g. {"gpus": 1}.')
+    gpus = _whole(body, "gpus")
+    mib = _whole(body, "mib")
+    fraction = body.get("fraction")
+    if fraction is not None:
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, int | float)
+            or not math.isfinite(fraction)
+            or not 0 < fraction <= 1
+        ):
+            raise SpecError(
+                f"fraction {fraction!r} is not a fraction of a GPU; give a number in (0, 1], "
+                "e.g. 0.5."
+            )
+        fraction = float(fraction)
+    if mib is not None and fraction is not None:
+        raise SpecError("Give mib or fraction, not both.")
+    assert gpus is not None
+    return ShareRequest(gpus, mib, fraction)
+
+
+def _same(meta: dict[str, Any], request: ShareRequest) -> bool:
+    return (
+        (meta.get("gpus") or 1) == request.gpus
+        and meta.get("mib") == request.mib
+        and meta.get("fraction") == request.fraction
+        and not meta.get("filters")
+        and not meta.get("wait_s")
+        and not meta.get("servers")
+        and (meta.get("kernel") or kernelspecs.DEFAULT_KERNEL) == kernelspecs.DEFAULT_KERNEL
+    )
+
+
+def ensure(request: ShareRequest) -> dict[str, str]:
+    """A kernelspec for ``request``: an installed one that matches, else a new user one."""
+    for spec in kernelspecs.installed():
+        if _same(spec[kernelspecs.METADATA_KEY], request):
+            return {"name": spec["name"], "display_name": spec["display_name"]}
+    try:
+        path = kernelspecs.install(
+            request,
+            name=None,
+            display_name=None,
+            kernel=kernelspecs.DEFAULT_KERNEL,
+            servers=None,
+            user=True,
+            sys_prefix=False,
+        )
+    except UsageError as exc:
+        raise SpecError(str(exc)) from None
+    return {"name": path.name, "display_name": kernelspecs.display_name_for(request)}

@@ -1,0 +1,148 @@
+"""The "GPU pool" sidebar panel in real JupyterLab and headless Chromium: the pool, a notebook
+started on a share from the panel, its live usage, the widget, and shutting it down."""
+
+from __future__ import annotations
+
+import re
+import signal
+
+from playwright.sync_api import Page, expect
+
+from gateway.spawned import free_port, stop_leftovers
+from tests.browser.conftest import Lab, start_lab
+from tests.conftest import GatewayProcess, start_gateway
+
+KERNEL_READY_MS = 90_000  # the shim takes a share and starts a kernel on the gateway
+
+
+def open_panel(page: Page, lab: Lab) -> None:
+    page.goto(lab.url)
+    tab = page.locator('.jp-SideBar [data-id="bitfusion-gpu-pool"]')
+    tab.click()
+    expect(page.locator("#bitfusion-gpu-pool")).to_be_visible()
+
+
+def run_cell(page: Page, code: str) -> None:
+    """Type ``code`` into the last cell of the active notebook and run it."""
+    editor = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell .cm-content").last
+    editor.click()
+    expect(editor).to_be_focused()
+    page.keyboard.insert_text(code)  # no key events, so no auto-closed brackets
+    expect(editor).to_contain_text(code.splitlines()[-1])
+    page.keyboard.press("Shift+Enter")
+
+
+def wait_for_idle_kernel(page: Page) -> None:
+    """Until the notebook's kernel (started by the shim inside its share) is idle."""
+    expect(page.locator(".jp-NotebookPanel .jp-Notebook")).to_be_visible()
+    expect(page.get_by_role("button", name=re.compile(r"\| Idle$"))).to_be_visible(
+        timeout=KERNEL_READY_MS
+    )
+
+
+def test_panel_shows_the_simulated_pool(page: Page, lab: Lab, pool_gateway: GatewayProcess, shoot):
+    open_panel(page, lab)
+    gpus = page.get_by_test_id("bf-gpu")
+    expect(gpus).to_have_count(2)
+    for i in range(2):
+        expect(gpus.nth(i).get_by_test_id("bf-simulated")).to_have_text("SIMULATED")
+        expect(gpus.nth(i).get_by_test_id("bf-gpu-legend")).to_contain_text("free 16384 of 16384")
+    server = page.get_by_test_id("bf-server")
+    expect(server).to_have_attribute("data-state", "ok")
+    expect(server).to_contain_text(pool_gateway.address)
+    link = server.get_by_test_id("bf-dashboard")
+    expect(link).to_have_attribute("target", "_blank")
+    expect(link).to_have_attribute("href", re.compile(r"^http://.+:54000/"))
+    expect(page.get_by_test_id("bf-feed")).to_have_attribute("data-state", "live")
+    expect(page.get_by_test_id("bf-no-kernels")).to_be_visible()
+    shoot("pool")
+
+
+def test_a_notebook_on_a_share_from_the_panel(
+    page: Page, lab: Lab, pool_gateway: GatewayProcess, shoot
+):
+    open_panel(page, lab)
+    panel = page.locator("#bitfusion-gpu-pool")
+    panel.get_by_test_id("bf-gpus").fill("1")
+    panel.get_by_test_id("bf-size-kind").select_option("mib")
+    panel.get_by_test_id("bf-size").fill("4096")
+    panel.get_by_test_id("bf-start").click()
+
+    # The form made a kernelspec and opened a notebook with it; a cell runs inside the share.
+    wait_for_idle_kernel(page)
+    run_cell(page, 'import os; os.environ["BITFUSION_SHARE_ID"]')
+    out = page.locator(".jp-OutputArea-output").first
+    expect(out).to_contain_text(re.compile(r"'s-[0-9a-f]+'"), timeout=30_000)
+    share_id = re.search(r"s-[0-9a-f]+", out.inner_text()).group(0)  # type: ignore[union-attr]
+    assert [s["share_id"] for s in pool_gateway.shares()] == [share_id]
+
+    # The panel lists the kernel with that share, the pool shows it as mine.
+    kernel = panel.locator(f'[data-testid="bf-kernel"][data-share-id="{share_id}"]')
+    expect(kernel).to_be_visible()
+    expect(kernel.get_by_test_id("bf-share")).to_contain_text("1 × 4096 MiB")
+    expect(kernel.get_by_test_id("bf-simulated")).to_be_visible()
+    expect(kernel.get_by_test_id("bf-usage")).to_contain_text("0 MiB used of 4096 MiB")
+    expect(panel.get_by_test_id("bf-gpu-legend").first).to_contain_text("mine 4096")
+    status = page.get_by_test_id("bf-status")
+    expect(status).to_have_text("GPU: 1 × 4096 MiB SIMULATED · 0 MiB used")
+
+    # Simulated memory held inside the share shows up as live usage.
+    run_cell(
+        page,
+        "import subprocess, sys\n"
+        'hold = subprocess.Popen([sys.executable, "-m", "gateway.simulated_alloc", "1500"])',
+    )
+    expect(kernel.get_by_test_id("bf-usage")).to_contain_text(
+        "1500 MiB used of 4096 MiB", timeout=20_000
+    )
+    expect(status).to_have_text("GPU: 1 × 4096 MiB SIMULATED · 1500 MiB used")
+
+    # The notebook's own live widget of the share.
+    run_cell(page, "import bitfusion_jupyter; bitfusion_jupyter.widget()")
+    expect(page.locator(".jp-OutputArea-output").last).to_contain_text(
+        f"This kernel's share {share_id}", timeout=30_000
+    )
+    shoot("kernel-on-a-share")
+
+    # "Shut down" ends the kernel and its share goes back to the pool.
+    kernel.get_by_test_id("bf-shutdown").click()
+    expect(kernel).to_have_count(0, timeout=30_000)
+    assert pool_gateway.no_shares_within(20), "the share outlived its kernel's shutdown"
+    expect(panel.get_by_test_id("bf-gpu-legend").first).to_contain_text("mine 0")
+    shoot("after-shutdown")
+
+
+def test_no_servers_configured_says_what_to_do(page: Page, lab_without_servers: Lab, shoot):
+    open_panel(page, lab_without_servers)
+    message = page.get_by_test_id("bf-message")
+    expect(message).to_contain_text("No GPU servers are configured")
+    expect(message).to_contain_text("bitfusion init")
+    expect(page.get_by_test_id("bf-gpu")).to_have_count(0)
+    shoot("no-servers")
+
+
+def test_unreachable_server_and_wrong_token_are_said_plainly(
+    page: Page, pool_gateway: GatewayProcess, tmp_path_factory, shoot
+):
+    # A token of another pool for pool_gateway, and a server where nothing listens.
+    other = start_gateway(tmp_path_factory.mktemp("other-pool"), "--simulate-gpus", "1x8GiB")
+    nowhere = f"127.0.0.1:{free_port()}"
+    try:
+        env = other.env(BITFUSION_SERVERS=f"{pool_gateway.address},{nowhere}")
+        lab = start_lab(tmp_path_factory.mktemp("lab-broken"), env)
+        try:
+            open_panel(page, lab)
+            refused = page.locator(
+                f'[data-testid="bf-server"][data-address="{pool_gateway.address}"]'
+            )
+            expect(refused).to_have_attribute("data-state", "unauthorized")
+            expect(refused.get_by_test_id("bf-server-error")).to_be_visible()
+            down = page.locator(f'[data-testid="bf-server"][data-address="{nowhere}"]')
+            expect(down).to_have_attribute("data-state", "unreachable")
+            expect(down.get_by_test_id("bf-server-error")).to_be_visible()
+            shoot("broken-servers")
+        finally:
+            lab.stop()
+    finally:
+        other.kill(signal.SIGTERM)
+        stop_leftovers(other.state_dir)

@@ -1,0 +1,68 @@
+"""Fixtures of the integration tests that run kernels on a share."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from jupyter_client import KernelManager
+from jupyter_client.kernelspec import KernelSpec
+
+
+def shim_spec(*share_args: str) -> KernelSpec:
+    return KernelSpec(
+        argv=[
+            sys.executable,
+            "-m",
+            "bitfusion_jupyter.shim",
+            "--connection-file",
+            "{connection_file}",
+            *share_args,
+        ],
+        display_name="Python 3 · test share",
+        language="python",
+        interrupt_mode="signal",
+    )
+
+
+def point_client_at(gateway, monkeypatch) -> None:
+    """Make this test process a client of ``gateway`` (kernels it starts inherit this)."""
+    for key, value in gateway.env().items():
+        if key.startswith("BITFUSION") or key == "PYTHONPATH":
+            monkeypatch.setenv(key, value)
+
+
+def start_kernel(km: KernelManager) -> tuple[KernelManager, object]:
+    """Start ``km``'s kernel, as a Jupyter server does, and return it with a client."""
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    return km, kc
+
+
+def start_shim_kernel(*share_args: str) -> tuple[KernelManager, object]:
+    """A kernel started through the shim, and its client."""
+    km = KernelManager()
+    km._kernel_spec = shim_spec(*share_args)
+    return start_kernel(km)
+
+
+def start_local_kernel() -> tuple[KernelManager, object]:
+    """A plain local python3 kernel (what a notebook has before `%bitfusion`), and its client."""
+    return start_kernel(KernelManager(kernel_name="python3"))
+
+
+@pytest.fixture
+def client_env(gateway, monkeypatch):
+    point_client_at(gateway, monkeypatch)
+    return gateway
+
+
+@pytest.fixture
+def kernel(client_env):
+    km, kc = start_shim_kernel("-m", "2048")
+    kc.wait_for_ready(timeout=60)
+    yield km, kc
+    kc.stop_channels()
+    if km.is_alive():
+        km.shutdown_kernel(now=True)

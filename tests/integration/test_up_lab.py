@@ -1,0 +1,74 @@
+"""`bitfusion up` ends in JupyterLab wired to its gateway, and Ctrl-C stops both."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from urllib.request import urlopen
+
+import pytest
+
+from gateway.spawned import free_port
+from tests.conftest import base_env
+
+pytest.importorskip("jupyterlab")
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_up_serves_jupyterlab_with_the_pool_until_ctrl_c(tmp_path):
+    env = {
+        **base_env(tmp_path),
+        "HOME": str(tmp_path),
+        "BITFUSION_CONFIG_DIR": str(tmp_path / "cfg"),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+    }
+    gw_port, lab_port = free_port(), free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "bitfusion_jupyter", "up", "--port", str(gw_port)]
+        + ["--lab-port", str(lab_port), "--state-dir", str(tmp_path / "state")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        lines = []
+        for line in up.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if "/lab?token=" in line:
+                break
+        out = "".join(lines)
+        url = re.search(r"http://127\.0\.0\.1:(\d+)/lab\?token=(\w+)", out)
+        assert url, out
+        assert int(url.group(1)) == lab_port
+        assert "bitfusion-quarter-gpu" in out  # the presets were installed for the user
+        assert (tmp_path / ".local/share/jupyter/kernels/bitfusion-1gpu/kernel.json").exists()
+        with urlopen(
+            f"http://127.0.0.1:{lab_port}/bitfusion/api/pool?token={url.group(2)}", timeout=30
+        ) as r:
+            pool = json.load(r)
+        (server,) = pool["servers"]
+        assert server["state"] == "ok" and len(server["gpus"]) == 2
+        assert all(g["simulated"] for g in server["gpus"])
+    finally:
+        os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        rest = up.communicate(timeout=60)[0]
+    assert up.returncode == 0, rest
+    deadline = time.monotonic() + 10
+    while (_port_open(lab_port) or _port_open(gw_port)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _port_open(lab_port), "JupyterLab outlived `bitfusion up`"
+    assert not _port_open(gw_port), "the gateway outlived `bitfusion up`"
