@@ -190,7 +190,15 @@ export class GpuPanel extends Widget {
       bar(
         total,
         [
-          { value: mine, cls: 'bf-mine', title: `my shares: ${mine} MiB` },
+          // One segment per share of mine, so two shares on one GPU show as two.
+          ...gpu.mine.map(share => ({
+            value: share.mib,
+            cls: 'bf-mine bf-share',
+            title:
+              `my share ${share.share_id}: ${share.mib} MiB` +
+              (share.used_mib === null ? '' : `, ${share.used_mib} MiB used`) +
+              (share.kernel_id ? ` (kernel ${share.kernel_id.slice(0, 8)})` : '')
+          })),
           { value: gpu.others_mib, cls: 'bf-others', title: `others' shares: ${gpu.others_mib} MiB` }
         ],
         'bf-gpu-bar'

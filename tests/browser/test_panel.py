@@ -83,6 +83,18 @@ def test_a_notebook_on_a_share_from_the_panel(
     expect(kernel.get_by_test_id("bf-simulated")).to_be_visible()
     expect(kernel.get_by_test_id("bf-usage")).to_contain_text("0 MiB used of 4096 MiB")
     expect(panel.get_by_test_id("bf-gpu-legend").first).to_contain_text("mine 4096")
+    gpu0_shares = panel.get_by_test_id("bf-gpu-bar").first.locator(".bf-share")
+    expect(gpu0_shares).to_have_count(1)
+    expect(gpu0_shares.first).to_have_attribute("title", re.compile(share_id))
+
+    # A second share of mine on the same GPU (best fit) is a second segment of its bar.
+    held = pool_gateway.bf("request_gpus", "-m", "2048")
+    assert held.returncode == 0, held.stderr
+    expect(gpu0_shares).to_have_count(2, timeout=10_000)
+    expect(panel.get_by_test_id("bf-gpu-legend").first).to_contain_text("mine 6144")
+    assert pool_gateway.bf("release_gpus").returncode == 0
+    expect(gpu0_shares).to_have_count(1, timeout=10_000)
+
     status = page.get_by_test_id("bf-status")
     expect(status).to_have_text("GPU: 1 × 4096 MiB SIMULATED · 0 MiB used")
 
