@@ -80,7 +80,7 @@ def init(token_text: str, server: str | None) -> Path:
 
 def add_server(server: str) -> None:
     conf = config_dir() / "servers.conf"
-    existing = [s for s, _ in _read_servers_conf(conf)] if conf.exists() else []
+    existing = [s for s, _ in read_servers_conf(conf)] if conf.exists() else []
     if server not in existing:
         with conf.open("a") as f:
             f.write(f"{server}\n")
@@ -110,7 +110,7 @@ class ServerList:
     source: str
 
 
-def _read_servers_conf(path: Path) -> list[tuple[str, int]]:
+def read_servers_conf(path: Path) -> list[tuple[str, int]]:
     out = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         text = line.split("#", 1)[0].strip()
@@ -145,7 +145,7 @@ def servers(cli_list: str | None = None) -> ServerList:
     sources = []
     for path in (SYSTEM_SERVERS_CONF, config_dir() / "servers.conf"):
         try:
-            entries = _read_servers_conf(path)
+            entries = read_servers_conf(path)
         except FileNotFoundError:
             continue
         except PermissionError:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitfusion_jupyter import config
+from remoting.protocol import DASHBOARD_PORT
 
 NO_SERVERS = "No GPU servers are configured: run `bitfusion init --token TOKEN --server HOST:PORT`."
-DASHBOARD_PORT = 54000
 TIMEOUT_S = 2.0  # a browser panel or a widget waits on this; a healthy gateway answers in ms
 
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="JSON {name: argv} of kernel environments offered besides python3 "
         "(this Python with ipykernel); argv must contain {connection_file}",
     )
+    parser.add_argument(
+        "--web-port",
+        type=int,
+        default=0,  # TEMP until gateway/web lands
+        metavar="PORT",
+        help=f"the cluster dashboard and /metrics (default {protocol.DASHBOARD_PORT}; 0: none)",
+    )
+    parser.add_argument(
+        "--peers",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the cluster's other gateways for the dashboard, servers.conf format "
+        "(default STATE_DIR/servers.conf when it exists)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="gateway_command")
     token = sub.add_parser("token", help="create or revoke access tokens")
@@ -162,6 +178,8 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
     )
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is not a TCP port; give 1 to 65535.")
+    if not 0 <= args.web_port <= 65535:
+        raise UsageError(f"--web-port {args.web_port} is not a TCP port; give 1 to 65535, or 0.")
     if args.lease_grace <= 0:
         raise UsageError("--lease-grace must be more than 0 seconds.")
     if args.simulate_gpus:
@@ -184,6 +202,8 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
         police_mode=args.police,
         police_grace_s=args.police_grace,
         workdir=args.workdir,
+        web_port=args.web_port,
+        peers=_peers(args.peers, state_dir),
     )
     if args.name:
         config.hostname = args.name
@@ -191,7 +211,13 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
         inventory = open_inventory(args.simulate_gpus, state_dir, config.hostname)
     except InventoryError as exc:
         raise UsageError(str(exc)) from None
-    gateway = Gateway(config, inventory, keys)
+    try:
+        gateway = Gateway(config, inventory, keys)
+    except sqlite3.DatabaseError as exc:
+        raise UsageError(
+            f"The gateway's state database in {state_dir} cannot be used ({exc}); move "
+            "ledger.sqlite3 away to start afresh (its running processes are then not adopted)."
+        ) from None
     try:
         gateway.bind()
     except Exception as exc:  # zmq.ZMQError: address in use, bad address
@@ -201,8 +227,30 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
         ) from None
     token_path = admin_token(state_dir, keys)
     _banner(gateway, token_path)
-    asyncio.run(gateway.serve())
+    try:
+        asyncio.run(gateway.serve())
+    except OSError as exc:  # the dashboard's port
+        raise UsageError(
+            f"Cannot serve the dashboard on {args.bind}:{args.web_port} ({exc.strerror}); pick "
+            "another --web-port, or 0 for none."
+        ) from None
     return 0
+
+
+def _peers(path: Path | None, state_dir: Path) -> list[str]:
+    """The other gateways of the cluster, from a servers.conf of the gateway's own."""
+    from bitfusion_jupyter.config import ConfigError, read_servers_conf
+
+    if path is None:
+        path = state_dir / "servers.conf"
+        if not path.exists():
+            return []
+    try:
+        return [server for server, _ in read_servers_conf(path)]
+    except FileNotFoundError:
+        raise UsageError(f"--peers {path} does not exist; give a servers.conf file.") from None
+    except (OSError, ConfigError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _banner(gateway: Any, token_path: Path) -> None:

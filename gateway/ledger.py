@@ -7,6 +7,7 @@ twice or frees one twice. Releasing is idempotent: the second release of a share
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import secrets
@@ -37,9 +38,13 @@ CREATE TABLE IF NOT EXISTS events (
     user TEXT, share_id TEXT, detail TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS revoked (nonce TEXT PRIMARY KEY, ts REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS shares_state ON shares(state);
 """
 MAX_EVENTS = 10_000
+# Columns added after a table was first shipped: (table, column, type). A state database of
+# an older gateway gains them on open, so an upgrade keeps its shares and processes.
+ADDED_COLUMNS = [("processes", "kernel", "TEXT")]
 
 
 @dataclass
@@ -104,13 +109,22 @@ class Ledger:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._migrate()
         self.shares: dict[str, Share] = {}
         self.processes: dict[str, Process] = {}
         self._revoked: set[str] = set()
         self._revoked_version: int | None = None
+        self.counts: collections.Counter[str] = collections.Counter()  # events since start
         self._load()
+        self.draining = set(self.setting("draining", []))
 
     # --- loading -------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        for table, column, kind in ADDED_COLUMNS:
+            have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
     def _load(self) -> None:
         for row in self.db.execute(
             "SELECT id, owner, client_host, gpus, whole, created, lease_expires, release_on_exit"
@@ -149,8 +163,9 @@ class Ledger:
     def shares_on(self, index: int) -> list[Share]:
         return [s for s in self.shares.values() if index in s.gpus]
 
-    def slots(self, eligible: Iterable[int]) -> list[Slot]:
-        ok = set(eligible) - self.draining
+    def slots(self, eligible: Iterable[int], draining_too: bool = False) -> list[Slot]:
+        """The GPUs as placement sees them; draining ones take no share unless asked."""
+        ok = set(eligible) - (set() if draining_too else self.draining)
         return [
             Slot(g.index, g.memory_total_mib, self.free_mib(g.index), g.index in ok)
             for g in self.gpus
@@ -264,6 +279,7 @@ class Ledger:
 
     # --- events and tokens ---------------------------------------------------------------
     def _event(self, kind: str, user: str | None, share_id: str | None, detail: str) -> None:
+        self.counts[kind] += 1
         self.db.execute(
             "INSERT INTO events (ts, kind, user, share_id, detail) VALUES (?,?,?,?,?)",
             (time.time(), kind, user, share_id, detail),
@@ -301,6 +317,25 @@ class Ledger:
     def revoke(self, nonce: str) -> None:
         with self._tx():
             self.db.execute("INSERT OR IGNORE INTO revoked VALUES (?,?)", (nonce, time.time()))
+        self._revoked.add(nonce)  # our own writes do not move data_version
+
+    # --- settings an admin changes at run time (they survive a restart) -------------------
+    def setting(self, key: str, default: Any = None) -> Any:
+        row = self.db.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_setting(self, key: str, value: Any) -> None:
+        self.db.execute(
+            "INSERT INTO settings VALUES (?,?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, json.dumps(value)),
+        )
+
+    def set_draining(self, index: int, drain: bool) -> None:
+        if drain:
+            self.draining.add(index)
+        else:
+            self.draining.discard(index)
+        self.set_setting("draining", sorted(self.draining))
 
     def is_revoked(self, nonce: str) -> bool:
         """Asked on every message, so answered from memory. `token revoke` writes from another

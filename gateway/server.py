@@ -24,6 +24,8 @@ import zmq.asyncio
 from gateway import launcher, usage_files
 from gateway.cluster_keys import ClusterKeys
 from gateway.gpus import GpuInventory
+from gateway.history import RANGES, History
+from gateway.idle import IdleTracker
 from gateway.kernels import DEFAULT_KERNELS, KernelChannels, write_connection_file
 from gateway.ledger import Ledger, Process, Share
 from gateway.mps import mps_running
@@ -52,6 +54,8 @@ class GatewayConfig:
     terminate_grace_s: float = 5.0
     workdir: str | None = None
     kernels: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_KERNELS))
+    web_port: int = 0  # the dashboard's HTTP port; 0: none
+    peers: list[str] = field(default_factory=list)  # the cluster's other gateways, host:port
 
 
 @dataclass
@@ -102,6 +106,9 @@ class Gateway:
         self.queue: list[Waiter] = []
         self.ending: set[str] = set()
         self.usage: dict[str, dict[int, int]] = {}  # share id -> GPU index -> MiB in use
+        self.history = History(self.ledger.db)
+        self.idle = IdleTracker()
+        self.idle_timeout_s: float | None = self.ledger.setting("idle_timeout_s")
         self.mps = mps_running()
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -124,6 +131,7 @@ class Gateway:
     async def serve(self) -> None:
         launcher.prepare_spare()
         await self._adopt()
+        web = self._start_web() if self.cfg.web_port else None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
@@ -135,6 +143,8 @@ class Gateway:
         await self._stop.wait()
         for t in self._tasks:
             t.cancel()
+        if web is not None:
+            web.stop()
         # Processes in shares outlive the gateway on purpose; only our own links close.
         for kernel in self.kernels.values():
             kernel.channels.close()
@@ -148,9 +158,27 @@ class Gateway:
     def stop(self) -> None:
         self._stop.set()
 
+    def _start_web(self) -> Any:
+        """The dashboard and /metrics (tornado, on this loop): a client of this gateway and
+        its peers like any other, with the token the browser logged in with."""
+        from gateway.web.app import make_app  # tornado is loaded only when serving the web
+
+        host = "127.0.0.1" if self.cfg.bind in ("0.0.0.0", "") else self.cfg.bind
+        app = make_app(
+            own_address=f"{host}:{self.cfg.port}",
+            peers=[p for p in self.cfg.peers if p != f"{host}:{self.cfg.port}"],
+            keys=self.keys,
+            state_dir=self.cfg.state_dir,
+        )
+        server = app.listen(self.cfg.web_port, address=self.cfg.bind)
+        log.info("dashboard on http://%s:%d/", self.cfg.bind, self.cfg.web_port)
+        return server
+
     async def _adopt(self) -> None:
         """After a restart: reconnect to the nannies of processes still running."""
         self.ledger.extend_all(self.cfg.lease_grace_s)
+        for share_id in self.ledger.shares:  # idle time restarts with the gateway
+            self.idle.touch(share_id)
         for proc in list(self.ledger.processes.values()):
             if proc.socket_path is None:  # a `bitfusion local` process, watched by its client
                 if proc.pid is None or not pid_alive(proc.pid):
@@ -187,6 +215,7 @@ class Gateway:
         )
 
     async def _deliver(self, ident: bytes, kind: str, fields: dict, payload: bytes | None) -> None:
+        self._touch_proc(fields.get("proc_id"))
         await self._send(
             ident, protocol.encode(kind, [payload] if payload is not None else [], **fields)
         )
@@ -302,6 +331,7 @@ class Gateway:
                     "temperature_c": st.temperature_c if st else None,
                     "power_w": st.power_w if st else None,
                     "shares": len(self.ledger.shares_on(g.index)),
+                    "share_sizes_mib": [s.gpus[g.index] for s in self.ledger.shares_on(g.index)],
                     "simulated": g.simulated,
                     "draining": g.index in self.ledger.draining,
                 }
@@ -328,7 +358,21 @@ class Gateway:
         }
 
     async def _on_list_gpus(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
-        return {**self._server_info(), "gpus": self._gpu_rows(), "queued": len(self.queue)}
+        counts = self.ledger.counts
+        return {
+            **self._server_info(),
+            "gpus": self._gpu_rows(),
+            "queued": len(self.queue),
+            "idle_timeout_s": self.idle_timeout_s,
+            "counters": {
+                "grants": counts["grant"],
+                "refusals": counts["refuse"],
+                "lease_expiries": counts["lease_expired"],
+                "police_warn": counts["police_warn"],
+                "police_stop": counts["police_stop"],
+                "idle_reclaims": counts["idle_reclaim"],
+            },
+        }
 
     async def _on_smi(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
         usage = self.inventory.process_memory()
@@ -354,8 +398,14 @@ class Gateway:
             {
                 **s.public(self.gpus),
                 "usage_mib": {str(k): v for k, v in self.usage.get(s.id, {}).items()},
+                "idle_s": round(self.idle.idle_s(s), 1),
                 "processes": [
-                    {"proc_id": p.id, "argv": p.argv, "pid": p.pid}
+                    {
+                        "proc_id": p.id,
+                        "argv": p.argv,
+                        "pid": p.pid,
+                        "kernel": p.kernel.get("name") if p.kernel else None,
+                    }
                     for p in self.ledger.processes_of(s.id)
                 ],
             }
@@ -416,6 +466,7 @@ class Gateway:
             bool(msg.get("release_on_exit")),
         )
         log.debug("granted %s to %s: %s", share.id, owner, share.gpus)
+        self.idle.touch(share.id)
         # The share's own variables (no base environment), for `bitfusion local` and shims
         # that start the process themselves.
         return {
@@ -428,7 +479,8 @@ class Gateway:
     async def _on_allocate(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict | None:
         want, eligible = self._read_want(msg)
         slots = self.ledger.slots(eligible)
-        why = never_fits(want, slots)
+        # Draining ends; a request that only a draining GPU could hold gets "no room now".
+        why = never_fits(want, self.ledger.slots(eligible, draining_too=True))
         if why:
             self.ledger.event("refuse", tok.user, None, f"{want.describe()}: {why}")
             raise RequestError(
@@ -552,6 +604,7 @@ class Gateway:
                 self.ledger.finish_process(proc.id, None)
             self.ledger.release(share.id, reason, user)
             self.usage.pop(share.id, None)
+            self.idle.forget(share.id)
             usage_files.remove(usage_files.path_for(self.cfg.state_dir, share.id))
             log.debug("released %s (%s)", share.id, reason)
         finally:
@@ -699,6 +752,8 @@ class Gateway:
 
         async def forward(channel: str, frontend: bytes, frames: list[bytes]) -> None:
             state = self.kernels.get(kernel_id)
+            if state is not None:
+                self.idle.touch(state.share_id)
             if state is not None and state.subscriber is not None:
                 await self._send(
                     state.subscriber,
@@ -740,6 +795,7 @@ class Gateway:
         except ValueError:
             return
         state.subscriber = ident
+        self.idle.touch(state.share_id)
         await state.channels.send(msg["channel"], frontend, list(msg.payloads))
 
     async def _on_register_pid(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict:
@@ -781,6 +837,7 @@ class Gateway:
     async def _on_stdin(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
         relay = self._relay(msg["proc_id"], tok)
         if relay is not None:
+            self._touch_proc(msg["proc_id"])
             await relay.send(
                 {"type": "stdin", "seq": msg["seq"]}, protocol.as_bytes(msg.payloads[0])
             )
@@ -847,6 +904,8 @@ class Gateway:
                 ]
                 self.usage = self.police.usage_by_share(usage, policed, session_of)
                 self._write_usage_files()
+                self._note_activity()
+                await self._reclaim_idle()
                 for verdict in self.police.review(usage, policed, session_of):
                     await self._execute(verdict)
             except Exception:
@@ -870,6 +929,98 @@ class Gateway:
                     utilization=utilization,
                 ),
             )
+
+    def _touch_proc(self, proc_id: str | None) -> None:
+        proc = self.ledger.processes.get(proc_id or "")
+        if proc is not None:
+            self.idle.touch(proc.share_id)
+
+    def _note_activity(self) -> None:
+        """Sampled work: running commands, GPU memory held on a computing GPU; and history."""
+        states = {st.index: st for st in self.inventory.states()}
+        for share in self.ledger.shares.values():
+            procs = self.ledger.processes_of(share.id)
+            computing = any(
+                used and (states[i].utilization_pct or 0) > 0
+                for i, used in self.usage.get(share.id, {}).items()
+                if i in states
+            )
+            if computing or any(p.kernel is None for p in procs):
+                self.idle.touch(share.id)
+        self.history.record(
+            [
+                {
+                    "index": g.index,
+                    "used_mib": states[g.index].memory_used_mib if g.index in states else None,
+                    "granted_mib": self.ledger.granted_mib(g.index),
+                    "utilization_pct": (
+                        states[g.index].utilization_pct if g.index in states else None
+                    ),
+                }
+                for g in self.gpus
+            ]
+        )
+
+    async def _reclaim_idle(self) -> None:
+        for share in self.idle.overdue(list(self.ledger.shares.values()), self.idle_timeout_s):
+            if share.id in self.ending:
+                continue
+            reason = f"idle for over {self.idle_timeout_s:g} s, reclaimed"
+            self.ledger.event("idle_reclaim", share.owner, share.id, reason)
+            self._spawn_task(self.end_share(share, reason))
+
+    # --- handlers: the dashboard's history and admin actions -----------------------------
+    def _admin(self, tok: tokens.Token, action: str) -> None:
+        if not tok.admin:
+            self.ledger.event("denied", tok.user, None, f"{action} needs an admin token")
+            raise RequestError(
+                protocol.E_DENIED, f"Only an admin token may {action}; ask your admin."
+            )
+
+    async def _on_history(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
+        name = msg["range"]
+        if name not in RANGES:
+            raise RequestError(
+                protocol.E_BAD_REQUEST,
+                f"No history range {name!r}; ask for one of {', '.join(RANGES)}.",
+            )
+        return {
+            "server": self.cfg.hostname,
+            "range": name,
+            "step_s": RANGES[name][0],
+            "samples": self.history.samples(name),
+        }
+
+    async def _on_drain(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
+        self._admin(tok, "drain a GPU")
+        index = msg["index"]
+        if index not in {g.index for g in self.gpus}:
+            raise RequestError(protocol.E_NOT_FOUND, f"{self.cfg.hostname} has no GPU {index}.")
+        self.ledger.set_draining(index, msg["drain"])
+        verb = "drain" if msg["drain"] else "undrain"
+        self.ledger.event(verb, tok.user, None, f"GPU {index}")
+        return {"index": index, "draining": index in self.ledger.draining}
+
+    async def _on_set_idle_timeout(
+        self, ident: bytes, msg: Message, tok: tokens.Token
+    ) -> dict[str, Any]:
+        self._admin(tok, "set the idle timeout")
+        seconds = float(msg["seconds"])
+        if seconds < 0 or seconds != seconds or seconds == float("inf"):
+            raise RequestError(
+                protocol.E_BAD_REQUEST,
+                "The idle timeout is a number of seconds, 0 or more (0 turns it off).",
+            )
+        self.idle_timeout_s = seconds or None
+        self.ledger.set_setting("idle_timeout_s", self.idle_timeout_s)
+        self.ledger.event("idle_timeout", tok.user, None, f"set to {seconds:g} s")
+        return {"idle_timeout_s": self.idle_timeout_s}
+
+    async def _on_revoke(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
+        self._admin(tok, "revoke a token")
+        self.ledger.revoke(msg["nonce"])
+        self.ledger.event("revoke", tok.user, None, f"token {msg['nonce'][:8]}…")
+        return {"revoked": msg["nonce"]}
 
     async def _execute(self, verdict: Verdict) -> None:
         self.ledger.event(

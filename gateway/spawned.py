@@ -50,6 +50,8 @@ class SpawnedGateway:
             str(self.state_dir),
             *self.args,
         ]
+        if "--web-port" not in self.args:
+            argv += ["--web-port", "0"]  # many gateways on one machine: no dashboard unless asked
         if self.name:
             argv += ["--name", self.name]
         out = self.log_path.open("a") if self.log_path else None

@@ -22,6 +22,7 @@ from typing import Any
 MAGIC = b"BF1"
 VERSION = "0.1.0"
 DEFAULT_PORT = 56001
+DASHBOARD_PORT = 54000  # each gateway's web dashboard and /metrics, as in Bitfusion
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 256 * 1024 * 1024  # a Jupyter output or comm buffer can be large
 
@@ -88,6 +89,11 @@ MESSAGES: dict[str, Spec] = {
     "kernel_in": Spec(
         {**_ONEWAY, "kernel_id": STR, "channel": STR}, {"ident": STR}, payloads=(1, 4096)
     ),
+    # The dashboard's: GPU history (``range`` "hour" or "day"), and admin actions.
+    "history": Spec({**_REQ, "range": STR}, request=True),
+    "drain": Spec({**_REQ, "index": INT, "drain": BOOL}, request=True),  # admin
+    "set_idle_timeout": Spec({**_REQ, "seconds": NUM}, request=True),  # admin; 0 turns it off
+    "revoke": Spec({**_REQ, "nonce": STR}, request=True),  # admin: a token's nonce
     # --- one-way, client -> gateway ---
     "attach": Spec({**_ONEWAY, "proc_id": STR, "out_from": INT}),
     "stdin": Spec({**_ONEWAY, "proc_id": STR, "seq": INT}, payloads=(1, 1)),
@@ -111,7 +117,7 @@ MESSAGES: dict[str, Spec] = {
 
 # Error codes a reply may carry, so clients can react without parsing sentences.
 E_AUTH = "auth"  # token missing, malformed, revoked or not for this gateway
-E_DENIED = "denied"  # the share belongs to someone else
+E_DENIED = "denied"  # the share belongs to someone else, or the action to admins
 E_NOT_FOUND = "not_found"
 E_NO_FIT = "no_fit"  # nothing fits now
 E_NEVER_FITS = "never_fits"  # nothing on this server could ever fit
