@@ -27,6 +27,7 @@ from urllib.request import urlopen
 from bitfusion_jupyter import config
 from bitfusion_jupyter.share_request import UsageError
 from gateway.spawned import SpawnedGateway, SpawnError, free_port
+from remoting.protocol import DASHBOARD_PORT
 
 DEMO_SIMULATION = "2x16GiB"
 LAB_PORT = 8888  # JupyterLab's usual port; a free one when something else has it
@@ -187,6 +188,8 @@ def run(
     elif simulate is None:
         _say(f"NVML finds {gpus} GPU{'s' if gpus != 1 else ''}: the gateway serves the real ones.")
     args = ["--simulate-gpus", simulate] if simulate else []
+    web_port = DASHBOARD_PORT if _port_free(DASHBOARD_PORT) else free_port()
+    args += ["--web-port", str(web_port)]
     _say(f"Starting the gateway on 127.0.0.1:{port} (state in {state_dir}).")
     # The gateway logs to a file, so its lines do not interleave with the walk-through.
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -199,6 +202,10 @@ def run(
         time.sleep(0.2)  # let the banner reach the log
         print(gateway.log().rstrip(), flush=True)
         _say(f"The gateway logs to {gateway.log_path}.")
+        _say(
+            f"The cluster dashboard is at http://127.0.0.1:{web_port}/ (log in with the admin "
+            f"token in {state_dir / 'admin.token'}, or any user's token)."
+        )
         user = getpass.getuser()
         token = gateway.token(user)
         env = {**os.environ, "BITFUSION_SERVERS": gateway.address}

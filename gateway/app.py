@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--web-port",
         type=int,
-        default=0,  # TEMP until gateway/web lands
+        default=protocol.DASHBOARD_PORT,
         metavar="PORT",
         help=f"the cluster dashboard and /metrics (default {protocol.DASHBOARD_PORT}; 0: none)",
     )

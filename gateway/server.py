@@ -170,6 +170,7 @@ class Gateway:
             keys=self.keys,
             state_dir=self.cfg.state_dir,
         )
+        logging.getLogger("tornado.access").setLevel(logging.WARNING)  # a line a poll is noise
         server = app.listen(self.cfg.web_port, address=self.cfg.bind)
         log.info("dashboard on http://%s:%d/", self.cfg.bind, self.cfg.web_port)
         return server

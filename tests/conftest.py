@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,6 +118,24 @@ def start_gateway(
     )
     gw.start()
     return gw
+
+
+def start_web_gateway(tmp_path: Path, *args: str, **kw: Any) -> tuple[GatewayProcess, str]:
+    """A gateway serving its dashboard on a free port, and the dashboard's base URL."""
+    from urllib.request import urlopen
+
+    port = free_port()
+    gw = start_gateway(tmp_path, *args, "--web-port", str(port), **kw)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            urlopen(base + "/", timeout=2).close()
+            return gw, base
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the dashboard did not start:\n{gw.log()}") from None
+            time.sleep(0.1)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from urllib.request import urlopen
+from urllib.request import Request, urlopen
 
 import pytest
 
@@ -63,12 +63,24 @@ def test_up_serves_jupyterlab_with_the_pool_until_ctrl_c(tmp_path):
         (server,) = pool["servers"]
         assert server["state"] == "ok" and len(server["gpus"]) == 2
         assert all(g["simulated"] for g in server["gpus"])
+        # The gateway's cluster dashboard, for the admin token it wrote.
+        dash = re.search(r"dashboard is at (http://127\.0\.0\.1:(\d+)/)", out)
+        assert dash, out
+        web_port = int(dash.group(2))
+        admin = (tmp_path / "state" / "admin.token").read_text().strip()
+        req = Request(
+            dash.group(1) + "api/v1/cluster", headers={"Authorization": f"Bearer {admin}"}
+        )
+        with urlopen(req, timeout=30) as r:
+            assert [len(s["gpus"]) for s in json.load(r)["servers"]] == [2]
     finally:
         os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         rest = up.communicate(timeout=60)[0]
     assert up.returncode == 0, rest
     deadline = time.monotonic() + 10
-    while (_port_open(lab_port) or _port_open(gw_port)) and time.monotonic() < deadline:
+    ports = (lab_port, gw_port, web_port)
+    while any(_port_open(p) for p in ports) and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert not _port_open(web_port), "the dashboard outlived `bitfusion up`"
     assert not _port_open(lab_port), "JupyterLab outlived `bitfusion up`"
     assert not _port_open(gw_port), "the gateway outlived `bitfusion up`"

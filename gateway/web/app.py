@@ -1,0 +1,314 @@
+"""The dashboard's tornado application: the page, the JSON API, OpenAPI and /metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tornado import web
+
+from gateway.cluster_keys import ClusterKeys
+from gateway.web import auth, metrics, openapi, views
+from gateway.web.cluster import Reply, ask, ask_one
+from remoting import tokens
+
+STATIC = Path(__file__).parent / "static"
+SNAPSHOT_S = 1.0  # one round of questions serves a page's parallel calls
+
+
+class Context:
+    """What every handler shares: the cluster's servers, the keys, the verdict cache."""
+
+    def __init__(self, own_address: str, peers: list[str], keys: ClusterKeys) -> None:
+        self.own = own_address
+        self.servers = [own_address, *[p for p in peers if p != own_address]]
+        self.keys = keys
+        self.verdicts = auth.Verdicts()
+        self._snapshots: dict[str, tuple[float, dict[str, list[Reply]]]] = {}
+
+    async def snapshot(self, caller: auth.Caller) -> dict[str, list[Reply]]:
+        """list_gpus and list_shares of every server, as this caller may see them."""
+        key = str(caller.token)
+        hit = self._snapshots.get(key)
+        if hit and time.monotonic() - hit[0] < SNAPSHOT_S:
+            return hit[1]
+        replies = await ask(self.servers, caller.token, ("list_gpus", {}), ("list_shares", {}))
+        if len(self._snapshots) > 100:
+            self._snapshots.clear()
+        self._snapshots[key] = (time.monotonic(), replies)
+        return replies
+
+    def forget_snapshots(self) -> None:
+        self._snapshots.clear()  # after an admin action, show its effect at once
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class BaseHandler(web.RequestHandler):
+    ctx: Context
+
+    def initialize(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def set_default_headers(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ApiError):
+            message = str(exc)
+        elif status_code == 404:
+            message = (
+                "No such page or API route here; the API is described at /api/v1/openapi.json."
+            )
+        elif status_code == 405:
+            message = "That method is not allowed on this route; see /api/v1/openapi.json."
+        else:
+            message = "The dashboard failed on this request; the gateway's log says why."
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"message": message}))
+
+    def _handle_request_exception(self, e: BaseException) -> None:
+        if isinstance(e, ApiError):
+            self.send_error(e.status, exc_info=(type(e), e, e.__traceback__))
+        else:
+            super()._handle_request_exception(e)
+
+    def reply(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data))
+
+    async def caller(self, admin: bool = False) -> auth.Caller:
+        text = auth.bearer(self.request.headers.get("Authorization"))
+        if text is None:
+            raise ApiError(401, auth.NO_TOKEN)
+        verdict = self.ctx.verdicts.get(text)
+        if verdict is None:
+            verdict = await self._check(text)
+            self.ctx.verdicts.put(text, verdict)
+        if isinstance(verdict, str):
+            raise ApiError(401, verdict)
+        if admin and not verdict.admin:
+            raise ApiError(403, "Only an admin token may do this; ask your admin.")
+        return verdict
+
+    async def _check(self, text: str) -> auth.Caller | str:
+        import asyncio
+
+        try:
+            tok = tokens.parse(text)
+        except tokens.TokenError:
+            return auth.REFUSED
+        reply = await asyncio.to_thread(ask_one, self.ctx.own, tok, "hello")
+        return auth.Caller(tok) if reply.data is not None else auth.REFUSED
+
+    def body(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.request.body or b"{}")
+        except ValueError:
+            raise ApiError(400, "The request body is not JSON; send a JSON object.") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "The request body must be a JSON object.")
+        return data
+
+    def server_arg(self, server: str) -> str:
+        if server not in self.ctx.servers:
+            raise ApiError(404, f"{server} is not a gateway of this cluster.")
+        return server
+
+
+def _failed(reply: Reply) -> ApiError:
+    status = {"denied": 403, "not_found": 404, "bad_request": 400}.get(reply.code or "", 502)
+    return ApiError(status, reply.error or "The gateway did not answer.")
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:
+        raise ApiError(404, "No such page or API route here; the API is at /api/v1/openapi.json.")
+
+
+class PageHandler(BaseHandler):
+    async def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish((STATIC / "index.html").read_bytes())
+
+
+class OpenApiHandler(BaseHandler):
+    async def get(self) -> None:
+        self.reply(openapi.DOCUMENT)
+
+
+class MeHandler(BaseHandler):
+    async def get(self) -> None:
+        c = await self.caller()
+        self.reply({"user": c.user, "admin": c.admin, "servers": self.ctx.servers})
+
+
+class ClusterHandler(BaseHandler):
+    async def get(self) -> None:
+        c = await self.caller()
+        snap = await self.ctx.snapshot(c)
+        self.reply(
+            {
+                "user": c.user,
+                "admin": c.admin,
+                "servers": [views.server_view(s, *snap[s]) for s in self.ctx.servers],
+            }
+        )
+
+
+class SharesHandler(BaseHandler):
+    async def get(self) -> None:
+        c = await self.caller()
+        snap = await self.ctx.snapshot(c)
+        self.reply({"shares": views.shares_view({s: r[1] for s, r in snap.items()})})
+
+
+class EventsHandler(BaseHandler):
+    async def get(self) -> None:
+        c = await self.caller()
+        snap = await self.ctx.snapshot(c)
+        self.reply({"events": views.events_view({s: r[1] for s, r in snap.items()})})
+
+
+class HistoryHandler(BaseHandler):
+    async def get(self) -> None:
+        c = await self.caller()
+        name = self.get_query_argument("range", "hour")
+        if name not in ("hour", "day"):
+            raise ApiError(400, f"No history range {name!r}; ask for hour or day.")
+        replies = await ask(self.ctx.servers, c.token, ("history", {"range": name}))
+        self.reply(
+            {
+                "range": name,
+                "servers": [
+                    {
+                        "address": s,
+                        "state": r.state,
+                        "error": r.error,
+                        "step_s": (r.data or {}).get("step_s"),
+                        "samples": (r.data or {}).get("samples", []),
+                    }
+                    for s, [r] in replies.items()
+                ],
+            }
+        )
+
+
+class MetricsHandler(BaseHandler):
+    async def get(self) -> None:
+        c = await self.caller()
+        snap = await self.ctx.snapshot(c)
+        servers = [views.server_view(s, *snap[s]) for s in self.ctx.servers]
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(metrics.render(servers))
+
+
+class ReleaseHandler(BaseHandler):
+    async def post(self, server: str, share_id: str) -> None:
+        c = await self.caller(admin=True)
+        [reply] = (
+            await ask([self.server_arg(server)], c.token, ("release", {"share_id": share_id}))
+        )[server]
+        if reply.data is None:
+            raise _failed(reply)
+        self.ctx.forget_snapshots()
+        self.reply({"server": server, "released": share_id})
+
+
+class DrainHandler(BaseHandler):
+    async def post(self, server: str, index: str) -> None:
+        c = await self.caller(admin=True)
+        drain = self.body().get("drain", True)
+        if not isinstance(drain, bool):
+            raise ApiError(400, '"drain" is true (drain the GPU) or false (undrain it).')
+        fields = {"index": int(index), "drain": drain}
+        [reply] = (await ask([self.server_arg(server)], c.token, ("drain", fields)))[server]
+        if reply.data is None:
+            raise _failed(reply)
+        self.ctx.forget_snapshots()
+        self.reply({"server": server, **reply.data})
+
+
+class IdleTimeoutHandler(BaseHandler):
+    async def put(self) -> None:
+        c = await self.caller(admin=True)
+        seconds = self.body().get("seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+            raise ApiError(400, '"seconds" is a number, 0 or more (0 turns the timeout off).')
+        replies = await ask(self.ctx.servers, c.token, ("set_idle_timeout", {"seconds": seconds}))
+        self.ctx.forget_snapshots()
+        self.reply(
+            {
+                "idle_timeout_s": seconds or None,
+                "servers": {s: r.state if r.data else r.error for s, [r] in replies.items()},
+            }
+        )
+
+
+class TokensHandler(BaseHandler):
+    async def post(self) -> None:
+        await self.caller(admin=True)
+        data = self.body()
+        user, admin = data.get("user"), data.get("admin", False)
+        if not isinstance(user, str) or not isinstance(admin, bool):
+            raise ApiError(400, 'Give {"user": NAME} and, for an admin token, "admin": true.')
+        try:
+            tok = tokens.mint(self.ctx.keys.token_secret, self.ctx.keys.public, user, admin)
+        except tokens.TokenError as exc:
+            raise ApiError(400, str(exc)) from None
+        self.reply({"token": str(tok), "user": tok.user, "admin": tok.admin})
+
+
+class RevokeHandler(BaseHandler):
+    async def post(self) -> None:
+        c = await self.caller(admin=True)
+        text = self.body().get("token")
+        try:
+            tok = tokens.parse(text if isinstance(text, str) else "")
+        except tokens.TokenError as exc:
+            raise ApiError(400, f"That is not a token of this pool ({exc}).") from None
+        replies = await ask(self.ctx.servers, c.token, ("revoke", {"nonce": tok.nonce}))
+        self.ctx.verdicts = auth.Verdicts()  # the revoked token must stop working here at once
+        self.reply(
+            {
+                "revoked": tok.user,
+                "servers": {s: r.state if r.data else r.error for s, [r] in replies.items()},
+            }
+        )
+
+
+def make_app(
+    *, own_address: str, peers: list[str], keys: ClusterKeys, state_dir: Path
+) -> web.Application:
+    ctx = Context(own_address, peers, keys)
+    server = r"([^/]+)"
+    routes: list[tuple[str, type[BaseHandler]]] = [
+        (r"/", PageHandler),
+        (r"/api/v1/openapi.json", OpenApiHandler),
+        (r"/api/v1/me", MeHandler),
+        (r"/api/v1/cluster", ClusterHandler),
+        (r"/api/v1/shares", SharesHandler),
+        (r"/api/v1/events", EventsHandler),
+        (r"/api/v1/history", HistoryHandler),
+        (rf"/api/v1/shares/{server}/([^/]+)/release", ReleaseHandler),
+        (rf"/api/v1/gpus/{server}/([0-9]+)/drain", DrainHandler),
+        (r"/api/v1/settings/idle-timeout", IdleTimeoutHandler),
+        (r"/api/v1/tokens", TokensHandler),
+        (r"/api/v1/tokens/revoke", RevokeHandler),
+        (r"/metrics", MetricsHandler),
+    ]
+    return web.Application(
+        [(path, handler, {"ctx": ctx}) for path, handler in routes]
+        + [(r"/static/(.*)", web.StaticFileHandler, {"path": str(STATIC)})],
+        default_handler_class=NotFoundHandler,
+        default_handler_args={"ctx": ctx},
+    )

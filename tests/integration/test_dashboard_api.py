@@ -1,0 +1,75 @@
+"""The dashboard's API against its own OpenAPI document (schemathesis): every route, with
+examples generated from the document, answers as the document says (status, content type,
+schema) and never with a server error. Runs against a real gateway, as an admin and as a
+plain user."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, settings  # noqa: E402
+from schemathesis.checks import (  # noqa: E402
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from tests.conftest import start_web_gateway, stop_leftovers  # noqa: E402
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    gw, base = start_web_gateway(
+        tmp_path_factory.mktemp("dashboard-api"), "--simulate-gpus", "2x16GiB"
+    )
+    # A share, so that views have something in them.
+    holder = gw.bf_background("run", "-m", "2048", "--", "sleep", "120")
+    yield gw, base
+    holder.kill()
+    gw.kill(signal.SIGTERM)
+    stop_leftovers(gw.state_dir)
+
+
+@pytest.fixture(scope="module")
+def api_schema(served):
+    gw, base = served
+    return schemathesis.openapi.from_url(f"{base}/api/v1/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+SETTINGS = settings(
+    max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+)
+
+
+def _check(case, served, admin: bool) -> None:
+    gw, base = served
+    token = gw.token("root", admin=True) if admin else gw.token("alice")
+    case.call_and_validate(
+        base_url=base, headers={"Authorization": f"Bearer {token}"}, checks=CHECKS
+    )
+
+
+@schema.parametrize()
+@SETTINGS
+def test_the_api_answers_an_admin_as_its_document_says(case, served):
+    _check(case, served, admin=True)
+
+
+@schema.parametrize()
+@SETTINGS
+def test_the_api_answers_a_plain_user_as_its_document_says(case, served):
+    _check(case, served, admin=False)
