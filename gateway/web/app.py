@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -29,12 +31,15 @@ class Context:
         self._snapshots: dict[str, tuple[float, dict[str, list[Reply]]]] = {}
 
     async def snapshot(self, caller: auth.Caller) -> dict[str, list[Reply]]:
-        """list_gpus and list_shares of every server, as this caller may see them."""
+        """list_gpus, list_shares and hello (health) of every server, as this caller may
+        see them: ``snap[server] == [gpus, shares, hello]``."""
         key = str(caller.token)
         hit = self._snapshots.get(key)
         if hit and time.monotonic() - hit[0] < SNAPSHOT_S:
             return hit[1]
-        replies = await ask(self.servers, caller.token, ("list_gpus", {}), ("list_shares", {}))
+        replies = await ask(
+            self.servers, caller.token, ("list_gpus", {}), ("list_shares", {}), ("hello", {})
+        )
         if len(self._snapshots) > 100:
             self._snapshots.clear()
         self._snapshots[key] = (time.monotonic(), replies)
@@ -45,9 +50,10 @@ class Context:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
+        self.extra = extra  # more fields of the error's JSON (e.g. each server's answer)
 
 
 class BaseHandler(web.RequestHandler):
@@ -62,8 +68,9 @@ class BaseHandler(web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        extra: dict[str, Any] = {}
         if isinstance(exc, ApiError):
-            message = str(exc)
+            message, extra = str(exc), exc.extra
         elif status_code == 404:
             message = (
                 "No such page or API route here; the API is described at /api/v1/openapi.json."
@@ -73,7 +80,7 @@ class BaseHandler(web.RequestHandler):
         else:
             message = "The dashboard failed on this request; the gateway's log says why."
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"message": message}))
+        self.finish(json.dumps({"message": message, **extra}))
 
     def _handle_request_exception(self, e: BaseException) -> None:
         if isinstance(e, ApiError):
@@ -84,7 +91,7 @@ class BaseHandler(web.RequestHandler):
     def reply(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(data))
+        self.finish(json.dumps(data, allow_nan=False))  # NaN is not JSON
 
     async def caller(self, admin: bool = False) -> auth.Caller:
         text = auth.bearer(self.request.headers.get("Authorization"))
@@ -101,18 +108,19 @@ class BaseHandler(web.RequestHandler):
         return verdict
 
     async def _check(self, text: str) -> auth.Caller | str:
-        import asyncio
-
         try:
             tok = tokens.parse(text)
         except tokens.TokenError:
             return auth.REFUSED
         reply = await asyncio.to_thread(ask_one, self.ctx.own, tok, "hello")
+        if reply.data is None and reply.state != "unauthorized":
+            # A busy gateway is not a verdict on the token: say so, log no one out, cache nothing.
+            raise ApiError(502, "This gateway did not answer in time; try again in a moment.")
         return auth.Caller(tok) if reply.data is not None else auth.REFUSED
 
     def body(self) -> dict[str, Any]:
         try:
-            data = json.loads(self.request.body or b"{}")
+            data = json.loads(self.request.body or b"{}", parse_constant=_not_json)
         except ValueError:
             raise ApiError(400, "The request body is not JSON; send a JSON object.") from None
         if not isinstance(data, dict):
@@ -123,6 +131,25 @@ class BaseHandler(web.RequestHandler):
         if server not in self.ctx.servers:
             raise ApiError(404, f"{server} is not a gateway of this cluster.")
         return server
+
+
+def _not_json(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN and Infinity; JSON has none
+
+
+def _everywhere(replies: dict[str, list[Reply]], done: str, again: str) -> dict[str, str]:
+    """Each server's answer to an action sent to all; a 502 naming those that did not take it,
+    since an admin must not believe a token revoked (or a timeout set) where it is not."""
+    said = {s: "ok" if r.data is not None else (r.error or r.state) for s, [r] in replies.items()}
+    missed = [f"{s} ({text.rstrip('.')})" for s, text in said.items() if text != "ok"]
+    if missed:
+        n = len(said) - len(missed)
+        raise ApiError(
+            502,
+            f"{done} on {n} of {len(said)} servers, not on {', '.join(missed)}; {again}.",
+            servers=said,
+        )
+    return said
 
 
 def _failed(reply: Reply) -> ApiError:
@@ -209,7 +236,7 @@ class MetricsHandler(BaseHandler):
         snap = await self.ctx.snapshot(c)
         servers = [views.server_view(s, *snap[s]) for s in self.ctx.servers]
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.finish(metrics.render(servers))
+        self.finish(metrics.render(servers, admin=c.admin))
 
 
 class ReleaseHandler(BaseHandler):
@@ -242,16 +269,17 @@ class IdleTimeoutHandler(BaseHandler):
     async def put(self) -> None:
         c = await self.caller(admin=True)
         seconds = self.body().get("seconds")
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not math.isfinite(seconds)
+            or seconds < 0
+        ):
             raise ApiError(400, '"seconds" is a number, 0 or more (0 turns the timeout off).')
         replies = await ask(self.ctx.servers, c.token, ("set_idle_timeout", {"seconds": seconds}))
         self.ctx.forget_snapshots()
-        self.reply(
-            {
-                "idle_timeout_s": seconds or None,
-                "servers": {s: r.state if r.data else r.error for s, [r] in replies.items()},
-            }
-        )
+        said = _everywhere(replies, "Set", "set it again when they answer")
+        self.reply({"idle_timeout_s": seconds or None, "servers": said})
 
 
 class TokensHandler(BaseHandler):
@@ -278,12 +306,8 @@ class RevokeHandler(BaseHandler):
             raise ApiError(400, f"That is not a token of this pool ({exc}).") from None
         replies = await ask(self.ctx.servers, c.token, ("revoke", {"nonce": tok.nonce}))
         self.ctx.verdicts = auth.Verdicts()  # the revoked token must stop working here at once
-        self.reply(
-            {
-                "revoked": tok.user,
-                "servers": {s: r.state if r.data else r.error for s, [r] in replies.items()},
-            }
-        )
+        said = _everywhere(replies, "Revoked", "revoke it again when they answer")
+        self.reply({"revoked": tok.user, "servers": said})
 
 
 def make_app(
@@ -300,7 +324,7 @@ def make_app(
         (r"/api/v1/events", EventsHandler),
         (r"/api/v1/history", HistoryHandler),
         (rf"/api/v1/shares/{server}/([^/]+)/release", ReleaseHandler),
-        (rf"/api/v1/gpus/{server}/([0-9]+)/drain", DrainHandler),
+        (rf"/api/v1/gpus/{server}/([0-9]{{1,6}})/drain", DrainHandler),  # int() of any size
         (r"/api/v1/settings/idle-timeout", IdleTimeoutHandler),
         (r"/api/v1/tokens", TokensHandler),
         (r"/api/v1/tokens/revoke", RevokeHandler),

@@ -7,6 +7,7 @@ does not answer costs one timeout (2 s), not one per server.
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ class Reply:
     state: str = "ok"  # ok | unreachable | unauthorized | error
     error: str | None = None
     code: str | None = None  # the protocol's error code (denied, not_found, ...)
+    rtt_ms: float | None = None  # hello's round trip on a connected socket (health)
 
 
 def ask_one(server: str, token: tokens.Token, kind: str, **fields: Any) -> Reply:
@@ -35,7 +37,14 @@ def ask_one(server: str, token: tokens.Token, kind: str, **fields: Any) -> Reply
     except GatewayError as exc:
         return Reply(server, state=state_of(exc), error=str(exc), code=exc.code)
     try:
-        return Reply(server, conn.request(kind, **fields))
+        data = conn.request(kind, **fields)
+        if kind != "hello":
+            return Reply(server, data)
+        # The first hello includes connecting and the handshake; time a second one, as
+        # `bitfusion health` does, so the figure is the network's round trip.
+        start = time.perf_counter()
+        conn.request("hello")
+        return Reply(server, data, rtt_ms=round(1000 * (time.perf_counter() - start), 2))
     except GatewayError as exc:
         return Reply(server, state=state_of(exc), error=str(exc), code=exc.code)
     finally:

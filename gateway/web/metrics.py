@@ -30,8 +30,9 @@ GPU_GAUGES = {
 class _Snapshot:
     """A one-off collector of the cluster view (servers as served by /api/v1/cluster)."""
 
-    def __init__(self, servers: list[dict[str, Any]]) -> None:
+    def __init__(self, servers: list[dict[str, Any]], admin: bool) -> None:
         self.servers = servers
+        self.admin = admin  # only an admin's scrape names owners (a user's has only their own)
 
     def collect(self) -> list[Metric]:
         up = GaugeMetricFamily(
@@ -54,7 +55,7 @@ class _Snapshot:
             )
             for name, (_, text) in GPU_GAUGES.items()
         }
-        share_labels = ["server", "gpu", "share", "owner"]
+        share_labels = ["server", "gpu", "uuid", "share", *(["owner"] if self.admin else [])]
         size = GaugeMetricFamily(
             "bitfusion_share_size_mib", "A share's memory on a GPU, MiB.", labels=share_labels
         )
@@ -87,13 +88,15 @@ class _Snapshot:
                     if values.get(key) is not None:
                         gpu[name].add_metric(labels, float(values[key]))
                 for share in g["shares"]:
-                    labels_s = [server, str(g["index"]), share["share_id"], share["owner"]]
+                    labels_s = [server, str(g["index"]), g["uuid"], share["share_id"]]
+                    if self.admin:
+                        labels_s.append(share["owner"])
                     size.add_metric(labels_s, share["mib"])
                     used.add_metric(labels_s, share["used_mib"])
         return [up, queue, *counters.values(), police, *gpu.values(), size, used]
 
 
-def render(servers: list[dict[str, Any]]) -> bytes:
+def render(servers: list[dict[str, Any]], admin: bool) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(servers))  # type: ignore[arg-type]
+    registry.register(_Snapshot(servers, admin))  # type: ignore[arg-type]
     return generate_latest(registry)

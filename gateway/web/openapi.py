@@ -25,7 +25,14 @@ NULL_NUM = {"type": "number", "nullable": True}
 STATE = {"type": "string", "enum": ["ok", "unreachable", "unauthorized", "error"]}
 
 SCHEMAS: dict[str, Any] = {
-    "Error": _obj({"message": STR}),
+    "Error": _obj(
+        {
+            "message": STR,
+            # An action sent to every server that some did not take: each one's answer.
+            "servers": {"type": "object", "additionalProperties": STR},
+        },
+        required=["message"],
+    ),
     "ShareOnGpu": _obj({"share_id": STR, "owner": STR, "mib": INT, "used_mib": INT}),
     "Gpu": _obj(
         {
@@ -48,6 +55,9 @@ SCHEMAS: dict[str, Any] = {
             "address": STR,
             "state": STATE,
             "error": NULL_STR,
+            "reachable": BOOL,
+            "rtt_ms": NULL_NUM,
+            "uptime_s": NULL_NUM,
             "hostname": NULL_STR,
             "version": NULL_STR,
             "simulated": BOOL,
@@ -143,7 +153,7 @@ ERRORS = {
     "401": _json(_ref("Error"), "No token, or one this pool does not accept."),
     "403": _json(_ref("Error"), "An admin action with a plain user's token."),
     "404": _json(_ref("Error"), "No such server, GPU or share."),
-    "502": _json(_ref("Error"), "The gateway asked did not answer."),
+    "502": _json(_ref("Error"), "A gateway asked did not answer (or did not take it)."),
 }
 
 
@@ -157,7 +167,8 @@ def _op(
 ) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
-        "responses": {"200": ok, **{code: ERRORS[code] for code in errors}},
+        # Any route may answer 502: checking the token asks this gateway, which may be busy.
+        "responses": {"200": ok, **{code: ERRORS[code] for code in (*errors, "502")}},
     }
     if body is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
@@ -243,7 +254,7 @@ DOCUMENT: dict[str, Any] = {
                 body=_obj({"drain": BOOL}),
                 params=[
                     _path_param("server", STR),
-                    _path_param("index", {"type": "integer", "minimum": 0}),
+                    _path_param("index", {"type": "integer", "minimum": 0, "maximum": 999999}),
                 ],
                 errors=ADMIN,
             )
@@ -261,7 +272,7 @@ DOCUMENT: dict[str, Any] = {
                     "The timeout, and each server's answer.",
                 ),
                 body=_obj({"seconds": {"type": "number", "minimum": 0}}),
-                errors=("400", "401", "403"),
+                errors=("400", "401", "403", "502"),
             )
         },
         "/api/v1/tokens": {
@@ -285,7 +296,7 @@ DOCUMENT: dict[str, Any] = {
                     "Whose token, and each server's answer.",
                 ),
                 body=_obj({"token": STR}),
-                errors=("400", "401", "403"),
+                errors=("400", "401", "403", "502"),
             )
         },
         "/metrics": {

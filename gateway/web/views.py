@@ -24,13 +24,18 @@ def _share_rows(shares: list[dict[str, Any]], index: int) -> list[dict[str, Any]
     return rows
 
 
-def server_view(address: str, gpus: Reply, shares: Reply) -> dict[str, Any]:
+def server_view(
+    address: str, gpus: Reply, shares: Reply, hello: Reply | None = None
+) -> dict[str, Any]:
     """One server: its health, and per GPU the memory map (every share's size, anonymous,
     and the details of the shares this token may see)."""
     row: dict[str, Any] = {
         "address": address,
         "state": gpus.state,
         "error": gpus.error,
+        "reachable": gpus.state != "unreachable",
+        "rtt_ms": hello.rtt_ms if hello else None,
+        "uptime_s": (hello.data or {}).get("uptime_s") if hello else None,
         "hostname": None,
         "version": None,
         "simulated": False,

@@ -49,9 +49,10 @@ def test_the_dashboard_shows_the_pool_and_its_shares_to_an_admin(page: Page, das
         expect(row).to_contain_text("alice")
         expect(row).to_contain_text("sleep 120")
         share_id = row.get_attribute("data-share-id")
-        expect(
-            page.locator(f'[data-testid="share-seg"][data-share-id="{share_id}"]')
-        ).to_be_visible()
+        seg = page.locator(f'[data-testid="share-seg"][data-share-id="{share_id}"]')
+        expect(seg).to_be_visible()
+        expect(seg).to_have_class("seg seen")  # alice's, seen by an admin: not "mine"
+        expect(page.get_by_test_id("health")).to_contain_text(" ms · version")
         expect(page.get_by_test_id("chart").first).to_be_visible()
 
         page.get_by_test_id("drain-toggle").nth(1).click()

@@ -89,6 +89,8 @@ def test_a_plain_user_sees_the_cluster_and_only_their_own_shares(cluster):
         assert status == 200 and view["user"] == "alice" and not view["admin"]
         assert [s["hostname"] for s in view["servers"]] == ["first", "second"]
         assert all(s["state"] == "ok" and s["simulated"] for s in view["servers"])
+        for s in view["servers"]:  # health, as `bitfusion health` gives it
+            assert s["reachable"] and 0 < s["rtt_ms"] < 2000 and s["uptime_s"] >= 0
         gpus = [g for s in view["servers"] for g in s["gpus"]]
         assert sorted(m for g in gpus for m in g["share_sizes_mib"]) == [2048, 4096]
         detailed = [sh for g in gpus for sh in g["shares"]]
@@ -188,6 +190,11 @@ def test_metrics_parse_and_match_the_shares(cluster):
         assert used == [1200.0]
         [size] = families["bitfusion_share_size_mib"].samples
         assert size.value == 3000 and size.labels["owner"] == "alice"
+        assert size.labels["uuid"].startswith("GPU-")
+        status, text = web.call("/metrics", first.token("alice"))  # a user's scrape names no one
+        [mine] = [f for f in text_string_to_metric_families(text)
+                  if f.name == "bitfusion_share_size_mib"][0].samples  # fmt: skip
+        assert mine.value == 3000 and "owner" not in mine.labels
         up = {s.labels["server"]: s.value for s in families["bitfusion_server_up"].samples}
         assert up == {first.address: 1.0, second.address: 1.0}
         total = [s for s in families["bitfusion_gpu_memory_total_mib"].samples]
@@ -212,3 +219,22 @@ def test_a_peer_that_is_down_is_shown_as_unreachable(cluster):
     assert states == {first.address: "ok", second.address: "unreachable"}
     [down] = [s for s in view["servers"] if s["address"] == second.address]
     assert "Could not connect" in down["error"] or "did not answer" in down["error"]
+    assert not down["reachable"] and down["rtt_ms"] is None
+    # An action for every server says plainly where it did not happen.
+    admin = first.token("root", admin=True)
+    status, said = web.call("/api/v1/tokens/revoke", admin, "POST", {"token": first.token("eve")})
+    assert status == 502 and said["servers"][first.address] == "ok"
+    assert said["message"].startswith("Revoked on 1 of 2 servers, not on " + second.address)
+    status, said = web.call("/api/v1/settings/idle-timeout", admin, "PUT", {"seconds": 30})
+    assert status == 502 and second.address in said["message"]
+
+
+def test_an_idle_timeout_that_is_not_a_finite_number_is_refused(cluster):
+    first, second, web = cluster
+    headers = {"Authorization": f"Bearer {first.token('root', admin=True)}"}
+    for raw in (b'{"seconds": NaN}', b'{"seconds": Infinity}', b'{"seconds": 1e400}'):
+        req = Request(web.base + "/api/v1/settings/idle-timeout", raw, headers, method="PUT")
+        with pytest.raises(HTTPError) as refused:
+            urlopen(req, timeout=10)
+        assert refused.value.code == 400, raw
+        assert json.loads(refused.value.read())["message"].startswith(("The request", '"seconds"'))

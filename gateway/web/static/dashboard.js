@@ -47,10 +47,16 @@ function gpuView(server, gpu) {
   // Every share is a segment; those the token may see carry their id and usage.
   const visible = [...gpu.shares];
   const anonymous = [...gpu.share_sizes_mib];
-  for (const s of visible) anonymous.splice(anonymous.indexOf(s.mib), 1);
   for (const s of visible) {
+    const i = anonymous.indexOf(s.mib);
+    if (i >= 0) anonymous.splice(i, 1);  // the two lists come from two answers; they may differ
+  }
+  for (const s of visible) {
+    // An admin sees everyone's shares: mine in one colour, other users' (named) in another.
+    const mine = me && s.owner === me.user;
     const seg = el("span", {
-      class: "seg mine", "data-testid": "share-seg", "data-share-id": s.share_id,
+      class: mine ? "seg mine" : "seg seen", "data-testid": "share-seg", "data-share-id": s.share_id,
+      "data-owner": s.owner,
       title: `${s.share_id} (${s.owner}): ${s.used_mib} of ${s.mib} MiB used`,
     });
     seg.style.width = `${(100 * s.mib) / total}%`;
@@ -94,7 +100,9 @@ function serversView(cluster) {
       el("strong", { text: s.hostname || s.address }), " ",
       el("span", { class: "health", "data-testid": "health",
         text: s.state === "ok"
-          ? `${s.address} · up · version ${s.version} · queue ${s.queued}` +
+          ? `${s.address} · up ${age(s.uptime_s ?? 0)} · ` +
+            `${s.rtt_ms === null ? "–" : s.rtt_ms.toFixed(1)} ms · ` +
+            `version ${s.version} · queue ${s.queued}` +
             (s.idle_timeout_s ? ` · idle timeout ${s.idle_timeout_s} s` : "")
           : `${s.address} · ${s.state}` }),
       s.simulated ? el("span", { class: "badge", text: "SIMULATED POOL" }) : null);
