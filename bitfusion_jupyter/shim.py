@@ -171,13 +171,13 @@ class Shim:
             return False
         if channel == "iopub":
             self.ports.iopub.send_multipart(frames)
-            if self.pending is not None and _idle_after(frames, self.pending["parent_id"]):
-                return self._complete_move()
         elif channel in self.ports.routers and msg.get("ident"):
             try:
                 self.ports.routers[channel].send_multipart([bytes.fromhex(msg["ident"]), *frames])
             except zmq.ZMQError:
                 pass  # that frontend is gone
+        if self.pending is not None and _ends_cell(self.pending, channel, frames):
+            return self._complete_move()
         return False
 
     # --- the %bitfusion magic's requests -------------------------------------------------
@@ -284,14 +284,19 @@ def _jupyter_parts(frames: list[Any]) -> dict | None:
         return None
 
 
-def _idle_after(frames: list[bytes], parent_id: str | None) -> bool:
+def _ends_cell(pending: dict, channel: str, frames: list[Any]) -> bool:
+    """True once the cell that asked for a move has both its reply (shell) and its idle
+    status (iopub) delivered. They reach us through different kernel sockets, in either
+    order; moving on the first would lose the other, and leave the cell hanging."""
     parts = _jupyter_parts(frames)
-    return bool(
-        parts
-        and parts["header"].get("msg_type") == "status"
-        and parts["content"].get("execution_state") == "idle"
-        and parts["parent"].get("msg_id") == parent_id
-    )
+    if parts is None or parts["parent"].get("msg_id") != pending.get("parent_id"):
+        return False
+    kind = parts["header"].get("msg_type")
+    if channel == "shell" and kind == "execute_reply":
+        pending["replied"] = True
+    elif kind == "status" and parts["content"].get("execution_state") == "idle":
+        pending["idle"] = True
+    return bool(pending.get("replied") and pending.get("idle"))
 
 
 def start_kernel(grant: Grant, info: dict, kernel: str) -> dict:
