@@ -82,7 +82,9 @@ def _restore_std_fds() -> None:
 
 def _become_shim(connection_file: str, adopt: dict[str, Any]) -> None:
     _restore_std_fds()
-    env = {**os.environ, ADOPT_ENV: json.dumps(adopt)}
+    from jupyter_client.jsonutil import json_default  # headers hold datetimes
+
+    env = {**os.environ, ADOPT_ENV: json.dumps(adopt, default=json_default)}
     argv = [
         sys.executable,
         "-m",
@@ -93,6 +95,34 @@ def _become_shim(connection_file: str, adopt: dict[str, Any]) -> None:
         adopt["kernel"],
     ]
     os.execve(sys.executable, argv, env)
+
+
+def _move_when_cell_ends(shell: Any, connection_file: str, adopt: dict[str, Any]) -> None:
+    """Become the shim once this cell's reply and idle status are out: after EXEC_DELAY_S,
+    or at once when the frontend's next cell arrives first (nbclient, papermill and a quick
+    user send it the moment this one ends). That cell is handed to the shim, which replays
+    it to the new kernel, so it is run there instead of being lost with this process."""
+    kernel = shell.kernel
+    once = threading.Lock()
+
+    def move(replay: dict[str, Any] | None = None) -> None:
+        if once.acquire(blocking=False):
+            _become_shim(connection_file, {**adopt, "replay": replay} if replay else adopt)
+
+    def on_next_cell(*_args: Any) -> None:
+        parent = kernel.get_parent("shell")
+        ident = kernel._get_shell_context_var(kernel._shell_parent_ident)
+        move(
+            {
+                "ident": [bytes(i).hex() for i in ident],
+                "msg": {k: parent[k] for k in ("header", "parent_header", "metadata", "content")},
+            }
+        )
+
+    shell.events.register("pre_run_cell", on_next_cell)
+    timer = threading.Timer(EXEC_DELAY_S, move)
+    timer.daemon = True
+    timer.start()
 
 
 @magics_class
@@ -207,9 +237,7 @@ class BitfusionMagics(Magics):
             "env": grant.env,
             "kernel": kernel,
         }
-        timer = threading.Timer(EXEC_DELAY_S, _become_shim, (get_connection_file(), adopt))
-        timer.daemon = True
-        timer.start()
+        _move_when_cell_ends(self.shell, get_connection_file(), adopt)
 
     def _ask_shim(self, request: dict[str, Any]) -> None:
         kernel = self.shell.kernel  # type: ignore[attr-defined]

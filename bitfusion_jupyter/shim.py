@@ -235,13 +235,24 @@ class Shim:
             "are reset.",
         }
 
-    def _reply_input(self, msg: Message, request_header: dict, value: str) -> None:
+    def _session(self) -> Any:
         from jupyter_client.session import Session  # only when the magic asks
 
-        session = Session(
+        return Session(
             key=self.info.get("key", "").encode(),
             signature_scheme=self.info.get("signature_scheme", "hmac-sha256"),
         )
+
+    def replay(self, cell: dict) -> None:
+        """Send the new kernel a request the local kernel received just before it became
+        this shim (re-signed with the same key, header untouched, so its reply matches)."""
+        frames = self._session().serialize({**cell["msg"], "buffers": []})
+        self.conn.send(
+            "kernel_in", frames, kernel_id=self.kernel_id, channel="shell", ident=cell["ident"][0]
+        )
+
+    def _reply_input(self, msg: Message, request_header: dict, value: str) -> None:
+        session = self._session()
         reply = session.msg("input_reply", {"value": value}, parent=request_header)
         frames = session.serialize(reply)
         self.conn.send(
@@ -253,6 +264,9 @@ class Shim:
         assert pending is not None
         old = self.grant
         if pending["action"] == "local":
+            # Close the ports first: the frontend's next cell then waits in its own socket for
+            # the local kernel, rather than reaching ours and going down with the exec.
+            self.ports.close()
             old.release(timeout=3.0)
             become_local_kernel(self.ports, str(self.info["__file__"]))
             return False  # not reached: exec
@@ -380,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         started = start_kernel(grant, info, args.kernel)
         say(describe(grant, started["kernel"]))
         shim = Shim(ports, info, grant, started, args.server_list)
+        if adopt and held.get("replay"):
+            shim.replay(held["replay"])
         try:
             return shim.run()
         finally:
