@@ -78,7 +78,7 @@ def _local(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--server",
         default=os.environ.get("BITFUSION_LOCAL_SERVER", f"127.0.0.1:{DEFAULT_PORT}"),
-        help="the local gateway (default 127.0.0.1:%(default)s)",
+        help="the local gateway (default %(default)s)",
     )
     _command(p)
 

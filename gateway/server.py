@@ -448,6 +448,14 @@ class Gateway:
         ]
         return Want(n, mib, frac), eligible
 
+    def _no_room_advice(self, eligible: list[int]) -> str:
+        if eligible and set(eligible) <= self.ledger.draining:
+            return (
+                "An admin is draining them: try another server, or --wait SECONDS to queue "
+                "until one is undrained."
+            )
+        return "Try a smaller share, or --wait SECONDS to queue."
+
     def _free_summary(self) -> str:
         parts = [
             f"GPU {g.index} ({g.name}) has {self.ledger.free_mib(g.index)} of "
@@ -498,7 +506,7 @@ class Gateway:
             raise RequestError(
                 protocol.E_NO_FIT,
                 f"No room for {want.describe()} on {self.cfg.hostname} now:{ahead} "
-                f"{self._free_summary()}. Try a smaller share, or --wait SECONDS to queue.",
+                f"{self._free_summary()}. {self._no_room_advice(eligible)}",
             )
         waiter = Waiter(ident, msg, tok.user, want, eligible, time.monotonic() + wait_s)
         self.queue.append(waiter)
