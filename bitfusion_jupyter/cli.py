@@ -111,6 +111,13 @@ def _up(p: argparse.ArgumentParser) -> None:
         metavar="PORT",
         help="JupyterLab's port (default 8888, or a free one when 8888 is taken)",
     )
+    p.add_argument(
+        "--web-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="the gateway's dashboard (default 54000, or a free one when 54000 is taken)",
+    )
 
 
 def _kernelspec(p: argparse.ArgumentParser) -> None:
@@ -314,6 +321,7 @@ def dispatch(args: argparse.Namespace) -> int:
             stay=not args.exit,
             lab=args.lab,
             lab_port=args.lab_port,
+            web_port=args.web_port,
         )
     simple = {
         "list_gpus": pool_views.list_gpus,

@@ -374,6 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     ctx = zmq.Context.instance()
     try:
         ports = LocalPorts(ctx, info)
+    except (KeyError, TypeError) as exc:
+        print(
+            f"bitfusion: the connection file {args.connection_file} lacks {exc}; start the "
+            "kernel from a Jupyter client, which writes a complete one.",
+            file=sys.stderr,
+        )
+        return 2
     except zmq.ZMQError as exc:
         print(f"bitfusion: cannot bind the kernel's ports ({exc}).", file=sys.stderr)
         return 1

@@ -173,6 +173,7 @@ def run(
     stay: bool,
     lab: bool = True,
     lab_port: int | None = None,
+    web_port: int | None = None,
 ) -> int:
     # A closed terminal (SIGHUP) or `kill` (SIGTERM) cleans up as Ctrl-C does: JupyterLab runs
     # in its own session and would otherwise outlive us.
@@ -188,7 +189,8 @@ def run(
     elif simulate is None:
         _say(f"NVML finds {gpus} GPU{'s' if gpus != 1 else ''}: the gateway serves the real ones.")
     args = ["--simulate-gpus", simulate] if simulate else []
-    web_port = DASHBOARD_PORT if _port_free(DASHBOARD_PORT) else free_port()
+    if web_port is None:
+        web_port = DASHBOARD_PORT if _port_free(DASHBOARD_PORT) else free_port()
     args += ["--web-port", str(web_port)]
     _say(f"Starting the gateway on 127.0.0.1:{port} (state in {state_dir}).")
     # The gateway logs to a file, so its lines do not interleave with the walk-through.

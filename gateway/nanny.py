@@ -593,9 +593,9 @@ def cannot_run(program: str, cwd: str | None, exc: BaseException) -> str:
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc)
         if cwd is not None and exc.filename == cwd:
-            return f"bitfusion: cannot run {program!r} in {cwd!r}: {reason}"
-        return f"bitfusion: cannot run {program!r}: {reason}"
-    return f"bitfusion: cannot run {program!r}: {exc}"
+            return f"cannot run {program!r} in {cwd!r}: {reason}"
+        return f"cannot run {program!r}: {reason}"
+    return f"cannot run {program!r}: {exc}"
 
 
 def listen(path: str) -> socket.socket:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -205,6 +206,18 @@ def test_a_kernel_larger_than_the_pool_fails_clearly(client_env, tmp_path):
     r = _run_shim(tmp_path, "-m", "999999")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "largest GPU here has 16384 MiB" in r.stderr
+
+
+def test_an_incomplete_connection_file_is_refused_in_one_sentence(client_env, tmp_path):
+    conn = tmp_path / "kernel.json"
+    conn.write_text('{"key": "k", "shell_port": 1}')
+    r = subprocess.run(
+        [sys.executable, "-m", "bitfusion_jupyter.shim", "--connection-file", str(conn)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "lacks 'ip'" in r.stderr and "Jupyter client" in r.stderr
+    assert client_env.shares() == []  # refused before taking any share
 
 
 def test_nbclient_runs_a_notebook_on_a_share(client_env, tmp_path, monkeypatch):

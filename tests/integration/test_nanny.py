@@ -443,9 +443,7 @@ def test_nanny_survives_sigkill_of_the_process_that_launched_it(run_dir: Path) -
 def test_missing_executable_is_a_clear_error_and_leaves_nothing_behind(run_dir: Path) -> None:
     with pytest.raises(LaunchError) as info:
         launch(["no-such-program-xyz"], dict(os.environ), None, run_dir, "p-missing")
-    assert (
-        str(info.value) == "bitfusion: cannot run 'no-such-program-xyz': No such file or directory"
-    )
+    assert str(info.value) == "cannot run 'no-such-program-xyz': No such file or directory"
     assert not list(run_dir.glob("*.sock")) and not list(run_dir.glob("*.json"))
 
     def no_nanny() -> bool:

@@ -33,10 +33,11 @@ def test_up_serves_jupyterlab_with_the_pool_until_ctrl_c(tmp_path):
         "BITFUSION_CONFIG_DIR": str(tmp_path / "cfg"),
         "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
     }
-    gw_port, lab_port = free_port(), free_port()
+    gw_port, lab_port, web_port = free_port(), free_port(), free_port()
     up = subprocess.Popen(
         [sys.executable, "-m", "bitfusion_jupyter", "up", "--port", str(gw_port)]
-        + ["--lab-port", str(lab_port), "--state-dir", str(tmp_path / "state")],
+        + ["--lab-port", str(lab_port), "--state-dir", str(tmp_path / "state")]
+        + ["--web-port", str(web_port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -66,7 +67,7 @@ def test_up_serves_jupyterlab_with_the_pool_until_ctrl_c(tmp_path):
         # The gateway's cluster dashboard, for the admin token it wrote.
         dash = re.search(r"dashboard is at (http://127\.0\.0\.1:(\d+)/)", out)
         assert dash, out
-        web_port = int(dash.group(2))
+        assert int(dash.group(2)) == web_port
         admin = (tmp_path / "state" / "admin.token").read_text().strip()
         req = Request(
             dash.group(1) + "api/v1/cluster", headers={"Authorization": f"Bearer {admin}"}
