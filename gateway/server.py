@@ -925,19 +925,21 @@ class Gateway:
         usage_files.remove_all_but(self.cfg.state_dir, set(self.ledger.shares))
         utilization = {s.index: s.utilization_pct for s in self.inventory.states()}
         for share in list(self.ledger.shares.values()):
-            if share.id in self.ending:
-                continue
-            usage_files.write(
-                usage_files.path_for(self.cfg.state_dir, share.id),
-                usage_files.record(
-                    share_id=share.id,
-                    server=self.cfg.hostname,
-                    lease=usage_files.lease_state(share.lease_expires, self.cfg.lease_grace_s),
-                    gpus=share.public(self.gpus)["gpus"],
-                    used_mib=self.usage.get(share.id, {}),
-                    utilization=utilization,
-                ),
-            )
+            if share.id not in self.ending:
+                self._write_usage_file(share, utilization)
+
+    def _write_usage_file(self, share: Share, utilization: dict[int, int | None]) -> None:
+        usage_files.write(
+            usage_files.path_for(self.cfg.state_dir, share.id),
+            usage_files.record(
+                share_id=share.id,
+                server=self.cfg.hostname,
+                lease=usage_files.lease_state(share.lease_expires, self.cfg.lease_grace_s),
+                gpus=share.public(self.gpus)["gpus"],
+                used_mib=self.usage.get(share.id, {}),
+                utilization=utilization,
+            ),
+        )
 
     def _touch_proc(self, proc_id: str | None) -> None:
         proc = self.ledger.processes.get(proc_id or "")
