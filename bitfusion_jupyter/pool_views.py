@@ -147,9 +147,12 @@ def health(pool: Pool, as_json: bool) -> int:
                 name=first["server"],
             )
         except GatewayError as exc:
-            row.update(reachable=exc.code != "unreachable", token_accepted=False, error=str(exc))
-            if exc.code == "auth":
-                row["token_accepted"] = False
+            from bitfusion_jupyter.pool_status import state_of
+
+            # A token of another pool fails the encrypted handshake: the server did answer.
+            row.update(
+                reachable=state_of(exc) != "unreachable", token_accepted=False, error=str(exc)
+            )
         results.append(row)
     if as_json:
         print(json.dumps(results, indent=2))

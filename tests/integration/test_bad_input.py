@@ -1,5 +1,6 @@
 """Bad input: one clear sentence, a non-zero exit, no traceback, nothing leaked."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -67,6 +68,9 @@ def test_wrong_token_is_refused(gateway, tmp_path):
         env = gateway.env(BITFUSION_TOKEN=other.token("alice"))
         r = gateway.bf("--timeout", "2", "list_gpus", env=env)
         assert "server key does not match" in _clean(r)
+        # health: the server is there (it answered the handshake), the token is refused.
+        [row] = json.loads(gateway.bf("--timeout", "2", "health", "--json", env=env).stdout)
+        assert row["reachable"] is True and row["token_accepted"] is False
     finally:
         other.kill()
     tok = gateway.token("alice")
