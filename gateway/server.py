@@ -23,7 +23,7 @@ import zmq.asyncio
 
 from gateway import launcher, usage_files
 from gateway.cluster_keys import ClusterKeys
-from gateway.gpus import GpuInventory
+from gateway.gpus import GpuInventory, GpuState
 from gateway.history import RANGES, History
 from gateway.idle import IdleTracker
 from gateway.kernels import DEFAULT_KERNELS, KernelChannels, write_connection_file
@@ -912,43 +912,41 @@ class Gateway:
                     for s in self.ledger.shares.values()
                 ]
                 self.usage = self.police.usage_by_share(usage, policed, session_of)
-                self._write_usage_files()
-                self._note_activity()
+                states = {st.index: st for st in self.inventory.states()}  # one NVML sample
+                self._write_usage_files(states)
+                self._note_activity(states)
                 await self._reclaim_idle()
                 for verdict in self.police.review(usage, policed, session_of):
                     await self._execute(verdict)
             except Exception:
                 log.exception("policing failed")
 
-    def _write_usage_files(self) -> None:
+    def _write_usage_files(self, states: dict[int, GpuState]) -> None:
         # In the loop, not a thread: a share that ends meanwhile must not get its file back.
         usage_files.remove_all_but(self.cfg.state_dir, set(self.ledger.shares))
-        utilization = {s.index: s.utilization_pct for s in self.inventory.states()}
+        utilization = {i: st.utilization_pct for i, st in states.items()}
         for share in list(self.ledger.shares.values()):
-            if share.id not in self.ending:
-                self._write_usage_file(share, utilization)
-
-    def _write_usage_file(self, share: Share, utilization: dict[int, int | None]) -> None:
-        usage_files.write(
-            usage_files.path_for(self.cfg.state_dir, share.id),
-            usage_files.record(
-                share_id=share.id,
-                server=self.cfg.hostname,
-                lease=usage_files.lease_state(share.lease_expires, self.cfg.lease_grace_s),
-                gpus=share.public(self.gpus)["gpus"],
-                used_mib=self.usage.get(share.id, {}),
-                utilization=utilization,
-            ),
-        )
+            if share.id in self.ending:
+                continue
+            usage_files.write(
+                usage_files.path_for(self.cfg.state_dir, share.id),
+                usage_files.record(
+                    share_id=share.id,
+                    server=self.cfg.hostname,
+                    lease=usage_files.lease_state(share.lease_expires, self.cfg.lease_grace_s),
+                    gpus=share.public(self.gpus)["gpus"],
+                    used_mib=self.usage.get(share.id, {}),
+                    utilization=utilization,
+                ),
+            )
 
     def _touch_proc(self, proc_id: str | None) -> None:
         proc = self.ledger.processes.get(proc_id or "")
         if proc is not None:
             self.idle.touch(proc.share_id)
 
-    def _note_activity(self) -> None:
+    def _note_activity(self, states: dict[int, GpuState]) -> None:
         """Sampled work: running commands, GPU memory held on a computing GPU; and history."""
-        states = {st.index: st for st in self.inventory.states()}
         for share in self.ledger.shares.values():
             procs = self.ledger.processes_of(share.id)
             computing = any(
