@@ -1,7 +1,8 @@
-"""Asking every gateway of the cluster one question, with the browser's token.
+"""Asking every gateway of the cluster some questions, with the browser's token.
 
-One short-lived encrypted connection per server and question, in threads, so a server that
-does not answer costs one timeout (2 s), not one per server.
+One short-lived encrypted connection per server, its questions asked in turn, servers in
+threads: a server that does not answer costs one timeout (2 s), not one per server or
+question.
 """
 
 from __future__ import annotations
@@ -31,36 +32,49 @@ class Reply:
     rtt_ms: float | None = None  # hello's round trip on a connected socket (health)
 
 
-def ask_one(server: str, token: tokens.Token, kind: str, **fields: Any) -> Reply:
+def ask_server(
+    server: str, token: tokens.Token, questions: list[tuple[str, dict[str, Any]]]
+) -> list[Reply]:
+    """``server``'s replies to ``questions``, in order, over one connection (one handshake)."""
     try:
         conn = GatewayConnection(server, token, TIMEOUT_S)
     except GatewayError as exc:
-        return Reply(server, state=state_of(exc), error=str(exc), code=exc.code)
+        return [Reply(server, state=state_of(exc), error=str(exc), code=exc.code)] * len(questions)
+    replies: list[Reply] = []
+    try:
+        for kind, fields in questions:
+            # Once the server has stopped answering, the rest would only wait out the timeout.
+            gone = replies and replies[-1].state == "unreachable"
+            replies.append(replies[-1] if gone else _ask(conn, server, kind, fields))
+        return replies
+    finally:
+        conn.close()
+
+
+def _ask(conn: GatewayConnection, server: str, kind: str, fields: dict[str, Any]) -> Reply:
     try:
         data = conn.request(kind, **fields)
         if kind != "hello":
             return Reply(server, data)
-        # The first hello includes connecting and the handshake; time a second one, as
+        # The first hello on a connection may include the handshake; time a second one, as
         # `bitfusion health` does, so the figure is the network's round trip.
         start = time.perf_counter()
         conn.request("hello")
         return Reply(server, data, rtt_ms=round(1000 * (time.perf_counter() - start), 2))
     except GatewayError as exc:
         return Reply(server, state=state_of(exc), error=str(exc), code=exc.code)
-    finally:
-        conn.close()
+
+
+def ask_one(server: str, token: tokens.Token, kind: str, **fields: Any) -> Reply:
+    return ask_server(server, token, [(kind, fields)])[0]
 
 
 def _ask_each(
     servers: list[str], token: tokens.Token, questions: list[tuple[str, dict[str, Any]]]
 ) -> dict[str, list[Reply]]:
-    jobs = [(s, kind, fields) for s in servers for kind, fields in questions]
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(jobs)))) as pool:
-        replies = list(pool.map(lambda j: ask_one(j[0], token, j[1], **j[2]), jobs))
-    out: dict[str, list[Reply]] = {s: [] for s in servers}
-    for (server, _, _), reply in zip(jobs, replies, strict=True):
-        out[server].append(reply)
-    return out
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(servers)))) as pool:
+        replies = pool.map(lambda s: ask_server(s, token, questions), servers)
+        return dict(zip(servers, replies, strict=True))
 
 
 async def ask(
