@@ -182,38 +182,23 @@ def table(local: dict[str, list[float]], shared: dict[str, list[float]], args) -
     med = statistics.median
     rows: list[tuple[str, str, str, str, str, str]] = []
 
-    def add(metric: str, lo: float, sh: float, fmt: str, goal: str, ok: bool | None) -> None:
-        verdict = "" if ok is None else ("met" if ok else "**NOT met**")
-        rows.append((metric, format(lo, fmt), format(sh, fmt), f"{sh / lo:.2f}", goal, verdict))
+    def add(metric: str, lo: float, sh: float, fmt: str, goal: str = "") -> None:
+        """A row; ``goal`` is "≤ X" or "≥ X" for the ratio shared / local, or none."""
+        ratio = sh / lo
+        verdict = ""
+        if goal:
+            bound = float(goal[2:])
+            met = ratio <= bound if goal.startswith("≤") else ratio >= bound
+            verdict = "met" if met else "**NOT met**"
+        rows.append((metric, format(lo, fmt), format(sh, fmt), f"{ratio:.2f}", goal, verdict))
 
-    s_ratio = med(shared["start"]) / med(local["start"])
-    add(
-        f"start to ready, median ms ({args.starts})",
-        med(local["start"]),
-        med(shared["start"]),
-        ",.0f",
-        "≤ 1.25",
-        s_ratio <= 1.25,
-    )
-    e_ratio = med(shared["execute"]) / med(local["execute"])
-    add(
-        f"`pass` round trip, median ms ({args.executes})",
-        med(local["execute"]),
-        med(shared["execute"]),
-        ".2f",
-        "≤ 1.10",
-        e_ratio <= 1.10,
-    )
-    add("`pass` round trip, p99 ms", p99(local["execute"]), p99(shared["execute"]), ".2f", "", None)
-    o_ratio = med(shared["output"]) / med(local["output"])
-    add(
-        f"{args.mib} MiB stdout, median MiB/s (3)",
-        med(local["output"]),
-        med(shared["output"]),
-        ",.1f",
-        "≥ 0.80",
-        o_ratio >= 0.8,
-    )
+    def medians(key: str) -> tuple[float, float]:
+        return med(local[key]), med(shared[key])
+
+    add(f"start to ready, median ms ({args.starts})", *medians("start"), ",.0f", "≤ 1.25")
+    add(f"`pass` round trip, median ms ({args.executes})", *medians("execute"), ".2f", "≤ 1.10")
+    add("`pass` round trip, p99 ms", p99(local["execute"]), p99(shared["execute"]), ".2f")
+    add(f"{args.mib} MiB stdout, median MiB/s (3)", *medians("output"), ",.1f", "≥ 0.80")
 
     head = ("metric", "local", "shared", "ratio", "goal", "")
     widths = [max(len(r[i]) for r in (head, *rows)) for i in range(6)]
