@@ -16,6 +16,7 @@ from pathlib import Path
 
 from remoting import tokens
 from remoting.client import split_address
+from remoting.json_file import write_json
 from remoting.protocol import DEFAULT_PORT
 
 SYSTEM_SERVERS_CONF = Path(
@@ -68,11 +69,7 @@ def init(token_text: str, server: str | None) -> Path:
     directory = config_dir()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = _client_file()
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    write_json(path, data, mode=0o600, indent=2)  # it holds tokens
     if server:
         add_server(server)
     return path

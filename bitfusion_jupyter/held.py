@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bitfusion_jupyter import config
 from gateway.processes import pid_alive
+from remoting.json_file import write_json
 
 
 @dataclass(frozen=True)
@@ -86,19 +87,16 @@ def start_holder(server: str, share: dict, lease_s: float) -> Held:
         start_new_session=True,
     )
     held = Held(server, share["share_id"], lease_s, proc.pid, share, path)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps(
-            {
-                "server": server,
-                "share_id": held.share_id,
-                "lease_s": lease_s,
-                "holder_pid": proc.pid,
-                "share": share,
-            }
-        )
+    write_json(
+        path,
+        {
+            "server": server,
+            "share_id": held.share_id,
+            "lease_s": lease_s,
+            "holder_pid": proc.pid,
+            "share": share,
+        },
     )
-    os.replace(tmp, path)
     return held
 
 

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from remoting.json_file import write_json
+
 SUFFIX = ".bitfusion.json"
 
 
@@ -35,10 +37,8 @@ def write(connection_file: str | Path, server: str, share: dict[str, Any], kerne
             {k: g[k] for k in ("index", "name", "uuid", "mib", "simulated")} for g in share["gpus"]
         ],
     }
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(json.dumps(content))
-        os.replace(tmp, path)
+        write_json(path, content)
     except OSError:
         pass  # a read-only runtime dir costs the panel its view, not the kernel its run
 

@@ -9,12 +9,13 @@ removed when this process ends (and ignored by the gateway if it is killed outri
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 import time
 from pathlib import Path
+
+from remoting.json_file import write_json
 
 EXIT_USAGE = 2
 
@@ -55,11 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _on_signal)
     claim = Path(usage_dir) / f"{os.getpid()}.json"
-    tmp = claim.with_name(f".{claim.name}.tmp")
     try:
-        # Write then rename, so the gateway never reads a half-written claim.
-        tmp.write_text(json.dumps({u.strip(): args.mib for u in uuids}))
-        os.replace(tmp, claim)
+        write_json(claim, {u.strip(): args.mib for u in uuids})  # never read half-written
         print(f"allocated {args.mib} MiB on {', '.join(uuids)} (simulated)", flush=True)
         if args.seconds is not None:
             time.sleep(max(args.seconds, 0))
@@ -67,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
             while True:
                 time.sleep(3600)
     finally:
-        tmp.unlink(missing_ok=True)
         claim.unlink(missing_ok=True)
     return 0
 

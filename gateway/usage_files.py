@@ -9,12 +9,12 @@ the share ends.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from remoting.json_file import write_json
 
 ENV = "BITFUSION_USAGE_FILE"
 
@@ -67,9 +67,7 @@ def record(
 
 def write(path: Path, content: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(content))
-    os.replace(tmp, path)
+    write_json(path, content)
 
 
 def remove(path: Path) -> None:
