@@ -210,6 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if current is None
         else Pool([current.server], args.timeout)
     )
+    stream: ProcessStream | None = None
     try:
         if current is not None:
             grant = Grant(pool.connect(current.server), current.share, current.lease_s)
@@ -224,9 +225,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 argv=argv,
                 env={"BITFUSION_CLIENT_HOST": socket.gethostname()},
             )
-            return ProcessStream(grant.conn, grant.share_id, data["proc_id"], grant.lease_s).run()
+            stream = ProcessStream(grant.conn, grant.share_id, data["proc_id"], grant.lease_s)
+            return stream.run()
         finally:
-            if ephemeral:
+            # A share whose lease ran out is gone already: say so now, not after a release
+            # that cannot reach anyone.
+            if ephemeral and not (stream and stream.lease_gone):
                 grant.release(timeout=5.0)
     finally:
         pool.close()

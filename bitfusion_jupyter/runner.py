@@ -42,6 +42,7 @@ class ProcessStream:
         self.stdin_open = True
         self.signals: list[int] = []
         self.lost_since: float | None = None
+        self.lease_gone = False  # the link was down past the lease: the gateway ended the share
         self.lease_s = lease_s
         self.next_renew = time.monotonic() + self.renew_every
 
@@ -155,6 +156,7 @@ class ProcessStream:
                     f"{self.lease_s:g} s..."
                 )
             elif now - self.lost_since > self.lease_s + self.renew_every:
+                self.lease_gone = True
                 raise GatewayError(
                     self.conn.address,
                     f"Lost the gateway {self.conn.address} for "

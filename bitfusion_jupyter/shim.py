@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     info["__file__"] = str(args.connection_file)
     pool: Pool | None = None
     grant: Grant | None = None
+    shim: Shim | None = None
     try:
         pool = Pool.from_config(args.server_list, args.timeout, zero_copy=True)
         adopt = os.environ.pop(ADOPT_ENV, None)
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bitfusion: {exc}", file=sys.stderr)
         return 1
     finally:
-        if grant is not None:
+        if grant is not None and not (shim and shim.stream.lease_gone):
             grant.release(timeout=3.0)
         if pool is not None:
             pool.close()

@@ -30,20 +30,26 @@ class SpawnedGateway:
     process_env: Mapping[str, str] | None = None  # the gateway process's environment
     log_path: Path | None = None  # None: the gateway writes to our stderr
     name: str | None = None
+    # Where it listens and is reached, and what runs it: tests that put a gateway on its own
+    # host (a network namespace) give ``0.0.0.0``, that host's address and ``ip netns exec``.
+    bind: str = "127.0.0.1"
+    host: str = "127.0.0.1"
+    prefix: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
     _tokens: dict[str, str] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self, timeout: float = 20.0) -> None:
         argv = [
+            *self.prefix,
             sys.executable,
             "-m",
             "gateway",
             "--bind",
-            "127.0.0.1",
+            self.bind,
             "--port",
             str(self.port),
             "--state-dir",
@@ -66,7 +72,8 @@ class SpawnedGateway:
             if self.proc.poll() is not None:
                 raise SpawnError(f"The gateway stopped right after starting. {self.log()}")
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                s.settimeout(1)
+                if s.connect_ex((self.host, self.port)) == 0:
                     return
             time.sleep(0.05)
         raise SpawnError(f"The gateway did not open port {self.port} within {timeout:g} s.")

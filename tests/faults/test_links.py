@@ -1,0 +1,141 @@
+"""Pulled cables between the client host and the GPU servers.
+
+A short cut must cost nothing: the kernel lives on, and every output line arrives once, in
+order, after the link returns. A cut longer than the lease grace must cost the share: the
+server ends it and its processes, and the client says so in one sentence.
+"""
+
+from __future__ import annotations
+
+import time
+
+from tests.faults.conftest import PRINTS_ITS_PID_AND_WAITS, wait_for
+
+PRINTS_FOR_10_S = (
+    "import time\n"
+    "for i in range(100):\n"
+    "    print(i, time.time(), flush=True)\n"
+    "    time.sleep(0.1)\n"
+)
+
+
+def _line_arrivals(arrivals: list[tuple[float, str]]) -> list[tuple[str, float]]:
+    """(first word, arrival time) of each whole line; a line may come in several chunks,
+    and it arrived with the chunk that completed it."""
+    done, partial = [], ""
+    for arrived, text in arrivals:
+        partial += text
+        *lines, partial = partial.split("\n")
+        done += [(line.split()[0], arrived) for line in lines if line]
+    return done
+
+
+def test_a_kernel_rides_out_a_5_s_cut_and_every_output_arrives_once(cluster, figures):
+    fe = cluster.frontend()
+    fe.call("start", args=["-m", "1024"])
+    fe.send_cell(PRINTS_FOR_10_S, timeout=120)
+    time.sleep(2)
+    cluster.client.cut()
+    cut_at = time.time()
+    time.sleep(5)
+    cluster.client.restore()
+    restored_at = time.time()
+
+    out = fe.outcome()
+    assert out["status"] == "ok", out
+    lines = [line.split() for line in out["stdout"].splitlines()]
+    assert [int(n) for n, _ in lines] == list(range(100)), "output lost or duplicated"
+    # The cut was real: what the kernel printed well inside it reached us only afterwards.
+    printed_inside = {n for n, t in lines if cut_at + 0.5 < float(t) < restored_at - 0.5}
+    assert printed_inside, "the kernel printed nothing during the cut"
+    for n, arrived in _line_arrivals(out["arrivals"]):
+        if n in printed_inside:
+            assert arrived >= restored_at - 0.1, f"line {n} crossed a pulled cable"
+    figures["lines"] = len(lines)
+    figures["lines held back by the cut"] = len(printed_inside)
+    figures["s from restore to first held-back line"] = round(
+        min(a for n, a in _line_arrivals(out["arrivals"]) if n in printed_inside) - restored_at,
+        2,
+    )
+
+    assert fe.run_cell("print(i)")["stdout"] == "99\n", "the kernel lost its state"
+    assert len(cluster.shares()) == 1
+
+
+def test_a_command_rides_out_a_5_s_cut(cluster):
+    client = cluster.run_python(
+        "import time\nfor i in range(80):\n    print(i)\n    time.sleep(0.1)\n", "-m", "1024"
+    )
+    assert client.stdout.readline() == "0\n"
+    cluster.client.cut()
+    time.sleep(5)
+    cluster.client.restore()
+    out, err = client.communicate(timeout=60)
+    assert client.returncode == 0, err
+    assert [int(x) for x in ("0\n" + out).split()] == list(range(80)), "lost or duplicated"
+    assert wait_for(lambda: not cluster.shares(), 15), "share not given back"
+
+
+def test_a_cut_longer_than_the_lease_ends_the_command_and_says_so(short_lease_cluster, figures):
+    cluster = short_lease_cluster
+    client = cluster.run_python(PRINTS_ITS_PID_AND_WAITS, "-m", "1024")
+    remote_pid = int(client.stdout.readline())
+    assert len(cluster.shares()) == 1
+    cluster.client.cut()
+    cut_at = time.monotonic()
+    try:
+        cluster.expect_freed(figures, "s from cut to share freed", cut_at, remote_pid)
+        client.wait(timeout=cluster.lease_grace_s * 3 + 15)  # it gives up while the cable is out
+        figures["s from cut to client's message and exit"] = round(time.monotonic() - cut_at, 2)
+    finally:
+        cluster.client.restore()
+    err = client.stderr.read()
+    assert client.returncode == 1, err
+    assert "Traceback" not in err
+    assert "lost the gateway" in err and "retrying" in err
+    assert (
+        f"for longer than the lease grace ({cluster.lease_grace_s:g} s); the share and its "
+        "processes have been ended there." in err
+    )
+    events = cluster.gateways["gpu1"].bf("list_shares", "--json", user="root", admin=True)
+    assert "lease_expired" in events.stdout
+
+
+def test_a_cut_longer_than_the_lease_ends_the_kernel_and_frees_its_share(
+    short_lease_cluster, figures
+):
+    cluster = short_lease_cluster
+    fe = cluster.frontend()
+    fe.call("start", args=["-m", "1024"])
+    remote_pid = int(fe.run_cell("import os; print(os.getpid())")["stdout"])
+    cluster.client.cut()
+    cut_at = time.monotonic()
+    try:
+        cluster.expect_freed(figures, "s from cut to share freed", cut_at, remote_pid)
+        # The shim gives up too, so the frontend sees a dead kernel it can restart.
+        assert fe.call("wait_dead", timeout=cluster.lease_grace_s * 3 + 15)["dead"]
+        figures["s from cut to the frontend seeing a dead kernel"] = round(
+            time.monotonic() - cut_at, 2
+        )
+    finally:
+        cluster.client.restore()
+    fe.call("restart")
+    assert fe.run_cell("print('back')")["stdout"] == "back\n"
+    assert len(cluster.shares()) == 1
+
+
+def test_a_server_cut_off_hides_neither_the_other_nor_its_kernels(cluster):
+    fe = cluster.frontend()
+    fe.call("start", args=["-m", "1024", "-l", cluster.gateways["gpu1"].address])
+    cluster.network.hosts["gpu2"].cut()
+    try:
+        listed = cluster.bf("list_gpus", timeout=60)
+        assert "gpu1" in listed.stdout or cluster.gateways["gpu1"].address in listed.stdout
+        assert cluster.gateways["gpu2"].address in listed.stderr, listed
+        assert "Traceback" not in listed.stderr
+        assert fe.run_cell("print(6 * 7)")["stdout"] == "42\n"
+        ran = cluster.bf("run", "-m", "1024", "--", "true", timeout=60)
+        assert ran.returncode == 0, ran.stderr
+    finally:
+        cluster.network.hosts["gpu2"].restore()
+    assert wait_for(lambda: cluster.bf("list_gpus").returncode == 0, 20)
