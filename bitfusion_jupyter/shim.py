@@ -334,7 +334,7 @@ def become_local_kernel(ports: LocalPorts, connection_file: str) -> None:
         [
             sys.executable,
             "-m",
-            "ipykernel_launcher",
+            "bitfusion_jupyter.local_kernel",
             "-f",
             connection_file,
             "--IPKernelApp.extensions=bitfusion_jupyter",
