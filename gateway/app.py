@@ -8,6 +8,7 @@ import logging
 import os
 import sqlite3
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     create = token_sub.add_parser("create", help="print a new token")
     create.add_argument("--user", default=os.environ.get("USER", "user"))
     create.add_argument("--admin", action="store_true", help="a token that sees every share")
+    create.add_argument(
+        "--expires",
+        metavar="DURATION",
+        default=None,
+        help="refuse the token after this long, e.g. 90m, 8h or 30d (default: never)",
+    )
     create.add_argument("--state-dir", type=Path, default=None, dest="token_state_dir")
     revoke = token_sub.add_parser("revoke", help="revoke a token")
     revoke.add_argument("token")
@@ -139,10 +146,19 @@ def _token(args: argparse.Namespace, state_dir: Path) -> int:
     _prepare_state_dir(state_dir)
     keys = cluster_keys.load_or_create(state_dir)
     if args.token_command == "create":
+        expires = None
+        if args.expires is not None:
+            try:
+                expires = int(time.time()) + tokens.parse_duration(args.expires)
+            except tokens.TokenError as exc:
+                raise UsageError(f"--expires {exc}") from None
         try:
-            print(tokens.mint(keys.token_secret, keys.public, args.user, args.admin))
+            tok = tokens.mint(keys.token_secret, keys.public, args.user, args.admin, expires)
         except tokens.TokenError as exc:
             raise UsageError(str(exc)) from None
+        print(tok)
+        if expires is not None:  # on stderr: stdout is the token alone, for `> alice.token`
+            print(f"This token of {tok.user} expires on {tok.expires_text}.", file=sys.stderr)
         return 0
     tok = tokens.parse(args.token)
     from gateway.ledger import Ledger

@@ -20,7 +20,7 @@ def session_of(pid: int) -> int | None:
     """The session id of ``pid``; None when it is gone or not ours to ask about."""
     try:
         return os.getsid(pid)
-    except (ProcessLookupError, PermissionError):
+    except (ProcessLookupError, PermissionError, OverflowError):  # OverflowError: a huge pid
         return None
 
 

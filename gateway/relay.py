@@ -39,6 +39,7 @@ class Relay:
         self.on_exit = on_exit
         self.on_closed = on_closed
         self.subscriber: bytes | None = None
+        self.owner: str | None = None  # the share's owner: only they (or an admin) may watch
         self.link: NannyLink | None = None
         self.exit_seq: int | None = None
         self.exit_code: int | None = None

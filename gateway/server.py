@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import socket
@@ -21,13 +22,14 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from gateway import launcher, usage_files
+from gateway import handshakes, launcher, usage_files
 from gateway.cluster_keys import ClusterKeys
 from gateway.gpus import GpuInventory, GpuState
 from gateway.history import RANGES, History
 from gateway.idle import IdleTracker
 from gateway.kernels import DEFAULT_KERNELS, KernelChannels, write_connection_file
 from gateway.ledger import Ledger, Process, Share
+from gateway.log_limit import LogLimit
 from gateway.mps import mps_running
 from gateway.nanny_link import NannyGone
 from gateway.placement import Want, never_fits, place
@@ -39,6 +41,7 @@ from remoting import filters, protocol, tokens
 from remoting.protocol import Message, ProtocolError
 
 log = logging.getLogger("bitfusion.gateway")
+MAX_CONNECTIONS_TRACKED = 10_000  # request ids remembered per connection, for replays
 
 
 @dataclass
@@ -85,9 +88,10 @@ class KernelState:
 class RequestError(Exception):
     """Ends a request with a clear error sentence and a protocol error code."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, replay: bool = False):
         super().__init__(message)
         self.code = code
+        self.replay = replay  # a request id seen before on its connection
 
 
 class Gateway:
@@ -123,6 +127,8 @@ class Gateway:
         self._tasks: list[asyncio.Task[Any]] = []
         self._background: set[asyncio.Task[Any]] = set()  # keeps fire-and-forget tasks alive
         self.started = time.time()
+        self.refusals = LogLimit(log)  # every refusal is logged, a flood of them is counted
+        self.last_ids: dict[bytes, int] = {}  # connection -> its last request id (replays)
 
     # --- life cycle ----------------------------------------------------------------------
     def bind(self) -> None:
@@ -139,6 +145,7 @@ class Gateway:
             asyncio.create_task(self._receive_loop()),
             asyncio.create_task(self._tick_loop()),
             asyncio.create_task(self._police_loop()),
+            asyncio.create_task(handshakes.watch(self.sock, self.refusals)),
         ]
         await self._stop.wait()
         for t in self._tasks:
@@ -237,7 +244,9 @@ class Gateway:
         try:
             msg = protocol.decode(body)
         except ProtocolError as exc:
-            log.warning("dropped a malformed message: %s", exc)
+            self.refusals.warning(
+                "malformed", "dropped a malformed message (connection %s): %s", ident.hex(), exc
+            )
             msg_id = _salvage_id(body)
             if msg_id is not None:
                 await self._error(
@@ -246,17 +255,35 @@ class Gateway:
             return
         spec = protocol.MESSAGES[msg.type]
         if not spec.authenticated or msg.type == "reply":
-            log.warning("dropped a %r message sent to the gateway", msg.type)
+            self.refusals.warning(
+                "malformed",
+                "dropped a %r message sent to the gateway (connection %s)",
+                msg.type,
+                ident.hex(),
+            )
             return
+        tok: tokens.Token | None = None
         try:
             tok = self._authenticate(msg["token"])
+            if spec.request:
+                self._check_fresh_id(ident, msg["id"])
             handler = getattr(self, f"_on_{msg.type}")
             result = await handler(ident, msg, tok)
             if spec.request and result is not None:
                 await self._reply(ident, msg["id"], **result)
         except RequestError as exc:
-            if exc.code in (protocol.E_AUTH, protocol.E_DENIED):
-                log.warning("refused %s: %s", msg.type, exc)
+            # Who was refused what, on which connection: auth and denials are warnings (an
+            # attack or a stale token); a request that merely cannot be served is info.
+            security = exc.code in (protocol.E_AUTH, protocol.E_DENIED) or exc.replay
+            self.refusals.line(
+                logging.WARNING if security else logging.INFO,
+                f"refused:{tok.user if tok else '?'}",
+                "refused %s from %s (connection %s): %s",
+                msg.type,
+                f"user {tok.user}" if tok else _claimed(msg["token"]),
+                ident.hex(),
+                exc,
+            )
             if spec.request:
                 await self._error(ident, msg["id"], exc.code, str(exc))
         except Exception:
@@ -285,7 +312,30 @@ class Gateway:
             raise RequestError(
                 protocol.E_AUTH, "This token has been revoked; ask your admin for a new one."
             )
+        if tok.expired():
+            raise RequestError(
+                protocol.E_AUTH,
+                f"This token of {tok.user} expired on {tok.expires_text}; ask your admin for "
+                "a new one.",
+            )
         return tok
+
+    def _check_fresh_id(self, ident: bytes, msg_id: int) -> None:
+        """Refuse a request id at or below the last one on this connection: a replayed or
+        duplicated request (clients count ids up from 1 on each connection). One int per
+        connection, the oldest forgotten past MAX_CONNECTIONS_TRACKED."""
+        last = self.last_ids.pop(ident, None)
+        if last is not None and msg_id <= last:
+            self.last_ids[ident] = last
+            raise RequestError(
+                protocol.E_BAD_REQUEST,
+                f"Request id {msg_id} was already used on this connection (a replayed or "
+                "duplicated request); it was not carried out.",
+                replay=True,
+            )
+        self.last_ids[ident] = msg_id
+        if len(self.last_ids) > MAX_CONNECTIONS_TRACKED:
+            del self.last_ids[next(iter(self.last_ids))]
 
     # --- ownership -----------------------------------------------------------------------
     def _share(self, share_id: str, tok: tokens.Token) -> Share:
@@ -294,6 +344,13 @@ class Gateway:
         if share is None or (share.owner != tok.user and not tok.admin):
             if share is not None:
                 self.ledger.event("denied", tok.user, share_id, "touched another user's share")
+                self.refusals.warning(
+                    f"refused:{tok.user}",
+                    "refused user %s on share %s of %s (answered as a missing share)",
+                    tok.user,
+                    share_id,
+                    share.owner,
+                )
             raise RequestError(
                 protocol.E_NOT_FOUND,
                 f"No share {share_id} of yours is held on {self.cfg.hostname}; it may have "
@@ -303,13 +360,22 @@ class Gateway:
 
     def _relay(self, proc_id: str, tok: tokens.Token) -> Relay | None:
         relay = self.relays.get(proc_id)
-        proc = self.ledger.processes.get(proc_id)
-        share_id = proc.share_id if proc else None
         if relay is None:
             return None
-        share = self.ledger.shares.get(share_id or "")
-        if share is not None and share.owner != tok.user and not tok.admin:
+        # The owner recorded with the relay, not looked up: a process that has exited (or
+        # whose share has ended) keeps its relay until its output is acked, and that output
+        # is still its owner's alone.
+        if relay.owner != tok.user and not tok.admin:
+            proc = self.ledger.processes.get(proc_id)
+            share_id = proc.share_id if proc else None
             self.ledger.event("denied", tok.user, share_id, f"touched process {proc_id}")
+            self.refusals.warning(
+                f"refused:{tok.user}",
+                "refused user %s on process %s of %s (dropped)",
+                tok.user,
+                proc_id,
+                relay.owner,
+            )
             return None
         return relay
 
@@ -429,6 +495,8 @@ class Gateway:
             raise RequestError(protocol.E_BAD_REQUEST, "-m must be at least 1 MiB.")
         if frac is not None and not 0 < frac <= 1:
             raise RequestError(protocol.E_BAD_REQUEST, f"-p {frac} is outside (0, 1].")
+        if _finite(msg.get("wait_s") or 0) is None:  # NaN would wait in the queue for ever
+            raise RequestError(protocol.E_BAD_REQUEST, "--wait takes a number of seconds.")
         try:
             flt = filters.check_wire(msg.get("filters") or [])
         except filters.FilterError as exc:
@@ -582,14 +650,39 @@ class Gateway:
             "usage_mib": {str(k): v for k, v in self.usage.get(share.id, {}).items()},
         }
 
-    async def _on_release(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
+    async def _on_release(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
         share = self._share(msg["share_id"], tok)
-        await self.end_share(share, f"released by {tok.user}", tok.user)
-        return {"released": share.id}
+        ending = self._release(ident, msg["id"], share, tok.user)
+        if self.ledger.processes_of(share.id) or share.id in self.ending:
+            # Its processes get up to the terminate grace to stop: wait beside the receive
+            # loop, answered when done, so one release never stalls every other client
+            # (their renewals included, whose leases would run out meanwhile).
+            self._spawn_task(ending)
+        else:
+            await ending  # nothing to wait for: answered at once, in order
+        return None
+
+    async def _release(self, ident: bytes, msg_id: int, share: Share, user: str) -> None:
+        try:
+            await self.end_share(share, f"released by {user}", user)
+        except Exception:
+            log.exception("internal error while releasing %s", share.id)
+            await self._error(
+                ident,
+                msg_id,
+                protocol.E_INTERNAL,
+                f"The gateway failed to release share {share.id}; its log says why.",
+            )
+            return
+        await self._reply(ident, msg_id, released=share.id)
 
     async def end_share(self, share: Share, reason: str, user: str | None = None) -> None:
         """Stop a share's processes, then free its memory; safe to call twice."""
         if share.id in self.ending:
+            # Someone else is ending it (its lease ran out, a second release): return once
+            # that is done, so a release is never answered while the share is still held.
+            while share.id in self.ending:
+                await asyncio.sleep(0.05)
             return
         self.ending.add(share.id)
         try:
@@ -705,6 +798,8 @@ class Gateway:
             on_closed=lambda: self.relays.pop(proc.id, None),
         )
         relay.subscriber = subscriber
+        share = self.ledger.shares.get(proc.share_id)
+        relay.owner = share.owner if share is not None else None
         await relay.start(out_from)
         self.relays[proc.id] = relay
 
@@ -796,12 +891,24 @@ class Gateway:
         share = self.ledger.shares.get(state.share_id)
         if share is None or (share.owner != tok.user and not tok.admin):
             self.ledger.event("denied", tok.user, state.share_id, "wrote to another's kernel")
+            self.refusals.warning(
+                f"refused:{tok.user}",
+                "refused user %s on kernel %s of share %s (dropped)",
+                tok.user,
+                state.kernel_id,
+                state.share_id,
+            )
             return
         if msg["channel"] not in ("shell", "control", "stdin"):
             return
         try:
-            frontend = bytes.fromhex(msg.get("ident") or "")
+            frontend: bytes | None = bytes.fromhex(msg.get("ident") or "")
         except ValueError:
+            frontend = None
+        if frontend is None or len(frontend) > 255:  # a ZMQ routing id: 1 to 255 bytes, or none
+            self.refusals.info(
+                "malformed", "dropped kernel_in from user %s: a bad frontend ident", tok.user
+            )
             return
         state.subscriber = ident
         self.idle.touch(state.share_id)
@@ -1014,8 +1121,8 @@ class Gateway:
         self, ident: bytes, msg: Message, tok: tokens.Token
     ) -> dict[str, Any]:
         self._admin(tok, "set the idle timeout")
-        seconds = float(msg["seconds"])
-        if seconds < 0 or seconds != seconds or seconds == float("inf"):
+        seconds = _finite(msg["seconds"])
+        if seconds is None or seconds < 0:
             raise RequestError(
                 protocol.E_BAD_REQUEST,
                 "The idle timeout is a number of seconds, 0 or more (0 turns it off).",
@@ -1069,6 +1176,23 @@ _FORWARDED_SIGNALS = {
         signal.SIGWINCH,
     )
 }
+
+
+def _finite(value: int | float) -> float | None:
+    """A number from the wire as a float; None for NaN, infinities and ints beyond any float."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _claimed(text: str) -> str:
+    """Who a refused token says it is, for the log (not to be believed: it was refused)."""
+    try:
+        return f"a refused token of user {tokens.parse(text).user}"
+    except tokens.TokenError:
+        return "a message whose token is not a bitfusion token"
 
 
 def _salvage_id(body: Sequence[bytes]) -> int | None:

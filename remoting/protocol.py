@@ -195,6 +195,17 @@ def as_bytes(frame: Any) -> bytes:
     return frame if isinstance(frame, bytes) else frame.bytes
 
 
+def _unicode(header: dict[str, Any]) -> bool:
+    """False when a string holds a lone surrogate ("\\ud800" is valid JSON, but no text: it
+    breaks UTF-8 wherever it goes next, a database, a log, a file name). Only asked when the
+    raw header has an escape or such a byte, so plain ASCII headers cost nothing more."""
+    try:
+        json.dumps(header, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def decode(frames: Sequence[Any]) -> Message:
     """Read the frames of one message; anything malformed raises ProtocolError.
 
@@ -210,8 +221,12 @@ def decode(frames: Sequence[Any]) -> Message:
         header = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"message header is not JSON ({exc.__class__.__name__}).") from None
+    except RecursionError:  # json nests by recursion: '[' * 30000 fits in the size limit
+        raise ProtocolError("message header is nested too deeply.") from None
     if not isinstance(header, dict):
         raise ProtocolError("message header is not a JSON object.")
+    if (b"\\u" in raw or b"\xed" in raw) and not _unicode(header):
+        raise ProtocolError("message header holds a string that is not Unicode text.")
     payloads = tuple(frames[2:])
     for p in payloads:
         if len(p) > MAX_PAYLOAD_BYTES:
