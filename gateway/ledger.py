@@ -186,7 +186,7 @@ class Ledger:
                 raise RuntimeError(f"refusing to over-grant GPU {index}")
         now = time.time()
         share = Share(
-            id="s-" + secrets.token_hex(4),
+            id=self.new_id("s-", "shares"),
             owner=owner,
             client_host=client_host,
             gpus=dict(placement),
@@ -212,6 +212,15 @@ class Ledger:
             self._event("grant", owner, share.id, f"{want.describe()} on GPUs {list(placement)}")
         self.shares[share.id] = share
         return share
+
+    def new_id(self, prefix: str, table: str) -> str:
+        """A short id (prefix + 8 hex digits) that no row of ``table`` has had: ended shares
+        and processes stay in the tables, and 32 random bits collide after some 10^4 ids."""
+        assert table in ("shares", "processes")
+        while True:
+            candidate = prefix + secrets.token_hex(4)
+            if not self.db.execute(f"SELECT 1 FROM {table} WHERE id=?", (candidate,)).fetchone():
+                return candidate
 
     def renew(self, share: Share, lease_s: float) -> None:
         share.lease_expires = time.time() + lease_s

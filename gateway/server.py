@@ -741,7 +741,7 @@ class Gateway:
         kernel: dict[str, str] | None = None,
     ) -> Process:
         """Start ``argv`` in ``share`` under a nanny, record it, and stream it to ``subscriber``."""
-        proc_id = "p-" + os.urandom(4).hex()
+        proc_id = self.ledger.new_id("p-", "processes")
         try:
             launched = await asyncio.to_thread(
                 launcher.launch,
@@ -940,7 +940,13 @@ class Gateway:
                 "yourself, in a session of its own, can.",
             )
         proc = Process(
-            "p-" + os.urandom(4).hex(), share.id, ["(local)"], None, None, None, msg["pid"]
+            self.ledger.new_id("p-", "processes"),
+            share.id,
+            ["(local)"],
+            None,
+            None,
+            None,
+            msg["pid"],
         )
         self.ledger.add_process(proc)
         return {"proc_id": proc.id}
