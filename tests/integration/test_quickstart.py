@@ -10,6 +10,10 @@ from tests.conftest import base_env
 
 def test_up_starts_a_labelled_simulated_pool_and_runs_in_a_share(tmp_path):
     env = {**base_env(tmp_path), "BITFUSION_CONFIG_DIR": str(tmp_path / "cfg")}
+    # An earlier run's log: `up` shows this run's banner, not old lines (an old traceback
+    # shown here would look like a failure of this run).
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "gateway.log").write_text("an earlier run's last words\n")
     r = subprocess.run(
         [
             sys.executable,
@@ -28,6 +32,7 @@ def test_up_starts_a_labelled_simulated_pool_and_runs_in_a_share(tmp_path):
         env=env,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "an earlier run's last words" not in r.stdout
     assert "No NVIDIA GPU found through NVML: starting a SIMULATED pool" in r.stdout
     assert "SIMULATED" in r.stdout.split("$ bitfusion list_gpus")[1]
     assert "inside share s-" in r.stdout and "capped at 1024 MiB" in r.stdout
