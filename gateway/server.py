@@ -108,7 +108,7 @@ class Gateway:
         self.relays: dict[str, Relay] = {}
         self.kernels: dict[str, KernelState] = {}
         self.queue: list[Waiter] = []
-        self.ending: set[str] = set()
+        self.ending: dict[str, asyncio.Event] = {}  # shares being ended; set once gone
         self.usage: dict[str, dict[int, int]] = {}  # share id -> GPU index -> MiB in use
         self.history = History(self.ledger.db)
         self.idle = IdleTracker()
@@ -681,10 +681,9 @@ class Gateway:
         if share.id in self.ending:
             # Someone else is ending it (its lease ran out, a second release): return once
             # that is done, so a release is never answered while the share is still held.
-            while share.id in self.ending:
-                await asyncio.sleep(0.05)
+            await self.ending[share.id].wait()
             return
-        self.ending.add(share.id)
+        self.ending[share.id] = asyncio.Event()
         try:
             relays = [
                 self.relays[p.id] for p in self.ledger.processes_of(share.id) if p.id in self.relays
@@ -710,7 +709,7 @@ class Gateway:
             usage_files.remove(usage_files.path_for(self.cfg.state_dir, share.id))
             log.debug("released %s (%s)", share.id, reason)
         finally:
-            self.ending.discard(share.id)
+            self.ending.pop(share.id).set()
         await self._serve_queue()
 
     # --- handlers: processes -------------------------------------------------------------
