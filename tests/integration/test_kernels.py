@@ -433,20 +433,7 @@ def test_a_cell_sent_before_the_kernel_is_ready_gets_its_output(client_env):
     for _ in range(3):
         km, kc = start_shim_kernel("-m", "512")
         try:
-            msg_id = kc.execute("print('early')")
-            text, deadline = "", time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    msg = kc.get_iopub_msg(timeout=1)
-                except Exception:
-                    continue
-                if msg["parent_header"].get("msg_id") != msg_id:
-                    continue
-                if msg["msg_type"] == "stream":
-                    text += msg["content"]["text"]
-                if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                    break
-            assert text == "early\n"
+            assert _next_cell_output(kc, "print('early')") == "early\n"
         finally:
             kc.stop_channels()
             km.shutdown_kernel(now=True)
