@@ -6,6 +6,8 @@
   server keeps talking to it) and the shim starts the new kernel inside the share.
 - In a kernel that runs on a share, the magic asks its shim, through a marked stdin request
   the shim answers itself, to move to another share or (`--local`) back to this machine.
+  After `--local` the shim stays, in front of a local kernel it started, and moves that
+  one the same way.
 - With no arguments it shows this kernel's share: a line of text and the live widget.
 """
 
@@ -21,6 +23,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from bitfusion_jupyter import share_request
+from bitfusion_jupyter.local_child import UNDER_SHIM_ENV
 from bitfusion_jupyter.shim import ADOPT_ENV, SHIM_REQUEST
 
 EXEC_DELAY_S = 0.5  # lets the cell's reply and idle status leave before the exec
@@ -28,6 +31,11 @@ EXEC_DELAY_S = 0.5  # lets the cell's reply and idle status leave before the exe
 
 def in_share() -> bool:
     return bool(os.environ.get("BITFUSION_KERNEL_ID"))
+
+
+def under_shim() -> bool:
+    """True in the local kernel a shim runs after `%bitfusion --local`: the shim moves it."""
+    return os.environ.get(UNDER_SHIM_ENV) == "1"
 
 
 def share_status() -> str:
@@ -193,7 +201,7 @@ class BitfusionMagics(Magics):
         except share_request.UsageError as exc:
             print(f"bitfusion: {exc}", file=sys.stderr)
             return
-        if in_share():
+        if in_share() or under_shim():
             self._ask_shim(
                 {
                     "action": "move",

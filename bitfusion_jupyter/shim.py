@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -24,17 +25,17 @@ from typing import Any
 import zmq
 
 from bitfusion_jupyter import config, share_request, share_sidecar
+from bitfusion_jupyter.local_child import LocalChild
 from bitfusion_jupyter.pool import Grant, Pool, say
-from bitfusion_jupyter.runner import ProcessStream
+from bitfusion_jupyter.remote_kernel import RemoteKernel, start_kernel
 from remoting import tokens
 from remoting.client import DEFAULT_TIMEOUT_S, GatewayError
-from remoting.protocol import Message, as_bytes
+from remoting.protocol import as_bytes
 
 ROUTER_CHANNELS = ("shell", "control", "stdin")
 # An input request whose prompt starts with this comes from the %bitfusion magic for the shim.
 SHIM_REQUEST = "\x00bitfusion-request "
 ADOPT_ENV = "BITFUSION_ADOPT"  # a share a local kernel took and hands to the shim it becomes
-KERNEL_START_TIMEOUT_S = 60.0
 
 
 class LocalPorts:
@@ -66,41 +67,41 @@ class LocalPorts:
 
 
 class Shim:
-    """Forwards one kernel's channels until the remote kernel ends or the shim is stopped.
+    """Forwards one kernel's channels until its kernel ends or the shim is stopped.
 
+    The kernel behind it is a RemoteKernel on a share, or after `%bitfusion --local` a
+    LocalChild on this machine; the ports the frontend knows stay open across every move.
     It also answers the %bitfusion magic of the kernel it serves: a move to another share,
     or back to a local kernel, happens once the cell that asked has finished (its kernel went
     idle), so that cell completes normally.
     """
 
     def __init__(
-        self,
-        ports: LocalPorts,
-        info: dict,
-        grant: Grant,
-        started: dict,
-        server_list: str | None,
+        self, ports: LocalPorts, info: dict, backend: RemoteKernel, server_list: str | None
     ) -> None:
         self.ports = ports
         self.info = info
         self.server_list = server_list
+        self.backend: RemoteKernel | LocalChild = backend
         self.stop = False
         self.interrupts = 0
         self.pending: dict | None = None  # a move the magic asked for, done when idle
         # Like ipykernel, end with the process that started us (a Jupyter server or console
         # killed without a goodbye), or the share would be renewed for nobody, forever.
         self.parent = os.getppid()
-        self._attach(grant, started)
 
-    def _attach(self, grant: Grant, started: dict) -> None:
-        self.grant = grant
-        self.conn = grant.conn
-        self.kernel_id = started["kernel_id"]
-        self.stream = ProcessStream(grant.conn, grant.share_id, started["proc_id"], grant.lease_s)
-        self.stream.close_stdin()  # a kernel reads no stdin; its input comes on its channel
-        share_sidecar.write(
-            self.info["__file__"], grant.conn.address, grant.share, started["kernel"], grant.lease_s
-        )
+    @property
+    def grant(self) -> Grant | None:
+        """The share held now (None while the kernel runs locally)."""
+        return self.backend.grant if isinstance(self.backend, RemoteKernel) else None
+
+    @property
+    def lease_gone(self) -> bool:
+        return isinstance(self.backend, RemoteKernel) and self.backend.lease_gone
+
+    def close(self) -> None:
+        if isinstance(self.backend, LocalChild):
+            self.backend.close()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT:
@@ -110,7 +111,9 @@ class Shim:
 
     def _poller(self) -> zmq.Poller:
         poller = zmq.Poller()
-        for sock in (*self.ports.routers.values(), self.ports.hb, self.conn.sock):
+        # The frontend's requests wait in our sockets while a new kernel gets ready.
+        routers = list(self.ports.routers.values()) if self.backend.ready else []
+        for sock in (*routers, self.ports.hb, *self.backend.poll_sockets()):
             poller.register(sock, zmq.POLLIN)
         return poller
 
@@ -118,62 +121,63 @@ class Shim:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         by_socket = {sock: ch for ch, sock in self.ports.routers.items()}
-        poller = self._poller()
+        backend, was_ready, poller = None, False, zmq.Poller()
         while not self.stop:
             if os.getppid() != self.parent:
                 say("the process that started this kernel is gone; giving the share back.")
                 return 0
-            self.conn.flush()
+            if self.backend is not backend or self.backend.ready != was_ready:
+                backend, was_ready, poller = self.backend, self.backend.ready, self._poller()
+            backend.probe()
             while self.interrupts:
                 self.interrupts -= 1
-                self.conn.send("signal", proc_id=self.stream.proc_id, signum=int(signal.SIGINT))
+                backend.interrupt()
             try:
                 ready = dict(poller.poll(50))
             except zmq.ZMQError:  # EINTR from a signal
                 continue
-            for sock, channel in by_socket.items():
-                while ready.get(sock) and sock.poll(0):
-                    ident, *frames = sock.recv_multipart()
-                    self.conn.send(
-                        "kernel_in",
-                        frames,
-                        kernel_id=self.kernel_id,
-                        channel=channel,
-                        ident=ident.hex(),
-                    )
+            if was_ready:
+                for sock, channel in by_socket.items():
+                    while ready.get(sock) and sock.poll(0):
+                        ident, *frames = sock.recv_multipart()
+                        backend.send(channel, ident, frames)
             if ready.get(self.ports.hb):
-                # The heartbeat says the shim (and so its link) is alive; a dead remote
-                # kernel ends the shim, which the Jupyter client sees as a dead kernel.
+                # The heartbeat says the shim (and so its link) is alive; a dead kernel ends
+                # the shim, which the Jupyter client sees as a dead kernel.
                 self.ports.hb.send(self.ports.hb.recv())
-            if ready.get(self.conn.sock) or self.conn.has_pending():
-                while (msg := self.conn.receive(0)) is not None:
-                    if msg.type == "kernel_out":
-                        if self._to_frontend(msg):
-                            poller = self._poller()  # the kernel moved: new connection
-                            break
-                        continue
-                    if msg.get("proc_id") not in (None, self.stream.proc_id):
-                        continue  # the kernel we moved away from, going down
-                    code = self.stream.handle(msg)
-                    if code is not None:
-                        say(f"the remote kernel exited ({code}).")
-                        return code
-            self.stream.tick()
+            for channel, ident, frames in backend.drain(ready):
+                if self._to_frontend(channel, ident, frames):
+                    break  # the kernel moved: what the old one still says is not wanted
+            code = backend.exit_code() if self.backend is backend else None
+            if code is not None:
+                self._deliver_last(backend)
+                where = "remote" if isinstance(backend, RemoteKernel) else "local"
+                say(f"the {where} kernel exited ({code}).")
+                return code
         return 0
 
-    def _to_frontend(self, msg: Message) -> bool:
+    def _deliver_last(self, backend: RemoteKernel | LocalChild) -> None:
+        """What an ended kernel sent just before it went (a shutdown's reply)."""
+        deadline = time.monotonic() + 0.2
+        while (left := deadline - time.monotonic()) > 0:
+            poller = zmq.Poller()
+            for sock in backend.poll_sockets():
+                poller.register(sock, zmq.POLLIN)
+            ready = dict(poller.poll(int(left * 1000) + 1))
+            if not ready:
+                return
+            for channel, ident, frames in backend.drain(ready):
+                self._to_frontend(channel, ident, frames)
+
+    def _to_frontend(self, channel: str, ident: bytes | None, frames: list[Any]) -> bool:
         """Deliver one kernel message; True when it completed a move to another kernel."""
-        if msg["kernel_id"] != self.kernel_id:
-            return False  # the kernel we moved away from, going down
-        frames = list(msg.payloads)
-        channel = msg["channel"]
-        if channel == "stdin" and self._is_shim_request(msg):
+        if channel == "stdin" and self._is_shim_request(ident, frames):
             return False
         if channel == "iopub":
             self.ports.iopub.send_multipart(frames)
-        elif channel in self.ports.routers and msg.get("ident"):
+        elif channel in self.ports.routers and ident:
             try:
-                self.ports.routers[channel].send_multipart([bytes.fromhex(msg["ident"]), *frames])
+                self.ports.routers[channel].send_multipart([ident, *frames])
             except zmq.ZMQError:
                 pass  # that frontend is gone
         if self.pending is not None and _ends_cell(self.pending, channel, frames):
@@ -181,8 +185,8 @@ class Shim:
         return False
 
     # --- the %bitfusion magic's requests -------------------------------------------------
-    def _is_shim_request(self, msg: Message) -> bool:
-        parts = _jupyter_parts(list(msg.payloads))
+    def _is_shim_request(self, ident: bytes | None, frames: list[Any]) -> bool:
+        parts = _jupyter_parts(frames)
         if parts is None or parts["header"].get("msg_type") != "input_request":
             return False
         prompt = parts["content"].get("prompt", "")
@@ -196,12 +200,14 @@ class Shim:
         if answer["ok"]:
             self.pending["parent_id"] = parts["parent"].get("msg_id")
         self._reply_input(
-            msg, parts["header"], json.dumps({k: v for k, v in answer.items() if k != "grant"})
+            ident, parts["header"], json.dumps({k: v for k, v in answer.items() if k != "grant"})
         )
         return True
 
     def _prepare(self, request: dict) -> dict:
         if request["action"] == "local":
+            if self.grant is None:
+                return {"ok": False, "error": "this kernel already runs locally."}
             self.pending = {"action": "local"}
             return {
                 "ok": True,
@@ -247,29 +253,25 @@ class Shim:
         """Send the new kernel a request the local kernel received just before it became
         this shim (re-signed with the same key, header untouched, so its reply matches)."""
         frames = self._session().serialize({**cell["msg"], "buffers": []})
-        self.conn.send(
-            "kernel_in", frames, kernel_id=self.kernel_id, channel="shell", ident=cell["ident"][0]
-        )
+        self.backend.send("shell", bytes.fromhex(cell["ident"][0]), frames)
 
-    def _reply_input(self, msg: Message, request_header: dict, value: str) -> None:
+    def _reply_input(self, ident: bytes | None, request_header: dict, value: str) -> None:
         session = self._session()
         reply = session.msg("input_reply", {"value": value}, parent=request_header)
-        frames = session.serialize(reply)
-        self.conn.send(
-            "kernel_in", frames, kernel_id=self.kernel_id, channel="stdin", ident=msg.get("ident")
-        )
+        self.backend.send("stdin", ident, session.serialize(reply))
 
     def _complete_move(self) -> bool:
         pending, self.pending = self.pending, None
         assert pending is not None
-        old = self.grant
+        old, old_grant = self.backend, self.grant
+        connection_file = str(self.info["__file__"])
         if pending["action"] == "local":
-            # Close the ports first: the frontend's next cell then waits in its own socket for
-            # the local kernel, rather than reaching ours and going down with the exec.
-            self.ports.close()
-            old.release(timeout=3.0)
-            become_local_kernel(self.ports, str(self.info["__file__"]))
-            return False  # not reached: exec
+            share_sidecar.remove(connection_file)
+            self.backend = LocalChild(zmq.Context.instance(), self.info, self._session())
+            if old_grant is not None:
+                old_grant.release(timeout=3.0)  # ends the remote kernel
+            say("the kernel now runs locally, on no share.")
+            return True
         grant: Grant = pending["grant"]
         try:
             started = start_kernel(grant, self.info, pending["kernel"])
@@ -278,8 +280,11 @@ class Shim:
             grant.release(timeout=3.0)
             pending["pool"].close()
             return False
-        old.release(timeout=3.0)  # ends the old kernel
-        self._attach(grant, started)
+        if old_grant is not None:
+            old_grant.release(timeout=3.0)  # ends the old kernel
+        else:
+            old.close()  # the local kernel
+        self.backend = RemoteKernel(grant, started, connection_file)
         say(describe(grant, started["kernel"]))
         return True
 
@@ -311,36 +316,6 @@ def _ends_cell(pending: dict, channel: str, frames: list[Any]) -> bool:
     elif kind == "status" and parts["content"].get("execution_state") == "idle":
         pending["idle"] = True
     return bool(pending.get("replied") and pending.get("idle"))
-
-
-def start_kernel(grant: Grant, info: dict, kernel: str) -> dict:
-    return grant.conn.request(
-        "kernel_start",
-        share_id=grant.share_id,
-        key=info.get("key", ""),
-        signature_scheme=info.get("signature_scheme", "hmac-sha256"),
-        kernel=kernel,
-        timeout=KERNEL_START_TIMEOUT_S,
-    )
-
-
-def become_local_kernel(ports: LocalPorts, connection_file: str) -> None:
-    """Turn this process into a plain local ipykernel on the same ports (same pid)."""
-    ports.close()  # the rest (the gateway link) closes with the exec
-    share_sidecar.remove(connection_file)
-    env = {k: v for k, v in os.environ.items() if k != ADOPT_ENV}
-    os.execve(
-        sys.executable,
-        [
-            sys.executable,
-            "-m",
-            "bitfusion_jupyter.local_kernel",
-            "-f",
-            connection_file,
-            "--IPKernelApp.extensions=bitfusion_jupyter",
-        ],
-        env,
-    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -401,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             grant = pool.allocate(req, release_on_exit=True, on_queue=say)
         started = start_kernel(grant, info, args.kernel)
         say(describe(grant, started["kernel"]))
-        shim = Shim(ports, info, grant, started, args.server_list)
+        remote = RemoteKernel(grant, started, str(args.connection_file))
+        shim = Shim(ports, info, remote, args.server_list)
         if adopt and held.get("replay"):
             shim.replay(held["replay"])
         try:
@@ -412,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bitfusion: {exc}", file=sys.stderr)
         return 1
     finally:
-        if grant is not None and not (shim and shim.stream.lease_gone):
+        if shim is not None:
+            shim.close()
+        if grant is not None and not (shim and shim.lease_gone):
             grant.release(timeout=3.0)
         if pool is not None:
             pool.close()

@@ -486,10 +486,9 @@ def _next_cell_output(kc, code, timeout=30):
 
 
 def test_the_first_cell_after_moving_back_to_local_gets_its_output(client_env):
-    # After `--local` the shim becomes a local kernel. The frontend's sockets reconnect to
-    # it each on its own timer; the first cell's output must not go out before the iopub
-    # one is back, or a client waiting for it (nbclient, papermill) waits forever. Three
-    # round trips, since it was a race.
+    # After `--local` the shim starts a local kernel and forwards to it. The next cell is
+    # sent the instant the move's cell ends, as nbclient and papermill send it; it must run
+    # there and its output arrive, not be lost in the switch. Three round trips: it was a race.
     km, kc = start_shim_kernel("-m", "512")
     try:
         kc.wait_for_ready(timeout=60)
@@ -498,10 +497,58 @@ def test_the_first_cell_after_moving_back_to_local_gets_its_output(client_env):
                 assert _next_cell_output(kc, "%bitfusion -m 512") is not None
                 _until(kc, "import os; print(os.environ.get('BITFUSION_MEMORY_MIB'))", "512\n")
             assert "back to a local kernel" in _next_cell_output(kc, "%bitfusion --local")
-            # A person's pause: a cell sent within a millisecond of the last one's end can
-            # still be lost (see the note on issue 3), which this does not test.
-            time.sleep(0.3)
             assert _next_cell_output(kc, f"print('local {i}')") == f"local {i}\n"
+            assert client_env.shares() == []
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_after_moving_back_to_local_the_kernel_keeps_input_interrupt_and_shutdown(client_env):
+    # The local kernel the shim forwards to behaves as a local kernel does: input() is
+    # answered, a Ctrl-C stops a sleep once, and shutting down ends it with the shim.
+    import os
+    import tempfile
+    from pathlib import Path
+
+    def local_dirs():
+        return set(Path(tempfile.gettempdir()).glob("bitfusion-local-*"))
+
+    before = local_dirs()
+    km, kc = start_shim_kernel("-m", "512", "--kernel", "python3")
+    try:
+        kc.wait_for_ready(timeout=60)
+        assert "back to a local kernel" in _next_cell_output(kc, "%bitfusion --local")
+        child = int(_next_cell_output(kc, "import os; print(os.getpid())"))
+        assert child != km.provisioner.process.pid  # a kernel of its own, behind the shim
+
+        def answer(msg):
+            kc.input("Ada")
+
+        reply, outputs = run_cell(kc, "print('hello', input('name? '))", stdin_hook=answer)
+        assert _stream_text(outputs) == "hello Ada\n"
+
+        msg_id = kc.execute("import time; time.sleep(60)")
+        time.sleep(1.5)
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=20)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        assert _next_cell_output(kc, "print(1 + 1)") == "2\n"  # it lives on
+
+        km.shutdown_kernel(now=False)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the local kernel outlived its shim's shutdown")
+        assert client_env.shares() == []
+        assert local_dirs() == before  # its connection files went with it
+    finally:
+        kc.stop_channels()
+        if km.is_alive():
+            km.shutdown_kernel(now=True)

@@ -1,0 +1,80 @@
+"""A kernel on a share, as the shim sees it: started by the gateway, reached through the
+shim's one encrypted gateway connection. Frames pass through untouched."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+from bitfusion_jupyter import share_sidecar
+from bitfusion_jupyter.pool import Grant
+from bitfusion_jupyter.runner import ProcessStream
+
+KERNEL_START_TIMEOUT_S = 60.0
+
+
+def start_kernel(grant: Grant, info: dict, kernel: str) -> dict:
+    return grant.conn.request(
+        "kernel_start",
+        share_id=grant.share_id,
+        key=info.get("key", ""),
+        signature_scheme=info.get("signature_scheme", "hmac-sha256"),
+        kernel=kernel,
+        timeout=KERNEL_START_TIMEOUT_S,
+    )
+
+
+class RemoteKernel:
+    """The remote kernel a share runs, behind the same small interface as LocalChild."""
+
+    ready = True  # the gateway queues requests until its kernel listens
+
+    def __init__(self, grant: Grant, started: dict, connection_file: str) -> None:
+        self.grant = grant
+        self.conn = grant.conn
+        self.kernel_id = started["kernel_id"]
+        self.kernel = started["kernel"]
+        self.stream = ProcessStream(grant.conn, grant.share_id, started["proc_id"], grant.lease_s)
+        self.stream.close_stdin()  # a kernel reads no stdin; its input comes on its channel
+        self._code: int | None = None
+        share_sidecar.write(connection_file, grant.conn.address, grant.share, self.kernel,
+                            grant.lease_s)  # fmt: skip
+
+    def poll_sockets(self) -> list[Any]:
+        return [self.conn.sock]
+
+    def probe(self) -> None:
+        self.conn.flush()
+        self.stream.tick()
+
+    def send(self, channel: str, ident: bytes | None, frames: list[Any]) -> None:
+        routing = {"ident": ident.hex()} if ident else {}
+        self.conn.send("kernel_in", frames, kernel_id=self.kernel_id, channel=channel, **routing)
+
+    def drain(self, ready: dict) -> Iterator[tuple[str, bytes | None, list[Any]]]:
+        if not (ready.get(self.conn.sock) or self.conn.has_pending()):
+            return
+        while self._code is None and (msg := self.conn.receive(0)) is not None:
+            if msg.type == "kernel_out":
+                if msg["kernel_id"] == self.kernel_id:  # not the one we moved away from
+                    ident = msg.get("ident")
+                    yield (
+                        msg["channel"],
+                        bytes.fromhex(ident) if ident else None,
+                        list(msg.payloads),
+                    )
+                continue
+            if msg.get("proc_id") not in (None, self.stream.proc_id):
+                continue  # the kernel we moved away from, going down
+            self._code = self.stream.handle(msg)
+
+    def interrupt(self) -> None:
+        self.conn.send("signal", proc_id=self.stream.proc_id, signum=int(signal.SIGINT))
+
+    def exit_code(self) -> int | None:
+        return self._code
+
+    @property
+    def lease_gone(self) -> bool:
+        return self.stream.lease_gone
