@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import sys
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -27,6 +28,9 @@ log = logging.getLogger("bitfusion.gateway")
 CHANNELS = ("shell", "control", "stdin", "iopub")
 IOPUB_GRACE_S = 3.0
 _DEALER_CHANNELS = ("shell", "control", "stdin")
+# Each browser tab or reconnect is a new frontend identity with three sockets of its own;
+# past this many, the one silent longest loses them (they reopen if it speaks again).
+MAX_FRONTENDS = 32
 
 # name -> argv; {connection_file} is replaced. The default is this Python with ipykernel.
 DEFAULT_KERNELS: dict[str, list[str]] = {
@@ -124,6 +128,8 @@ class KernelChannels:
         self._held: list[tuple[str, bytes, list[bytes]]] = []
         self._grace = asyncio.get_running_loop().call_later(IOPUB_GRACE_S, self._go_live)
         self._dealers: dict[tuple[str, bytes], zmq.asyncio.Socket] = {}
+        self._readers: dict[tuple[str, bytes], asyncio.Task[None]] = {}
+        self._frontends: OrderedDict[bytes, None] = OrderedDict()  # least recent first
         self._tasks: set[asyncio.Task[None]] = set()
         self.iopub = ctx.socket(zmq.SUB)
         self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -131,10 +137,11 @@ class KernelChannels:
         self.iopub.connect(self.url["iopub"])
         self._watch("iopub", b"", self.iopub)
 
-    def _watch(self, channel: str, ident: bytes, sock: zmq.asyncio.Socket) -> None:
+    def _watch(self, channel: str, ident: bytes, sock: zmq.asyncio.Socket) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._read(channel, ident, sock))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _read(self, channel: str, ident: bytes, sock: zmq.asyncio.Socket) -> None:
         try:
@@ -151,6 +158,8 @@ class KernelChannels:
     def _dealer(self, channel: str, ident: bytes) -> zmq.asyncio.Socket:
         key = (channel, ident)
         if key not in self._dealers:
+            while len(self._frontends) >= MAX_FRONTENDS:
+                self._forget(next(iter(self._frontends)))
             # The first word from a frontend opens its shell, control and stdin together: the
             # kernel may send an input request on stdin before the frontend ever wrote there.
             for ch in _DEALER_CHANNELS:
@@ -160,8 +169,22 @@ class KernelChannels:
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.connect(self.url[ch])
                 self._dealers[(ch, ident)] = sock
-                self._watch(ch, ident, sock)
+                self._readers[(ch, ident)] = self._watch(ch, ident, sock)
+        self._frontends[ident] = None
+        self._frontends.move_to_end(ident)
         return self._dealers[key]
+
+    def _forget(self, ident: bytes) -> None:
+        """Close one frontend's sockets (the least recently heard from)."""
+        del self._frontends[ident]
+        for ch in _DEALER_CHANNELS:
+            self._readers.pop((ch, ident)).cancel()
+            self._dealers.pop((ch, ident)).close(0)
+
+    @property
+    def frontends(self) -> int:
+        """How many frontend identities have sockets open to this kernel."""
+        return len(self._frontends)
 
     def _go_live(self) -> None:
         if self._iopub_live:
@@ -188,3 +211,5 @@ class KernelChannels:
         for sock in (self.iopub, *self._dealers.values()):
             sock.close(0)
         self._dealers.clear()
+        self._readers.clear()
+        self._frontends.clear()

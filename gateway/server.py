@@ -8,13 +8,14 @@ clear error; it never reaches a handler and never stops the loop for other clien
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,11 @@ class KernelState:
     subscriber: bytes | None = None
 
 
+# Requests whose handlers wait for a process to start (tens of ms, more under load): they run
+# beside the receive loop, so one user's start does not hold everyone else's messages.
+BESIDE_THE_LOOP = frozenset({"spawn", "kernel_start"})
+
+
 class RequestError(Exception):
     """Ends a request with a clear error sentence and a protocol error code."""
 
@@ -109,6 +115,8 @@ class Gateway:
         self.kernels: dict[str, KernelState] = {}
         self.queue: list[Waiter] = []
         self.ending: dict[str, asyncio.Event] = {}  # shares being ended; set once gone
+        self.launching: dict[str, int] = {}  # share id -> processes being started in it
+        self.launched = asyncio.Condition()  # notified as each of those starts finishes
         self.usage: dict[str, dict[int, int]] = {}  # share id -> GPU index -> MiB in use
         self.history = History(self.ledger.db)
         self.idle = IdleTracker()
@@ -239,6 +247,10 @@ class Gateway:
                 await self._handle(ident, body)
             except Exception:  # a bug in one handler must not stop the service
                 log.exception("internal error while handling a message")
+            # A ready message is received without yielding, so under a steady flow this loop
+            # would keep the event loop to itself: starts, endings and kernel output beside
+            # it would wait for a lull. Give them a turn after each message.
+            await asyncio.sleep(0)
 
     async def _handle(self, ident: bytes, body: list[bytes]) -> None:
         try:
@@ -267,25 +279,25 @@ class Gateway:
             tok = self._authenticate(msg["token"])
             if spec.request:
                 self._check_fresh_id(ident, msg["id"])
+        except RequestError as exc:
+            await self._refuse(ident, msg, tok, exc)
+            return
+        run = self._run(ident, msg, tok)
+        if msg.type in BESIDE_THE_LOOP:
+            self._spawn_task(run)
+        else:
+            await run
+
+    async def _run(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
+        """Run one authenticated message's handler and answer it, whatever happens."""
+        spec = protocol.MESSAGES[msg.type]
+        try:
             handler = getattr(self, f"_on_{msg.type}")
             result = await handler(ident, msg, tok)
             if spec.request and result is not None:
                 await self._reply(ident, msg["id"], **result)
         except RequestError as exc:
-            # Who was refused what, on which connection: auth and denials are warnings (an
-            # attack or a stale token); a request that merely cannot be served is info.
-            security = exc.code in (protocol.E_AUTH, protocol.E_DENIED) or exc.replay
-            self.refusals.line(
-                logging.WARNING if security else logging.INFO,
-                f"refused:{tok.user if tok else '?'}",
-                "refused %s from %s (connection %s): %s",
-                msg.type,
-                f"user {tok.user}" if tok else _claimed(msg["token"]),
-                ident.hex(),
-                exc,
-            )
-            if spec.request:
-                await self._error(ident, msg["id"], exc.code, str(exc))
+            await self._refuse(ident, msg, tok, exc)
         except Exception:
             # A bug, not the sender's fault: log it, and still answer so no client hangs.
             log.exception("internal error while handling %s", msg.type)
@@ -296,6 +308,24 @@ class Gateway:
                     protocol.E_INTERNAL,
                     f"The gateway failed on this {msg.type} request; its log says why.",
                 )
+
+    async def _refuse(
+        self, ident: bytes, msg: Message, tok: tokens.Token | None, exc: RequestError
+    ) -> None:
+        # Who was refused what, on which connection: auth and denials are warnings (an
+        # attack or a stale token); a request that merely cannot be served is info.
+        security = exc.code in (protocol.E_AUTH, protocol.E_DENIED) or exc.replay
+        self.refusals.line(
+            logging.WARNING if security else logging.INFO,
+            f"refused:{tok.user if tok else '?'}",
+            "refused %s from %s (connection %s): %s",
+            msg.type,
+            f"user {tok.user}" if tok else _claimed(msg["token"]),
+            ident.hex(),
+            exc,
+        )
+        if protocol.MESSAGES[msg.type].request:
+            await self._error(ident, msg["id"], exc.code, str(exc))
 
     def _authenticate(self, text: str) -> tokens.Token:
         try:
@@ -685,6 +715,8 @@ class Gateway:
             return
         self.ending[share.id] = asyncio.Event()
         try:
+            async with self.launched:  # a process still starting in it is ended with it
+                await self.launched.wait_for(lambda: share.id not in self.launching)
             relays = [
                 self.relays[p.id] for p in self.ledger.processes_of(share.id) if p.id in self.relays
             ]
@@ -740,33 +772,48 @@ class Gateway:
         kernel: dict[str, str] | None = None,
     ) -> Process:
         """Start ``argv`` in ``share`` under a nanny, record it, and stream it to ``subscriber``."""
-        proc_id = self.ledger.new_id("p-", "processes")
-        try:
-            launched = await asyncio.to_thread(
-                launcher.launch,
-                argv,
-                env,
-                cwd,
-                self.run_dir,
+        async with self._starting_in(share):
+            proc_id = self.ledger.new_id("p-", "processes")
+            try:
+                launched = await launcher.launch_async(
+                    argv, env, cwd, self.run_dir, proc_id, max(60.0, self.cfg.lease_grace_s * 2)
+                )
+            except launcher.LaunchError as exc:
+                self.ledger.event("spawn_failed", tok.user, share.id, str(exc))
+                raise RequestError(protocol.E_SPAWN, str(exc)) from None
+            proc = Process(
                 proc_id,
-                max(60.0, self.cfg.lease_grace_s * 2),
+                share.id,
+                argv,
+                str(launched.socket_path),
+                str(launched.status_path),
+                launched.nanny_pid,
+                None,
+                kernel=kernel,
             )
-        except launcher.LaunchError as exc:
-            self.ledger.event("spawn_failed", tok.user, share.id, str(exc))
-            raise RequestError(protocol.E_SPAWN, str(exc)) from None
-        proc = Process(
-            proc_id,
-            share.id,
-            argv,
-            str(launched.socket_path),
-            str(launched.status_path),
-            launched.nanny_pid,
-            None,
-            kernel=kernel,
-        )
-        self.ledger.add_process(proc)
-        await self._start_relay(proc, out_from=1, subscriber=subscriber)
-        return proc
+            self.ledger.add_process(proc)
+            await self._start_relay(proc, out_from=1, subscriber=subscriber)
+            if kernel is not None:
+                self._open_kernel(proc, subscriber)  # inside the start, which end_share awaits
+            return proc
+
+    @contextlib.asynccontextmanager
+    async def _starting_in(self, share: Share) -> AsyncIterator[None]:
+        """A process being started in ``share``, beside the receive loop: ``end_share``
+        waits for it, so a share released meanwhile still ends the process started in it."""
+        if share.id in self.ending or share.id not in self.ledger.shares:
+            raise RequestError(
+                protocol.E_NOT_FOUND, f"Share {share.id} ended before its process could start."
+            )
+        self.launching[share.id] = self.launching.get(share.id, 0) + 1
+        try:
+            yield
+        finally:
+            self.launching[share.id] -= 1
+            if not self.launching[share.id]:
+                del self.launching[share.id]
+            async with self.launched:
+                self.launched.notify_all()
 
     def share_env(self, share: Share, base: dict[str, str]) -> dict[str, str]:
         by_index = {g.index: g for g in self.gpus}
@@ -845,7 +892,6 @@ class Gateway:
         except RequestError:
             conn_file.unlink(missing_ok=True)
             raise
-        self._open_kernel(proc, ident)
         self.ledger.event("kernel_start", tok.user, share.id, f"{name} kernel {kernel_id}")
         return {"kernel_id": kernel_id, "proc_id": proc.id, "kernel": name}
 
@@ -1025,7 +1071,7 @@ class Gateway:
                 ]
                 self.usage = self.police.usage_by_share(usage, policed, session_of)
                 states = {st.index: st for st in self.inventory.states()}  # one NVML sample
-                self._write_usage_files(states)
+                await self._write_usage_files(states)
                 self._note_activity(states)
                 await self._reclaim_idle()
                 for verdict in self.police.review(usage, policed, session_of):
@@ -1033,24 +1079,26 @@ class Gateway:
             except Exception:
                 log.exception("policing failed")
 
-    def _write_usage_files(self, states: dict[int, GpuState]) -> None:
-        # In the loop, not a thread: a share that ends meanwhile must not get its file back.
-        usage_files.remove_all_but(self.cfg.state_dir, set(self.ledger.shares))
+    async def _write_usage_files(self, states: dict[int, GpuState]) -> None:
+        # Built on the loop, written by a thread: with many shares the writes took a tenth
+        # of every second of the loop. A share that ends meanwhile must not keep its file.
         utilization = {i: st.utilization_pct for i, st in states.items()}
-        for share in list(self.ledger.shares.values()):
-            if share.id in self.ending:
-                continue
-            usage_files.write(
-                usage_files.path_for(self.cfg.state_dir, share.id),
-                usage_files.record(
-                    share_id=share.id,
-                    server=self.cfg.hostname,
-                    lease=usage_files.lease_state(share.lease_expires, self.cfg.lease_grace_s),
-                    gpus=share.public(self.gpus)["gpus"],
-                    used_mib=self.usage.get(share.id, {}),
-                    utilization=utilization,
-                ),
+        records = {
+            share.id: usage_files.record(
+                share_id=share.id,
+                server=self.cfg.hostname,
+                lease=usage_files.lease_state(share.lease_expires, self.cfg.lease_grace_s),
+                gpus=share.public(self.gpus)["gpus"],
+                used_mib=self.usage.get(share.id, {}),
+                utilization=utilization,
             )
+            for share in list(self.ledger.shares.values())
+            if share.id not in self.ending
+        }
+        await asyncio.to_thread(usage_files.write_all, self.cfg.state_dir, records)
+        for share_id in records:
+            if share_id not in self.ledger.shares or share_id in self.ending:
+                usage_files.remove(usage_files.path_for(self.cfg.state_dir, share_id))
 
     def _touch_proc(self, proc_id: str | None) -> None:
         proc = self.ledger.processes.get(proc_id or "")

@@ -65,9 +65,13 @@ def record(
     }
 
 
-def write(path: Path, content: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, content)
+def write_all(state_dir: Path, records: Mapping[str, dict[str, Any]]) -> None:
+    """Write each share's file, and remove those of shares not among them (ended)."""
+    remove_all_but(state_dir, set(records))
+    if records:
+        (state_dir / "usage").mkdir(parents=True, exist_ok=True)
+    for share_id, content in records.items():
+        write_json(path_for(state_dir, share_id), content)
 
 
 def remove(path: Path) -> None:

@@ -156,3 +156,55 @@ def test_a_closed_shell_gives_its_held_share_back(gateway):
     assert shell.returncode == 0, shell.stderr
     assert shell.stdout.splitlines()[-1] == "3000"  # the run used the held share
     assert gateway.no_shares_within(15), "the held share outlived its shell"
+
+
+def _running_with(marker: str) -> list[int]:
+    """Pids of live processes whose command line holds ``marker``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def test_a_share_released_while_its_command_starts_takes_the_command_with_it(gateway):
+    # Starting a command runs beside the gateway's receive loop, so a release can arrive
+    # while it starts (a client that gives up at once). The command must end with its share,
+    # not run on, orphaned, in a share that no longer exists.
+    import uuid
+
+    from remoting import protocol
+    from tests.security.conftest import RawClient
+
+    marker = f"bf-starting-{uuid.uuid4().hex}"
+    raw = RawClient(gateway)
+    tok = gateway.token("alice")
+    ids = iter(range(1, 1000))
+    try:
+        # The release lands at a different point of the start each time: before it, during
+        # it (the start takes a few ms), after it.
+        for delay in (0, 0.001, 0.002, 0.004, 0.008, 0.015, 0.03, 0.06):
+            allocate = protocol.encode("allocate", token=tok, id=next(ids), gpus=1, mib=1024)
+            share = raw.request(allocate)["data"]["share"]["share_id"]
+            argv = [sys.executable, "-c", "import time; time.sleep(300)", marker]
+            spawn, release = next(ids), next(ids)
+            raw.send(protocol.encode("spawn", token=tok, id=spawn, share_id=share, argv=argv))
+            time.sleep(delay)
+            raw.send(protocol.encode("release", token=tok, id=release, share_id=share))
+            replies: dict[int, object] = {}
+            deadline = time.monotonic() + 20
+            while len(replies) < 2 and time.monotonic() < deadline:
+                replies |= {m["id"]: m for m in raw.received(0.2) if m.type == "reply"}
+            assert set(replies) == {spawn, release}, "a start or a release was not answered"
+            assert replies[release]["ok"]
+        time.sleep(1)  # a command started after its share's release would be running now
+        assert _running_with(marker) == []
+        assert gateway.shares() == []
+    finally:
+        raw.close()
+        for pid in _running_with(marker):
+            os.kill(pid, signal.SIGKILL)

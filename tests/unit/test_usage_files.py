@@ -15,19 +15,16 @@ def test_a_lease_is_held_while_renewed_and_in_grace_after_missed_renewals():
 def test_files_of_ended_shares_are_removed_and_others_kept(tmp_path):
     gpu = {"index": 1, "uuid": "GPU-x", "name": "Sim", "mib": 4096, "total_mib": 16384,
            "simulated": True}  # fmt: skip
-    for share in ("live", "gone"):
-        usage_files.write(
-            usage_files.path_for(tmp_path, share),
-            usage_files.record(
-                share_id=share,
-                server="h:1",
-                lease="held",
-                gpus=[gpu],
-                used_mib={1: 300},
-                utilization={1: 7},
-            ),  # fmt: skip
-        )
-    usage_files.remove_all_but(tmp_path, {"live"})
+
+    def content(share):
+        return usage_files.record(
+            share_id=share, server="h:1", lease="held", gpus=[gpu], used_mib={1: 300},
+            utilization={1: 7},
+        )  # fmt: skip
+
+    usage_files.write_all(tmp_path, {"live": content("live"), "gone": content("gone")})
+    assert usage_files.path_for(tmp_path, "gone").exists()
+    usage_files.write_all(tmp_path, {"live": content("live")})  # "gone" ended
     assert not usage_files.path_for(tmp_path, "gone").exists()
     seen = json.loads(usage_files.path_for(tmp_path, "live").read_text())
     assert seen["simulated"] is True

@@ -1,0 +1,85 @@
+"""The gateway's sockets to one kernel stay bounded however many frontends come and go.
+
+A stand-in kernel made of real ZMQ sockets on loopback echoes every shell request back to
+the frontend identity that sent it, as a kernel's ROUTER routes its replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import zmq
+import zmq.asyncio
+
+from gateway import kernels
+
+
+async def _echo_kernel(ctx: zmq.asyncio.Context, info: dict, stop: asyncio.Event) -> None:
+    shell = ctx.socket(zmq.ROUTER)
+    shell.bind(f"tcp://127.0.0.1:{info['shell_port']}")
+    iopub = ctx.socket(zmq.XPUB)
+    iopub.bind(f"tcp://127.0.0.1:{info['iopub_port']}")
+    others = []
+    for channel in ("control", "stdin"):
+        sock = ctx.socket(zmq.ROUTER)
+        sock.bind(f"tcp://127.0.0.1:{info[f'{channel}_port']}")
+        others.append(sock)
+    poller = zmq.asyncio.Poller()
+    poller.register(shell, zmq.POLLIN)
+    poller.register(iopub, zmq.POLLIN)
+    try:
+        while not stop.is_set():
+            for sock, _ in await poller.poll(50):
+                frames = await sock.recv_multipart()
+                if sock is iopub:  # a subscription: greet it, as ipykernel 7 does
+                    await iopub.send_multipart([b"welcome"])
+                else:
+                    await shell.send_multipart(frames)  # back to the sender's identity
+    finally:
+        for sock in (shell, iopub, *others):
+            sock.close(0)
+
+
+def test_a_kernel_keeps_sockets_for_its_most_recent_frontends_only(tmp_path):
+    async def scenario() -> None:
+        ctx = zmq.asyncio.Context()
+        path = kernels.write_connection_file(tmp_path, "k-test", "key", "hmac-sha256")
+        stop = asyncio.Event()
+        kernel = asyncio.create_task(_echo_kernel(ctx, json.loads(path.read_text()), stop))
+        echoed: list[bytes] = []
+
+        async def on_message(channel: str, ident: bytes, frames: list) -> None:
+            if channel == "shell":
+                echoed.append(ident)
+
+        channels = kernels.KernelChannels(ctx, path, on_message)
+
+        async def ask(ident: bytes) -> None:
+            before = echoed.count(ident)
+            await channels.send("shell", ident, [b"hello"])
+            for _ in range(200):
+                if echoed.count(ident) > before:
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"no reply reached frontend {ident!r}")
+
+        try:
+            # 80 browser tabs, reconnects and gone frontends, one after another.
+            idents = [f"frontend-{i}".encode() for i in range(80)]
+            for ident in idents:
+                await ask(ident)
+            assert channels.frontends == kernels.MAX_FRONTENDS
+            assert len(channels._dealers) == 3 * kernels.MAX_FRONTENDS
+            # The most recent ones still get their replies; a forgotten one that speaks
+            # again gets its sockets back, and its reply.
+            await ask(idents[-1])
+            await ask(idents[0])
+            assert channels.frontends == kernels.MAX_FRONTENDS
+        finally:
+            channels.close()
+            stop.set()
+            await kernel
+            ctx.term()
+
+    asyncio.run(scenario())
