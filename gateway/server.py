@@ -282,6 +282,9 @@ class Gateway:
         except RequestError as exc:
             await self._refuse(ident, msg, tok, exc)
             return
+        except Exception:
+            await self._failed(ident, msg)
+            return
         run = self._run(ident, msg, tok)
         if msg.type in BESIDE_THE_LOOP:
             self._spawn_task(run)
@@ -299,15 +302,18 @@ class Gateway:
         except RequestError as exc:
             await self._refuse(ident, msg, tok, exc)
         except Exception:
-            # A bug, not the sender's fault: log it, and still answer so no client hangs.
-            log.exception("internal error while handling %s", msg.type)
-            if spec.request:
-                await self._error(
-                    ident,
-                    msg["id"],
-                    protocol.E_INTERNAL,
-                    f"The gateway failed on this {msg.type} request; its log says why.",
-                )
+            await self._failed(ident, msg)
+
+    async def _failed(self, ident: bytes, msg: Message) -> None:
+        # A bug, not the sender's fault: log it, and still answer so no client hangs.
+        log.exception("internal error while handling %s", msg.type)
+        if protocol.MESSAGES[msg.type].request:
+            await self._error(
+                ident,
+                msg["id"],
+                protocol.E_INTERNAL,
+                f"The gateway failed on this {msg.type} request; its log says why.",
+            )
 
     async def _refuse(
         self, ident: bytes, msg: Message, tok: tokens.Token | None, exc: RequestError
