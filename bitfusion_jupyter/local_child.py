@@ -28,7 +28,7 @@ from remoting.protocol import as_bytes
 UNDER_SHIM_ENV = "BITFUSION_UNDER_SHIM"  # tells the child's magic to ask the shim to move
 DELIMITER = b"<IDS|MSG>"
 READY_PROBE_S = 0.25  # how often to ask until the kernel's iopub is heard
-CHANNELS = ("shell", "control", "stdin")
+REQUEST_CHANNELS = ("shell", "control", "stdin")  # the frontend's ROUTER ports, our DEALERs
 SHARE_VARIABLES = ("BITFUSION_KERNEL_ID", "BITFUSION_SHARE_ID")
 
 
@@ -64,7 +64,7 @@ class LocalChild:
         )
         routing_id = uuid.uuid4().bytes  # one id on shell and stdin: input requests route back
         self.sockets: dict[str, zmq.Socket] = {}
-        for channel in CHANNELS:
+        for channel in REQUEST_CHANNELS:
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.ROUTING_ID, routing_id)

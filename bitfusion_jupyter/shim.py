@@ -25,14 +25,13 @@ from typing import Any
 import zmq
 
 from bitfusion_jupyter import config, share_request, share_sidecar
-from bitfusion_jupyter.local_child import LocalChild
+from bitfusion_jupyter.local_child import REQUEST_CHANNELS, LocalChild
 from bitfusion_jupyter.pool import Grant, Pool, say
 from bitfusion_jupyter.remote_kernel import RemoteKernel, start_kernel
 from remoting import tokens
 from remoting.client import DEFAULT_TIMEOUT_S, GatewayError
 from remoting.protocol import as_bytes
 
-ROUTER_CHANNELS = ("shell", "control", "stdin")
 # An input request whose prompt starts with this comes from the %bitfusion magic for the shim.
 SHIM_REQUEST = "\x00bitfusion-request "
 ADOPT_ENV = "BITFUSION_ADOPT"  # a share a local kernel took and hands to the shim it becomes
@@ -49,7 +48,7 @@ class LocalPorts:
             return f"{transport}://{ip}:{port}" if transport == "tcp" else f"ipc://{ip}-{port}"
 
         self.routers: dict[str, zmq.Socket] = {}
-        for channel in ROUTER_CHANNELS:
+        for channel in REQUEST_CHANNELS:
             sock = ctx.socket(zmq.ROUTER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.bind(url(channel))

@@ -32,6 +32,8 @@ _DEALER_CHANNELS = ("shell", "control", "stdin")
 # past this many, the one silent longest loses them (they reopen if it speaks again).
 MAX_FRONTENDS = 32
 
+_Dealer = tuple[zmq.asyncio.Socket, "asyncio.Task[None]"]
+
 # name -> argv; {connection_file} is replaced. The default is this Python with ipykernel.
 DEFAULT_KERNELS: dict[str, list[str]] = {
     "python3": [
@@ -127,9 +129,8 @@ class KernelChannels:
         self._iopub_live = False
         self._held: list[tuple[str, bytes, list[bytes]]] = []
         self._grace = asyncio.get_running_loop().call_later(IOPUB_GRACE_S, self._go_live)
-        self._dealers: dict[tuple[str, bytes], zmq.asyncio.Socket] = {}
-        self._readers: dict[tuple[str, bytes], asyncio.Task[None]] = {}
-        self._frontends: OrderedDict[bytes, None] = OrderedDict()  # least recent first
+        # frontend ident -> channel -> (its DEALER, the task reading it); least recent first
+        self._frontends: OrderedDict[bytes, dict[str, _Dealer]] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self.iopub = ctx.socket(zmq.SUB)
         self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -156,30 +157,28 @@ class KernelChannels:
             log.exception("kernel channel %s failed", channel)
 
     def _dealer(self, channel: str, ident: bytes) -> zmq.asyncio.Socket:
-        key = (channel, ident)
-        if key not in self._dealers:
+        if ident not in self._frontends:
             while len(self._frontends) >= MAX_FRONTENDS:
                 self._forget(next(iter(self._frontends)))
             # The first word from a frontend opens its shell, control and stdin together: the
             # kernel may send an input request on stdin before the frontend ever wrote there.
+            dealers = {}
             for ch in _DEALER_CHANNELS:
                 sock = self.ctx.socket(zmq.DEALER)
                 if ident:
                     sock.setsockopt(zmq.ROUTING_ID, ident)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.connect(self.url[ch])
-                self._dealers[(ch, ident)] = sock
-                self._readers[(ch, ident)] = self._watch(ch, ident, sock)
-        self._frontends[ident] = None
+                dealers[ch] = (sock, self._watch(ch, ident, sock))
+            self._frontends[ident] = dealers
         self._frontends.move_to_end(ident)
-        return self._dealers[key]
+        return self._frontends[ident][channel][0]
 
     def _forget(self, ident: bytes) -> None:
         """Close one frontend's sockets (the least recently heard from)."""
-        del self._frontends[ident]
-        for ch in _DEALER_CHANNELS:
-            self._readers.pop((ch, ident)).cancel()
-            self._dealers.pop((ch, ident)).close(0)
+        for sock, reader in self._frontends.pop(ident).values():
+            reader.cancel()
+            sock.close(0)
 
     @property
     def frontends(self) -> int:
@@ -208,8 +207,7 @@ class KernelChannels:
         self._grace.cancel()
         for task in list(self._tasks):
             task.cancel()
-        for sock in (self.iopub, *self._dealers.values()):
+        dealers = [sock for frontend in self._frontends.values() for sock, _ in frontend.values()]
+        for sock in (self.iopub, *dealers):
             sock.close(0)
-        self._dealers.clear()
-        self._readers.clear()
         self._frontends.clear()

@@ -162,10 +162,9 @@ async def launch_async(
 ) -> Launched:
     """Start ``argv`` under a new nanny; return once the nanny's socket is listening.
 
-    The event loop waits on the nanny's pipes; a thread would not do.
-
-    A thread would contend for the GIL with a busy loop, and each of the launch's many
-    small steps would wait for its turn: under load that made starts several times slower.
+    The event loop waits on the nanny's pipes, not a worker thread: a thread would contend
+    for the GIL with a busy loop, and each of the launch's many small steps would wait for
+    its turn, which under load made starts several times slower.
     """
     line, socket_path, status_path = _request(argv, env, cwd, run_dir, proc_id, linger_s)
     try:

@@ -70,7 +70,9 @@ def test_a_kernel_keeps_sockets_for_its_most_recent_frontends_only(tmp_path):
             for ident in idents:
                 await ask(ident)
             assert channels.frontends == kernels.MAX_FRONTENDS
-            assert len(channels._dealers) == 3 * kernels.MAX_FRONTENDS
+            open_dealers = [d for f in channels._frontends.values() for d in f.values()]
+            assert len(open_dealers) == 3 * kernels.MAX_FRONTENDS
+            assert not any(sock.closed for sock, _ in open_dealers)
             # The most recent ones still get their replies; a forgotten one that speaks
             # again gets its sockets back, and its reply.
             await ask(idents[-1])
