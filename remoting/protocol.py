@@ -7,6 +7,9 @@ Both ends build messages with :func:`encode` and read them with :func:`decode`, 
 every field against this table, so a malformed or hostile message becomes a
 :class:`ProtocolError` with one sentence, never an exception deep in a handler.
 
+A payload over :data:`SPLIT_BYTES` is sent as several frames; the header's ``split`` lists
+how many frames each payload took, and :func:`decode` joins them, so handlers never see it.
+
 Requests (client to gateway) carry ``token`` and ``id``; the gateway answers each with a
 ``reply`` holding the same ``id``. One-way messages (stdin, acks, signals) carry ``token`` too,
 because the gateway authenticates every message, not a connection.
@@ -19,12 +22,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import zmq
+
 MAGIC = b"BF1"
 VERSION = "0.1.0"
 DEFAULT_PORT = 56001
 DASHBOARD_PORT = 54000  # each gateway's web dashboard and /metrics, as in Bitfusion
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 256 * 1024 * 1024  # a Jupyter output or comm buffer can be large
+# A larger payload travels as frames of this size. CurveZMQ seals each frame on its own, so
+# the sender's I/O thread encrypts one piece while the receiver's decrypts the one before,
+# instead of the two taking turns over the whole payload (bench/kernels.py: 64 MiB output).
+SPLIT_BYTES = 1024 * 1024
 
 
 class ProtocolError(ValueError):
@@ -138,11 +147,12 @@ _PY_KINDS: dict[str, tuple[type, ...]] = {
 
 @dataclass(frozen=True)
 class Message:
-    """A decoded message: its type, its header fields, and its payload frames."""
+    """A decoded message: its type, its header fields, and its payload frames (bytes, or
+    zmq.Frame where received without copying or joined from pieces: see :func:`as_bytes`)."""
 
     type: str
     header: dict[str, Any]
-    payloads: tuple[bytes, ...] = ()
+    payloads: tuple[Any, ...] = ()
 
     def __getitem__(self, key: str) -> Any:
         return self.header[key]
@@ -183,11 +193,26 @@ def validate(header: dict[str, Any], n_payloads: int) -> Spec:
     return spec
 
 
-def encode(msg_type: str, payloads: Sequence[bytes] = (), **fields: Any) -> list[bytes]:
-    """Build the frames of one message; raises ProtocolError when the fields do not fit."""
+def encode(msg_type: str, payloads: Sequence[Any] = (), **fields: Any) -> list[Any]:
+    """Build the frames of one message; raises ProtocolError when the fields do not fit.
+
+    Payloads may be bytes or zmq.Frame objects; a large one is cut into zmq.Frames that view
+    it, which pyzmq sends without copying (it copies plain bytes and memoryviews).
+    """
     header = {"type": msg_type, **{k: v for k, v in fields.items() if v is not None}}
     validate(header, len(payloads))
-    return [MAGIC, json.dumps(header, separators=(",", ":")).encode(), *payloads]
+    frames = list(payloads)
+    if any(len(p) > SPLIT_BYTES for p in payloads):
+        frames, header["split"] = [], []
+        for p in payloads:
+            view = memoryview(p)
+            pieces = [
+                zmq.Frame(view[i : i + SPLIT_BYTES], copy=False)
+                for i in range(0, len(view), SPLIT_BYTES)
+            ]
+            frames.extend(pieces or [p])
+            header["split"].append(len(pieces) or 1)
+    return [MAGIC, json.dumps(header, separators=(",", ":")).encode(), *frames]
 
 
 def as_bytes(frame: Any) -> bytes:
@@ -227,9 +252,33 @@ def decode(frames: Sequence[Any]) -> Message:
         raise ProtocolError("message header is not a JSON object.")
     if (b"\\u" in raw or b"\xed" in raw) and not _unicode(header):
         raise ProtocolError("message header holds a string that is not Unicode text.")
-    payloads = tuple(frames[2:])
+    split = header.pop("split", None)
+    payloads = tuple(frames[2:]) if split is None else _joined(split, frames[2:])
     for p in payloads:
         if len(p) > MAX_PAYLOAD_BYTES:
             raise ProtocolError(f"payload of {len(p)} bytes is over {MAX_PAYLOAD_BYTES}.")
     validate(header, len(payloads))
     return Message(header["type"], header, payloads)
+
+
+def _joined(split: Any, frames: Sequence[Any]) -> tuple[Any, ...]:
+    """Join the frames that :func:`encode` cut, after checking ``split`` describes them."""
+    if (
+        not isinstance(split, list)
+        or not all(type(n) is int and n >= 1 for n in split)
+        or sum(split) != len(frames)
+    ):
+        raise ProtocolError("message header's 'split' does not match its payload frames.")
+    payloads, start = [], 0
+    for n in split:
+        group = frames[start : start + n]
+        start += n
+        if n == 1:
+            payloads.append(group[0])
+            continue
+        size = sum(len(f) for f in group)
+        if size > MAX_PAYLOAD_BYTES:  # refused before the bytes are joined
+            raise ProtocolError(f"payload of {size} bytes is over {MAX_PAYLOAD_BYTES}.")
+        # a Frame, so it is forwarded (shim to frontend) without another copy
+        payloads.append(zmq.Frame(b"".join(memoryview(f) for f in group), copy=False))
+    return tuple(payloads)

@@ -104,6 +104,18 @@ def test_a_64_mib_output_arrives_whole(kernel):
     assert len(_stream_text(outputs)) == 64 * 1024 * 1024
 
 
+def test_large_cells_and_outputs_arrive_byte_for_byte(kernel):
+    """Messages over a MiB cross the encrypted link in pieces, both ways; every piece must
+    come back in its place (a length check would miss two pieces swapped)."""
+    km, kc = kernel
+    text = "".join(f"{i:08x}" for i in range(5 * 1024 * 1024 // 8))  # 5 MiB, no two lines alike
+    reply, outputs = run_cell(
+        kc, f"import sys; text = {text!r}; sys.stdout.write(text[::-1])", timeout=120
+    )
+    assert reply["status"] == "ok"
+    assert _stream_text(outputs) == text[::-1]
+
+
 def test_interrupt_stops_a_long_sleep(kernel):
     km, kc = kernel
     msg_id = kc.execute("import time; time.sleep(60)")

@@ -87,6 +87,18 @@ def test_random_headers_only_ever_raise_protocol_error(header, msg_type):
         ),
         ([protocol.MAGIC, b'{"type":"stdin","token":"t","proc_id":"p","seq":1}'], "payload frames"),
         ([protocol.MAGIC, b"{" + b" " * protocol.MAX_HEADER_BYTES + b"}"], "over"),
+        (
+            [protocol.MAGIC, b'{"type":"out","proc_id":"p","seq":1,"stream":1,"split":[2]}', b"x"],
+            "'split'",
+        ),
+        (
+            [protocol.MAGIC, b'{"type":"out","proc_id":"p","seq":1,"stream":1,"split":"1"}', b"x"],
+            "'split'",
+        ),
+        (
+            [protocol.MAGIC, b'{"type":"out","proc_id":"p","seq":1,"stream":1,"split":[0,1]}', b""],
+            "'split'",
+        ),
     ],
 )
 def test_malformed_messages_are_named(frames, words):
@@ -97,3 +109,25 @@ def test_malformed_messages_are_named(frames, words):
 def test_encode_refuses_a_field_of_the_wrong_kind():
     with pytest.raises(ProtocolError, match="'gpus'"):
         protocol.encode("allocate", token="t", id=1, gpus="two")
+
+
+def test_a_large_payload_travels_in_pieces_and_arrives_whole():
+    """Big kernel output is cut into frames CurveZMQ can seal one by one (pipelined); the
+    receiver gets back exactly the frames the kernel sent, in order."""
+    big = bytes(range(256)) * (3 * protocol.SPLIT_BYTES // 256 + 7)  # 3 pieces and a bit
+    payloads = [b"<IDS|MSG>", b"sig", big, b"", big[:10]]
+    frames = protocol.encode("kernel_out", payloads, kernel_id="k", channel="iopub")
+    assert len(frames) == 2 + 4 + 4  # the big one took four frames
+    assert max(len(f) for f in frames) == protocol.SPLIT_BYTES
+    wire = [bytes(f) for f in frames]  # as the other end receives them
+    decoded = protocol.decode(wire)
+    assert [protocol.as_bytes(p) for p in decoded.payloads] == payloads
+    assert "split" not in decoded.header
+
+
+def test_pieces_adding_up_to_more_than_the_limit_are_refused_before_joining():
+    piece = b"x" * protocol.SPLIT_BYTES
+    count = protocol.MAX_PAYLOAD_BYTES // protocol.SPLIT_BYTES + 1
+    header = {"type": "out", "proc_id": "p", "seq": 1, "stream": 1, "split": [count]}
+    with pytest.raises(ProtocolError, match="over"):
+        protocol.decode([protocol.MAGIC, json.dumps(header).encode(), *[piece] * count])
