@@ -17,6 +17,7 @@ because the gateway authenticates every message, not a connection.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -253,7 +254,12 @@ def decode(frames: Sequence[Any]) -> Message:
     if (b"\\u" in raw or b"\xed" in raw) and not _unicode(header):
         raise ProtocolError("message header holds a string that is not Unicode text.")
     split = header.pop("split", None)
-    payloads = tuple(frames[2:]) if split is None else _joined(split, frames[2:])
+    if split is None:
+        payloads = tuple(frames[2:])
+    else:  # all checked first: a malformed message is not joined at all
+        _check_split(split, len(frames) - 2)
+        validate(header, len(split))
+        payloads = _joined(split, frames[2:])
     for p in payloads:
         if len(p) > MAX_PAYLOAD_BYTES:
             raise ProtocolError(f"payload of {len(p)} bytes is over {MAX_PAYLOAD_BYTES}.")
@@ -261,24 +267,25 @@ def decode(frames: Sequence[Any]) -> Message:
     return Message(header["type"], header, payloads)
 
 
-def _joined(split: Any, frames: Sequence[Any]) -> tuple[Any, ...]:
-    """Join the frames that :func:`encode` cut, after checking ``split`` describes them."""
+def _check_split(split: Any, n_frames: int) -> None:
     if (
         not isinstance(split, list)
         or not all(type(n) is int and n >= 1 for n in split)
-        or sum(split) != len(frames)
+        or sum(split) != n_frames
     ):
         raise ProtocolError("message header's 'split' does not match its payload frames.")
-    payloads, start = [], 0
-    for n in split:
-        group = frames[start : start + n]
-        start += n
-        if n == 1:
-            payloads.append(group[0])
-            continue
+
+
+def _joined(split: list[int], frames: Sequence[Any]) -> tuple[Any, ...]:
+    """Join the frames that :func:`encode` cut into the payloads they were."""
+    bounds = [0, *itertools.accumulate(split)]
+    groups = [frames[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    for group in groups:  # every size checked before any bytes are joined
         size = sum(len(f) for f in group)
-        if size > MAX_PAYLOAD_BYTES:  # refused before the bytes are joined
+        if size > MAX_PAYLOAD_BYTES:
             raise ProtocolError(f"payload of {size} bytes is over {MAX_PAYLOAD_BYTES}.")
-        # a Frame, so it is forwarded (shim to frontend) without another copy
-        payloads.append(zmq.Frame(b"".join(memoryview(f) for f in group), copy=False))
-    return tuple(payloads)
+    # Joined into a Frame, so that it is forwarded (shim to frontend) without another copy.
+    return tuple(
+        group[0] if len(group) == 1 else zmq.Frame(b"".join(map(memoryview, group)), copy=False)
+        for group in groups
+    )
