@@ -30,6 +30,7 @@ LOGOS = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg")
 _FRACTIONS = {0.25: "¼", 0.5: "½", 0.75: "¾"}
 _NAME_RE = re.compile(r"[a-z0-9._-]+")  # what jupyter_client accepts (after lowercasing)
 _TABLE = ("NAME", "DISPLAY NAME", "SHARE", "LOCATION")
+ASK_TIMEOUT_S = 3.0  # for asking the servers which kernels they offer
 
 
 def _manager() -> KernelSpecManager:
@@ -356,6 +357,8 @@ def _cmd_install(args: argparse.Namespace) -> int:
         "sys_prefix": args.sys_prefix,
         "prefix": args.prefix,
     }
+    if args.kernel.strip() != DEFAULT_KERNEL:  # every gateway offers python3 by default
+        _check_offered(args.kernel.strip(), args.server_list)
     if not args.presets:
         path = install(request, name=args.name, display_name=args.display_name, **where)
         spec = json.loads((path / "kernel.json").read_text(encoding="utf-8"))
@@ -373,6 +376,39 @@ def _cmd_install(args: argparse.Namespace) -> int:
     print(tables.render(_TABLE, rows))
     _say_if_hidden(Path(rows[0][3]))
     return 0
+
+
+def _check_offered(kernel: str, server_list: str | None) -> None:
+    """Refuse a --kernel that no server offers: a typo would otherwise show only when a
+    notebook's kernel fails to start. Where no server can be asked, install and say so."""
+    from bitfusion_jupyter.pool import Pool  # imports pyzmq: only when there is a --kernel
+
+    try:
+        pool = Pool.from_config(server_list, timeout=ASK_TIMEOUT_S)
+    except config.ConfigError:
+        answers = []
+    else:
+        try:
+            answers = pool.ask_all("hello")
+        finally:
+            pool.close()
+    offered = {server: data["kernels"] for server, data in answers if isinstance(data, dict)}
+    if any(kernel in names for names in offered.values()):
+        return
+    silent = [server for server, data in answers if not isinstance(data, dict)]
+    if not offered or silent:
+        asked = "no server could be asked" if not offered else f"{', '.join(silent)} did not answer"
+        print(
+            f"Note: {asked}, so --kernel {kernel} was not checked; a kernel start will say "
+            "if no server offers it ('bitfusion list_gpus' shows which servers answer).",
+            file=sys.stderr,
+        )
+        return
+    each = "; ".join(f"{server} offers {', '.join(names)}" for server, names in offered.items())
+    raise UsageError(
+        f"No server offers a kernel named {kernel!r} ({each}); name one of those with "
+        "--kernel, or ask the admin to add it to the gateway's --kernels file."
+    )
 
 
 def _refuse_with_presets(args: argparse.Namespace) -> None:

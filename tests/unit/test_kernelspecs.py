@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-from bitfusion_jupyter import kernelspecs, share_request
+from bitfusion_jupyter import config, kernelspecs, share_request
 from bitfusion_jupyter.share_request import ShareRequest, UsageError
 
 
@@ -25,6 +25,10 @@ def jupyter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     data = tmp_path / "jupyter-data"
     monkeypatch.setenv("JUPYTER_DATA_DIR", str(data))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter-path"))
+    # No servers configured: whatever this machine's own servers.conf says stays out of it.
+    monkeypatch.setenv("BITFUSION_CONFIG_DIR", str(tmp_path / "bitfusion"))
+    monkeypatch.setattr(config, "SYSTEM_SERVERS_CONF", tmp_path / "none.conf")
+    monkeypatch.delenv("BITFUSION_SERVERS", raising=False)
     return data
 
 
@@ -132,9 +136,11 @@ def test_default_names(jupyter: Path, request_: ShareRequest, display: str, name
     assert KernelSpecManager().get_kernel_spec(name).display_name == display
 
 
-def test_name_display_name_and_kernel_are_the_users(jupyter: Path) -> None:
+def test_name_display_name_and_kernel_are_the_users(jupyter: Path, capsys) -> None:
     bf("install", "-p", "0.5", "--name", "A100-Half", "--display-name", "A100 half", "--user")
     bf("install", "--kernel", "py311", "--name", "other", "--user")
+    # With no server to ask, a kernel name is taken on trust, and the user is told so.
+    assert "no server could be asked, so --kernel py311 was not checked" in capsys.readouterr().err
     spec = KernelSpecManager().get_kernel_spec("a100-half")  # Jupyter lowercases names
     assert spec.display_name == "A100 half"
     assert spec.argv[5:] == ["-n", "1", "-p", "0.5", "--kernel", "python3"]
