@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway import cluster_keys
+from gateway import cluster_keys, state_lock
 from remoting import protocol, tokens
 
 # The server, NVML and asyncio are imported where the gateway starts, not here: this module
@@ -208,6 +208,10 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
     except KernelConfigError as exc:
         raise UsageError(str(exc)) from None
     _prepare_state_dir(state_dir)
+    try:
+        lock = state_lock.hold(state_dir)  # held until this process ends
+    except state_lock.StateInUse as exc:
+        raise UsageError(str(exc)) from None
     keys = cluster_keys.load_or_create(state_dir)
     config = GatewayConfig(
         kernels=kernels,
@@ -241,6 +245,7 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
             f"Cannot listen on {args.bind}:{args.port} ({exc}); is another gateway running? "
             "Pick another --port or --bind."
         ) from None
+    state_lock.mark_listening(lock)
     token_path = admin_token(state_dir, keys)
     _banner(gateway, token_path)
     try:

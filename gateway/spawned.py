@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway import state_lock
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -37,6 +39,7 @@ class SpawnedGateway:
     prefix: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
     _tokens: dict[str, str] = field(default_factory=dict)
+    _log_from: int = 0
 
     @property
     def address(self) -> str:
@@ -61,6 +64,7 @@ class SpawnedGateway:
         if self.name:
             argv += ["--name", self.name]
         out = self.log_path.open("a") if self.log_path else None
+        self._log_from = out.tell() if out else 0  # earlier runs' lines are not this start's
         self.proc = subprocess.Popen(
             argv,
             stdout=out,
@@ -70,16 +74,29 @@ class SpawnedGateway:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise SpawnError(f"The gateway stopped right after starting. {self.log()}")
-            with socket.socket() as s:
-                s.settimeout(1)
-                if s.connect_ex((self.host, self.port)) == 0:
-                    return
+                raise SpawnError(f"The gateway stopped right after starting: {self._why()}")
+            # Ours once it names itself as the listener: an open port alone may be another
+            # gateway's, and ours would then fail to bind a moment later.
+            if state_lock.listening_pid(self.state_dir) == self.proc.pid:
+                with socket.socket() as s:
+                    s.settimeout(1)
+                    if s.connect_ex((self.host, self.port)) == 0:
+                        return
             time.sleep(0.05)
         raise SpawnError(f"The gateway did not open port {self.port} within {timeout:g} s.")
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+    def _why(self) -> str:
+        """What this start printed: the gateway's own one-sentence error where it gave one."""
+        if self.log_path is None:
+            return "its error is above."
+        with self.log_path.open("rb") as f:
+            f.seek(self._log_from)
+            lines = f.read().decode(errors="replace").strip().splitlines()
+        said = [line for line in lines if line.startswith("bitfusion gateway: ")]
+        return said[-1].removeprefix("bitfusion gateway: ") if said else "\n".join(lines[-10:])
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:

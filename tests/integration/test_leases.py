@@ -6,6 +6,7 @@ import signal
 import sys
 import time
 
+from gateway.spawned import SpawnedGateway, SpawnError, free_port
 from tests.conftest import start_gateway, stop_leftovers
 
 
@@ -87,3 +88,44 @@ def test_nothing_is_granted_twice_across_a_restart(tmp_path):
         assert gw.bf("run", "-m", "10000", "--", "true", user="bob").returncode == 0
     finally:
         gw.kill()
+
+
+def _refused_start(state_dir, port, env, log_path) -> str:
+    """Start another gateway that must not come up; what it said, once it has ended."""
+    other = SpawnedGateway(
+        state_dir, port, ["--simulate-gpus", "1x16GiB"], process_env=env, log_path=log_path
+    )
+    try:
+        other.start()
+    except SpawnError as exc:
+        assert other.proc.poll() is not None and "Traceback" not in str(exc)
+        return str(exc)
+    finally:
+        other.stop()
+    raise AssertionError("the other gateway started")
+
+
+def test_a_second_gateway_on_the_same_state_is_refused_and_the_first_keeps_its_share(tmp_path):
+    """Two gateways on one ledger would each hand out the same GPU memory. A second one, on
+    another port or the same, stops with one sentence; the first serves on as before."""
+    gw = start_gateway(tmp_path, "--simulate-gpus", "1x16GiB")
+    try:
+        env = gw.env(BITFUSION_SESSION="first-holds")
+        assert gw.bf("request_gpus", "-m", "10000", env=env).returncode == 0
+        for port in (free_port(), gw.port):
+            said = _refused_start(gw.state_dir, port, gw.process_env, tmp_path / "second.log")
+            assert f"Another gateway (pid {gw.proc.pid}) is using the state directory" in said
+        r = gw.bf("run", "-m", "10000", "--", "true", user="bob")
+        assert r.returncode == 1 and "No room" in r.stderr  # the first share is still held
+        assert gw.bf("release_gpus", env=env).returncode == 0
+    finally:
+        gw.kill()
+        stop_leftovers(gw.state_dir)
+
+
+def test_a_gateway_that_cannot_bind_is_not_mistaken_for_one_that_started(tmp_path, gateway):
+    """Another gateway already listening on the port must not pass for ours."""
+    said = _refused_start(
+        tmp_path / "other-state", gateway.port, gateway.process_env, tmp_path / "other.log"
+    )
+    assert f"Cannot listen on 127.0.0.1:{gateway.port}" in said
