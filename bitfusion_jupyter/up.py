@@ -195,18 +195,14 @@ def run(
     _say(f"Starting the gateway on 127.0.0.1:{port} (state in {state_dir}).")
     # The gateway logs to a file, so its lines do not interleave with the walk-through.
     state_dir.mkdir(parents=True, exist_ok=True)
-    log_path = state_dir / "gateway.log"
-    earlier = log_path.stat().st_size if log_path.exists() else 0  # earlier runs' lines
-    gateway = SpawnedGateway(state_dir, port, args, log_path=log_path)
+    gateway = SpawnedGateway(state_dir, port, args, log_path=state_dir / "gateway.log")
     try:
         try:
             gateway.start()
         except SpawnError as exc:
             raise UsageError(str(exc)) from None
         time.sleep(0.2)  # let the banner reach the log
-        with log_path.open("rb") as log:  # this run's banner only, not the file's history
-            log.seek(earlier)
-            print(log.read().decode(errors="replace").rstrip(), flush=True)
+        print(gateway.start_log().rstrip(), flush=True)  # this run's banner, not the history
         _say(f"The gateway logs to {gateway.log_path}.")
         _say(
             f"The cluster dashboard is at http://127.0.0.1:{web_port}/ (log in with the admin "

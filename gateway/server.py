@@ -379,13 +379,12 @@ class Gateway:
         # Someone else's share looks exactly like a missing one, so ids leak nothing.
         if share is None or (share.owner != tok.user and not tok.admin):
             if share is not None:
-                self.ledger.event("denied", tok.user, share_id, "touched another user's share")
-                self.refusals.warning(
-                    f"refused:{tok.user}",
-                    "refused user %s on share %s of %s (answered as a missing share)",
-                    tok.user,
+                self._denied(
+                    tok,
                     share_id,
-                    share.owner,
+                    "touched another user's share",
+                    f"share {share_id} of {share.owner}",
+                    "answered as a missing share",
                 )
             raise RequestError(
                 protocol.E_NOT_FOUND,
@@ -393,6 +392,16 @@ class Gateway:
                 "been released or its lease may have expired.",
             )
         return share
+
+    def _denied(
+        self, tok: tokens.Token, share_id: str | None, event: str, target: str, answer: str
+    ) -> None:
+        """A user reached for someone else's share, process or kernel: an event in the ledger
+        and a warning in the log (``answer``: what the user was told, or that it was dropped)."""
+        self.ledger.event("denied", tok.user, share_id, event)
+        self.refusals.warning(
+            f"refused:{tok.user}", "refused user %s on %s (%s)", tok.user, target, answer
+        )
 
     def _relay(self, proc_id: str, tok: tokens.Token) -> Relay | None:
         relay = self.relays.get(proc_id)
@@ -404,13 +413,12 @@ class Gateway:
         if relay.owner != tok.user and not tok.admin:
             proc = self.ledger.processes.get(proc_id)
             share_id = proc.share_id if proc else None
-            self.ledger.event("denied", tok.user, share_id, f"touched process {proc_id}")
-            self.refusals.warning(
-                f"refused:{tok.user}",
-                "refused user %s on process %s of %s (dropped)",
-                tok.user,
-                proc_id,
-                relay.owner,
+            self._denied(
+                tok,
+                share_id,
+                f"touched process {proc_id}",
+                f"process {proc_id} of {relay.owner}",
+                "dropped",
             )
             return None
         return relay
@@ -941,13 +949,12 @@ class Gateway:
             return
         share = self.ledger.shares.get(state.share_id)
         if share is None or (share.owner != tok.user and not tok.admin):
-            self.ledger.event("denied", tok.user, state.share_id, "wrote to another's kernel")
-            self.refusals.warning(
-                f"refused:{tok.user}",
-                "refused user %s on kernel %s of share %s (dropped)",
-                tok.user,
-                state.kernel_id,
+            self._denied(
+                tok,
                 state.share_id,
+                "wrote to another's kernel",
+                f"kernel {state.kernel_id} of share {state.share_id}",
+                "dropped",
             )
             return
         if msg["channel"] not in ("shell", "control", "stdin"):

@@ -88,13 +88,19 @@ class SpawnedGateway:
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
 
+    def start_log(self) -> str:
+        """What the gateway logged since this start; not the lines of earlier runs."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as f:
+            f.seek(self._log_from)
+            return f.read().decode(errors="replace")
+
     def _why(self) -> str:
         """What this start printed: the gateway's own one-sentence error where it gave one."""
         if self.log_path is None:
             return "its error is above."
-        with self.log_path.open("rb") as f:
-            f.seek(self._log_from)
-            lines = f.read().decode(errors="replace").strip().splitlines()
+        lines = self.start_log().strip().splitlines()
         said = [line for line in lines if line.startswith("bitfusion gateway: ")]
         return said[-1].removeprefix("bitfusion gateway: ") if said else "\n".join(lines[-10:])
 

@@ -206,13 +206,16 @@ def encode(msg_type: str, payloads: Sequence[Any] = (), **fields: Any) -> list[A
     if any(len(p) > SPLIT_BYTES for p in payloads):
         frames, header["split"] = [], []
         for p in payloads:
-            view = memoryview(p)
-            pieces = [
-                zmq.Frame(view[i : i + SPLIT_BYTES], copy=False)
-                for i in range(0, len(view), SPLIT_BYTES)
-            ]
-            frames.extend(pieces or [p])
-            header["split"].append(len(pieces) or 1)
+            if len(p) <= SPLIT_BYTES:
+                pieces = [p]
+            else:
+                view = memoryview(p)
+                pieces = [
+                    zmq.Frame(view[i : i + SPLIT_BYTES], copy=False)
+                    for i in range(0, len(view), SPLIT_BYTES)
+                ]
+            frames.extend(pieces)
+            header["split"].append(len(pieces))
     return [MAGIC, json.dumps(header, separators=(",", ":")).encode(), *frames]
 
 
@@ -256,14 +259,14 @@ def decode(frames: Sequence[Any]) -> Message:
     split = header.pop("split", None)
     if split is None:
         payloads = tuple(frames[2:])
-    else:  # all checked first: a malformed message is not joined at all
+        for p in payloads:
+            if len(p) > MAX_PAYLOAD_BYTES:
+                raise ProtocolError(f"payload of {len(p)} bytes is over {MAX_PAYLOAD_BYTES}.")
+        validate(header, len(payloads))
+    else:  # all checked first (sizes by _joined): a malformed message is not joined at all
         _check_split(split, len(frames) - 2)
         validate(header, len(split))
         payloads = _joined(split, frames[2:])
-    for p in payloads:
-        if len(p) > MAX_PAYLOAD_BYTES:
-            raise ProtocolError(f"payload of {len(p)} bytes is over {MAX_PAYLOAD_BYTES}.")
-    validate(header, len(payloads))
     return Message(header["type"], header, payloads)
 
 
