@@ -24,6 +24,7 @@ from pathlib import Path
 from bitfusion_jupyter import config
 from gateway.processes import pid_alive
 from remoting.json_file import write_json
+from remoting.protocol import renew_every
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def _hold(server: str, share_id: str, lease_s: float, watch_pid: int, path: Path
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     conn = GatewayConnection(server, config.token_for(server))
-    every = max(0.2, min(5.0, lease_s / 4))
+    every = renew_every(lease_s)
     last_ok = time.monotonic()
     try:
         while not stop and pid_alive(watch_pid):

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 from bitfusion_jupyter.pool import Grant
 from remoting.client import GatewayError
+from remoting.protocol import renew_every
 
 
 def merged_env(share_env: Mapping[str, str]) -> dict[str, str]:
@@ -44,7 +45,7 @@ def run_local(grant: Grant, env: Mapping[str, str], argv: list[str]) -> int:
     previous = {s: signal.signal(s, forward) for s in forwarded}
     try:
         grant.conn.request("register_pid", share_id=grant.share_id, pid=child.pid)
-        every = max(0.2, min(5.0, grant.lease_s / 4))
+        every = renew_every(grant.lease_s)
         next_renew = time.monotonic() + every
         while child.poll() is None:
             time.sleep(0.05)

@@ -19,7 +19,7 @@ import zmq
 
 from bitfusion_jupyter.pool import say
 from remoting.client import GatewayConnection, GatewayError
-from remoting.protocol import Message
+from remoting.protocol import Message, renew_every
 
 STDIN_CHUNK = 64 * 1024
 ACK_EVERY_BYTES = 256 * 1024
@@ -33,7 +33,7 @@ class ProcessStream:
         self.conn = conn
         self.share_id = share_id
         self.proc_id = proc_id
-        self.renew_every = max(0.2, min(5.0, lease_s / 4))
+        self.renew_every = renew_every(lease_s)
         self.next_seq = 1  # next output seq we expect
         self.acked = 0
         self.unacked_bytes = 0

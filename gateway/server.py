@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import secrets
 import signal
 import socket
 import time
@@ -73,6 +74,10 @@ class Waiter:
     eligible: list[int]
     deadline: float
     position: int = 0
+    # Its client says "waiting" now and then (it may have reconnected, with a new ident);
+    # one silent for a lease grace has gone, and must not hold the queue or win a share.
+    ticket: str = field(default_factory=lambda: secrets.token_hex(8))
+    heard: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -636,12 +641,43 @@ class Gateway:
                         id=w.msg["id"],
                         position=pos,
                         detail=f"waiting for {w.want.describe()} on {self.cfg.hostname}",
+                        ticket=w.ticket,
+                        lease_s=self.cfg.lease_grace_s,
                     ),
                 )
+
+    async def _on_waiting(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
+        waiter = next(
+            (w for w in self.queue if w.ticket == msg["ticket"] and w.owner == tok.user), None
+        )
+        if waiter is None:
+            return  # served or given up meanwhile: its answer is already on the way
+        waiter.heard = time.monotonic()
+        waiter.ident = ident  # the reply goes where the client is now
+        if msg.get("give_up"):
+            await self._leave_queue(waiter, "its client gave up")
+
+    async def _leave_queue(self, waiter: Waiter, why: str) -> None:
+        self.queue.remove(waiter)
+        self.ledger.event("left_queue", waiter.owner, None, f"{waiter.want.describe()}: {why}")
+        log.info(
+            "%s's request for %s left the queue: %s", waiter.owner, waiter.want.describe(), why
+        )
+        await self._announce_queue()
 
     async def _serve_queue(self) -> None:
         now = time.monotonic()
         changed = False
+        for w in [w for w in self.queue if now - w.heard > self.cfg.lease_grace_s]:
+            silent = f"no word from its client for {self.cfg.lease_grace_s:g} s"
+            await self._leave_queue(w, silent)
+            # Heard only if the client is still there after all, e.g. behind a long cut.
+            await self._error(
+                w.ident,
+                w.msg["id"],
+                protocol.E_NO_FIT,
+                f"Left the queue of {self.cfg.hostname}: {silent}. Ask again.",
+            )
         for w in [w for w in self.queue if w.deadline < now]:
             self.queue.remove(w)
             changed = True

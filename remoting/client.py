@@ -9,6 +9,7 @@ token's server key is wrong, or no answer at all), so the user reads one clear s
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import socket
 import struct
@@ -46,6 +47,30 @@ def split_address(address: str) -> tuple[str, int]:
             f"{address!r} is not host[:port] (e.g. gpu1 or gpu1:{protocol.DEFAULT_PORT})"
         )
     return host, int(port)
+
+
+class _QueuePlace:
+    """Our place in a gateway's queue, if any, and when to say next that we still wait."""
+
+    def __init__(self) -> None:
+        self.ticket = ""
+        self.every = 0.0
+        self.next_at = float("inf")
+
+    def joined(self, ticket: str, lease_s: float) -> None:
+        if ticket and ticket != self.ticket and lease_s > 0:
+            self.ticket = ticket
+            self.every = protocol.renew_every(lease_s)
+            self.next_at = time.monotonic() + self.every
+
+    def due(self) -> bool:
+        if not self.ticket or time.monotonic() < self.next_at:
+            return False
+        self.next_at = time.monotonic() + self.every
+        return True
+
+    def until_due(self) -> float:
+        return max(0.0, self.next_at - time.monotonic())
 
 
 class GatewayConnection:
@@ -174,40 +199,59 @@ class GatewayConnection:
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         sent = False
-        while True:
-            if not sent:
-                try:
-                    self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
-                    sent = True
-                except zmq.Again:  # not connected yet (IMMEDIATE): try again shortly
-                    pass
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise self._why_silent(limit)
-            if not sent:
-                # Not connected yet: the monitor tells when the handshake is done, so the
-                # first request leaves the moment it can instead of on a fixed retry tick.
-                if self.monitor.poll(int(min(left, 0.05) * 1000) + 1):
-                    self._drain_monitor()
-                continue
-            if not self.sock.poll(int(left * 1000) + 1):
-                continue
-            msg = self._recv()
-            if msg is None:
-                continue
-            if msg.type == "reply" and msg["id"] == msg_id:
-                if msg["ok"]:
-                    return msg.get("data") or {}
-                raise GatewayError(
-                    self.address, msg.get("error") or "refused", msg.get("code") or "error"
-                )
-            if msg.type == "queued" and msg["id"] == msg_id:
-                # Waiting in the gateway's queue: the deadline is the caller's wait, not ours.
-                if on_event:
-                    on_event(msg)
-                continue
-            if msg.type != "reply":
-                self._pending.append(msg)
+        queue = _QueuePlace()
+        try:
+            while True:
+                if not sent:
+                    try:
+                        self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
+                        sent = True
+                    except zmq.Again:  # not connected yet (IMMEDIATE): try again shortly
+                        pass
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._why_silent(limit)
+                if not sent:
+                    # Not connected yet: the monitor tells when the handshake is done, so the
+                    # first request leaves the moment it can instead of on a fixed retry tick.
+                    if self.monitor.poll(int(min(left, 0.05) * 1000) + 1):
+                        self._drain_monitor()
+                    continue
+                if queue.due():
+                    self.send("waiting", ticket=queue.ticket)
+                if not self.sock.poll(int(min(left, queue.until_due()) * 1000) + 1):
+                    continue
+                msg = self._recv()
+                if msg is None:
+                    continue
+                if msg.type == "reply" and msg["id"] == msg_id:
+                    queue.ticket = ""  # answered: nothing to give up
+                    if msg["ok"]:
+                        return msg.get("data") or {}
+                    raise GatewayError(
+                        self.address, msg.get("error") or "refused", msg.get("code") or "error"
+                    )
+                if msg.type == "queued" and msg["id"] == msg_id:
+                    # Waiting in the gateway's queue: the deadline is the caller's wait, not
+                    # ours; meanwhile we tell the gateway now and then that we still wait.
+                    queue.joined(msg.get("ticket") or "", msg.get("lease_s") or 0.0)
+                    if on_event:
+                        on_event(msg)
+                    continue
+                if msg.type != "reply":
+                    self._pending.append(msg)
+        except BaseException:
+            # Ctrl-C or a timeout while queued: leave the queue now rather than when the
+            # gateway stops hearing from us (LINGER lets this out even as we close).
+            if queue.ticket:
+                with contextlib.suppress(zmq.ZMQError):
+                    self.sock.send_multipart(
+                        protocol.encode(
+                            "waiting", token=str(self.token), ticket=queue.ticket, give_up=True
+                        ),
+                        flags=zmq.NOBLOCK,
+                    )
+            raise
 
     def _recv(self) -> Message | None:
         frames = self.sock.recv_multipart(copy=not self.zero_copy)

@@ -37,6 +37,12 @@ MAX_PAYLOAD_BYTES = 256 * 1024 * 1024  # a Jupyter output or comm buffer can be 
 SPLIT_BYTES = 1024 * 1024
 
 
+def renew_every(lease_s: float) -> float:
+    """How often a client speaks up for something the gateway keeps for ``lease_s`` seconds
+    of silence (a share's lease, a place in the queue): four chances before it is lost."""
+    return max(0.2, min(5.0, lease_s / 4))
+
+
 class ProtocolError(ValueError):
     """A message that does not follow this protocol; the text is one sentence."""
 
@@ -110,13 +116,21 @@ MESSAGES: dict[str, Spec] = {
     "stdin_close": Spec({**_ONEWAY, "proc_id": STR, "seq": INT}),
     "signal": Spec({**_ONEWAY, "proc_id": STR, "signum": INT}),
     "ack": Spec({**_ONEWAY, "proc_id": STR, "seq": INT}),
+    # A queued allocate's client is still there (every renew_every(lease_s)), or gives up.
+    # ``ticket`` comes with "queued"; it outlives a reconnect, which changes the connection.
+    "waiting": Spec({**_ONEWAY, "ticket": STR}, {"give_up": BOOL}),
     # --- gateway -> client ---
     "reply": Spec(
         {"id": INT, "ok": BOOL},
         {"error": STR, "code": STR, "data": DICT},
         authenticated=False,
     ),
-    "queued": Spec({"id": INT, "position": INT}, {"detail": STR}, authenticated=False),
+    # ``lease_s``: how long the gateway keeps a waiter it does not hear from.
+    "queued": Spec(
+        {"id": INT, "position": INT},
+        {"detail": STR, "ticket": STR, "lease_s": NUM},
+        authenticated=False,
+    ),
     "out": Spec({"proc_id": STR, "seq": INT, "stream": INT}, authenticated=False, payloads=(1, 1)),
     "exit": Spec({"proc_id": STR, "seq": INT, "code": INT}, authenticated=False),
     "kernel_out": Spec(

@@ -1,7 +1,11 @@
 """Looking at the pool and admission: list_gpus, smi, health, best fit, queueing."""
 
 import json
+import signal
 import time
+
+from gateway.spawned import stop_leftovers
+from tests.conftest import start_gateway
 
 
 def test_list_gpus_shows_the_simulated_pool(gateway):
@@ -71,6 +75,63 @@ def test_wait_gives_up_with_a_clear_error(gateway):
     r = gateway.bf("run", "-m", "1024", "--wait", "1", "--", "true", user="bob")
     assert r.returncode == 1 and "Waited in vain" in r.stderr
     gateway.bf("release_gpus", env=env_a)
+
+
+def _queued(gateway) -> int:
+    """How many requests wait in the gateway's queue, as list_gpus reports it."""
+    return json.loads(gateway.bf("list_gpus", "--json").stdout)[0]["data"]["queued"]
+
+
+def _within(seconds: float, condition) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_a_waiter_whose_client_died_leaves_the_queue(gateway):
+    a, env_a = _hold(gateway, "alice", "-n", "2")
+    assert a.returncode == 0, a.stderr
+    carol = gateway.bf_background(
+        "request_gpus", "-n", "2", "--wait", "120", env=gateway.env("carol")
+    )
+    assert _within(15, lambda: _queued(gateway) == 1)
+    dave_env = gateway.env("dave", BITFUSION_SESSION="dave-wait")
+    dave = gateway.bf_background("request_gpus", "-n", "2", "--wait", "120", env=dave_env)
+    assert _within(15, lambda: _queued(gateway) == 2)
+    carol.kill()  # no goodbye: the gateway only stops hearing from her client
+    carol.communicate()
+    # After the lease grace (2 s here) her place goes; dave, still heard, moves up.
+    assert _within(15, lambda: _queued(gateway) == 1)
+    assert "carol's request for 2 GPUs (whole) left the queue: no word from its" in gateway.log()
+    assert gateway.bf("release_gpus", env=env_a).returncode == 0
+    out, err = dave.communicate(timeout=20)
+    assert dave.returncode == 0, err
+    assert "Position 2" in err and "Position 1" in err
+    assert [s["owner"] for s in gateway.shares()] == ["dave"]  # no share for a ghost
+    gateway.bf("release_gpus", env=dave_env)
+
+
+def test_ctrl_c_while_queued_leaves_the_queue_at_once(tmp_path):
+    # A long lease grace: the place must go because the client said so, not by silence.
+    gw = start_gateway(tmp_path, "--simulate-gpus", "1x16GiB", "--lease-grace", "120")
+    try:
+        a, env_a = _hold(gw, "alice", "-n", "1")
+        assert a.returncode == 0, a.stderr
+        bob = gw.bf_background("run", "-n", "1", "--wait", "600", "--", "true", user="bob")
+        assert _within(15, lambda: _queued(gw) == 1)
+        bob.send_signal(signal.SIGINT)
+        _, err = bob.communicate(timeout=15)
+        assert bob.returncode == 130 and "interrupted" in err and "Traceback" not in err
+        assert _within(10, lambda: _queued(gw) == 0)
+        assert "bob's request for 1 GPU (whole) left the queue: its client gave up" in gw.log()
+        assert gw.bf("release_gpus", env=env_a).returncode == 0
+        assert gw.no_shares_within(5)  # bob's request did not come back as a share
+    finally:
+        gw.kill(signal.SIGTERM)
+        stop_leftovers(gw.state_dir)
 
 
 def test_users_see_only_their_own_shares_and_admins_see_all(gateway):
