@@ -26,6 +26,7 @@ from urllib.request import urlopen
 
 from bitfusion_jupyter import config
 from bitfusion_jupyter.share_request import UsageError
+from gateway import state_lock
 from gateway.spawned import SpawnedGateway, SpawnError, free_port
 from remoting.protocol import DASHBOARD_PORT
 
@@ -58,6 +59,8 @@ def _bitfusion(*args: str, env: dict[str, str]) -> int:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        # As servers bind: connections of an earlier run left in TIME_WAIT do not count.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -162,6 +165,21 @@ def _serve_lab(gateway: SpawnedGateway, env: dict[str, str], lab_port: int | Non
         lab.stop()
 
 
+def _check_room(state_dir: Path, port: int) -> None:
+    """Say what is in the way before starting, in `up`'s terms: the gateway's own message
+    names options (`--bind`) that `up` does not have."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        state_lock.hold(state_dir).close()
+    except state_lock.StateInUse as exc:
+        raise UsageError(str(exc)) from None
+    if not _port_free(port):
+        raise UsageError(
+            f"Port {port} on 127.0.0.1 is taken by another program (a gateway of another "
+            "--state-dir, perhaps); stop it, or pick another --port."
+        )
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -179,6 +197,7 @@ def run(
     # in its own session and would otherwise outlive us.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
+    _check_room(state_dir, port)
     gpus = nvml_gpu_count()
     if simulate is None and gpus == 0:
         simulate = DEMO_SIMULATION
@@ -194,7 +213,6 @@ def run(
     args += ["--web-port", str(web_port)]
     _say(f"Starting the gateway on 127.0.0.1:{port} (state in {state_dir}).")
     # The gateway logs to a file, so its lines do not interleave with the walk-through.
-    state_dir.mkdir(parents=True, exist_ok=True)
     gateway = SpawnedGateway(state_dir, port, args, log_path=state_dir / "gateway.log")
     try:
         try:

@@ -1,6 +1,7 @@
 """The README's first command (`bitfusion up`) and `localhealth` on a GPU server."""
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -37,6 +38,29 @@ def test_up_starts_a_labelled_simulated_pool_and_runs_in_a_share(tmp_path):
     assert "SIMULATED" in r.stdout.split("$ bitfusion list_gpus")[1]
     assert "inside share s-" in r.stdout and "capped at 1024 MiB" in r.stdout
     assert (tmp_path / "cfg" / "client.json").exists()  # the client is set up for later use
+
+
+def _up(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = {**base_env(tmp_path), "BITFUSION_CONFIG_DIR": str(tmp_path / "cfg")}
+    cmd = [sys.executable, "-m", "bitfusion_jupyter", "up", "--exit", "--no-lab", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=env)
+
+
+def test_up_says_what_is_in_its_way_in_its_own_options(tmp_path, gateway):
+    # A gateway already serves this state directory.
+    r = _up(tmp_path, "--state-dir", str(gateway.state_dir), "--port", str(free_port()))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"Another gateway (pid {gateway.proc.pid}) is using the state directory" in r.stderr
+    # Another program listens on the port.
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        r = _up(tmp_path, "--state-dir", str(tmp_path / "own-state"), "--port", str(port))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"Port {port} on 127.0.0.1 is taken" in r.stderr and "--port" in r.stderr
+    assert "--bind" not in r.stderr and "Traceback" not in r.stderr  # up has no --bind
+    assert gateway.bf("list_gpus").returncode == 0  # the running gateway was left alone
 
 
 def test_localhealth_reports_each_check(gateway):
