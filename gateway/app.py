@@ -116,9 +116,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="refuse the token after this long, e.g. 90m, 8h or 30d (default: never)",
     )
     create.add_argument("--state-dir", type=Path, default=None, dest="token_state_dir")
-    revoke = token_sub.add_parser("revoke", help="revoke a token")
+    revoke = token_sub.add_parser(
+        "revoke", help="revoke a token here and on the peers (the rest of the cluster)"
+    )
     revoke.add_argument("token")
     revoke.add_argument("--state-dir", type=Path, default=None, dest="token_state_dir")
+    revoke.add_argument(
+        "--peers",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        dest="token_peers",
+        help="the cluster's other gateways, as the gateway's own --peers "
+        "(default STATE_DIR/servers.conf when it exists)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,14 +171,44 @@ def _token(args: argparse.Namespace, state_dir: Path) -> int:
         if expires is not None:  # on stderr: stdout is the token alone, for `> alice.token`
             print(f"This token of {tok.user} expires on {tok.expires_text}.", file=sys.stderr)
         return 0
-    tok = tokens.parse(args.token)
+    return _revoke(tokens.parse(args.token), state_dir, keys, args.token_peers)
+
+
+def _revoke(
+    tok: tokens.Token, state_dir: Path, keys: cluster_keys.ClusterKeys, peers_file: Path | None
+) -> int:
+    """Revoke in this server's ledger (its gateway need not run), then on every peer, as the
+    dashboard does: a token revoked on one server only would still work on the others."""
     from gateway.ledger import Ledger
 
+    peers = _peers(peers_file, state_dir)
     ledger = Ledger(state_dir / "ledger.sqlite3", [])
     ledger.revoke(tok.nonce)
     ledger.event("revoke", tok.user, None, "token revoked")
     ledger.close()
-    print(f"Revoked the token of {tok.user}.")
+    if not peers:
+        print(f"Revoked the token of {tok.user}.")
+        return 0
+    from bitfusion_jupyter.tables import render
+    from gateway.web.cluster import ask_each
+
+    admin = tokens.parse(admin_token(state_dir, keys).read_text(encoding="ascii").strip())
+    replies = ask_each(peers, admin, [("revoke", {"nonce": tok.nonce})])
+    said = {
+        server: "revoked" if r.data is not None else (r.error or r.state)
+        for server, [r] in replies.items()
+    }
+    missed = [s for s, text in said.items() if text != "revoked"]
+    n = len(peers) - len(missed)
+    print(f"Revoked the token of {tok.user} here and on {n} of {len(peers)} peers.")
+    print(render(["SERVER", "ANSWER"], [["this server", "revoked"], *said.items()]))
+    if missed:
+        print(
+            f"bitfusion: the token still works on {', '.join(missed)}; run this again when "
+            "they answer.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -69,7 +69,7 @@ def ask_one(server: str, token: tokens.Token, kind: str, **fields: Any) -> Reply
     return ask_server(server, token, [(kind, fields)])[0]
 
 
-def _ask_each(
+def ask_each(
     servers: list[str], token: tokens.Token, questions: list[tuple[str, dict[str, Any]]]
 ) -> dict[str, list[Reply]]:
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(servers)))) as pool:
@@ -81,4 +81,4 @@ async def ask(
     servers: list[str], token: tokens.Token, *questions: tuple[str, dict[str, Any]]
 ) -> dict[str, list[Reply]]:
     """Each server's replies to ``questions`` (in that order), off the event loop."""
-    return await asyncio.to_thread(_ask_each, servers, token, list(questions))
+    return await asyncio.to_thread(ask_each, servers, token, list(questions))

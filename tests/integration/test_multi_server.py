@@ -66,3 +66,33 @@ def test_a_server_that_is_down_does_not_hide_the_others(pool):
     assert big.address in r.stderr and "connection refused" in r.stderr
     r = small.bf("--timeout", "2", "run", "-m", "1000", "--", "true", env=_env(small, big))
     assert r.returncode == 0, r.stderr  # the live server still serves
+
+
+def test_revoking_on_the_command_line_reaches_every_peer(pool, tmp_path):
+    small, big = pool
+    peers = tmp_path / "peers.conf"
+    peers.write_text(f"# the rest of the pool\n{big.address}\n")
+
+    def revoke(user: str):
+        return small.bf(
+            "gateway", "token", "revoke", small.token(user),
+            "--state-dir", str(small.state_dir), "--peers", str(peers),
+        )  # fmt: skip
+
+    def refused(user: str) -> list[bool]:
+        env = {**_env(small, big), "BITFUSION_TOKEN": small.token(user)}
+        answers = [gw.bf("list_gpus", "-l", gw.address, env=env) for gw in (small, big)]
+        assert all(a.returncode == 0 or "revoked" in a.stderr for a in answers)
+        return [a.returncode != 0 for a in answers]
+
+    assert refused("dora") == [False, False]
+    r = revoke("dora")
+    assert r.returncode == 0, r.stderr
+    assert "Revoked the token of dora here and on 1 of 1 peers." in r.stdout
+    assert refused("dora") == [True, True]  # not only on the server where it was typed
+    # A peer that does not answer is named; the command fails, so a script notices.
+    big.kill()
+    r = revoke("erin")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"the token still works on {big.address}; run this again" in r.stderr
+    assert "here and on 0 of 1 peers" in r.stdout
