@@ -39,7 +39,7 @@ def main() -> None:
         gw = SpawnedGateway(
             Path(tmp) / "state",
             free_port(),
-            ["--simulate-gpus", "2x16GiB"],
+            ["--simulate-gpus", "2x16GiB", *os.environ.get("BENCH_GATEWAY_ARGS", "").split()],
             log_path=Path(tmp) / "gateway.log",
         )
         gw.start()

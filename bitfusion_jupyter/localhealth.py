@@ -57,6 +57,7 @@ def _gateway_answers(state_dir: Path, port: int) -> tuple[str, str]:
 
 
 def checks(state_dir: Path, port: int) -> list[dict[str, Any]]:
+    from gateway import sandbox
     from gateway.mps import mps_pipe_dir, mps_running
 
     out: list[dict[str, Any]] = []
@@ -70,6 +71,11 @@ def checks(state_dir: Path, port: int) -> list[dict[str, Any]]:
         (OK, f"running, pipes in {mps_pipe_dir()}")
         if mps_running()
         else (OK, "not running; shares are capped by the frameworks' limits and policing"),
+    )
+    landlock = sandbox.abi()
+    add(
+        "share confinement",
+        (OK if landlock else WARN, sandbox.describe(landlock, [str(state_dir)])),
     )
     with socket.socket() as s:
         s.settimeout(1.0)

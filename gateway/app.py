@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway import cluster_keys, state_lock
+from gateway import cluster_keys, sandbox, state_lock
 from remoting import protocol, tokens
 
 # The server, NVML and asyncio are imported where the gateway starts, not here: this module
@@ -78,6 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workdir", default=None, help="working directory of commands run in shares"
+    )
+    parser.add_argument(
+        "--unconfined",
+        dest="confine",
+        action="store_false",
+        help="let code in shares reach the state directory (by default Landlock keeps it out)",
     )
     parser.add_argument(
         "--kernels",
@@ -263,6 +269,7 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
         police_mode=args.police,
         police_grace_s=args.police_grace,
         workdir=args.workdir,
+        confine=args.confine,
         web_port=args.web_port,
         peers=_peers(args.peers, state_dir),
     )
@@ -329,7 +336,11 @@ def _banner(gateway: Any, token_path: Path) -> None:
     for g in gateway.gpus:
         tag = "  (simulated)" if g.simulated else ""
         lines.append(f"  {g.index:<4}{g.name:<28}{g.memory_total_mib:>8} MiB{tag}")
+    confined = sandbox.describe(gateway.sandbox_abi, [str(cfg.state_dir)])
+    if not cfg.confine:
+        confined = "NOT confined (--unconfined): code in a share can read the state directory"
     lines += [
+        f"  shares: {confined}",
         f"  state dir {cfg.state_dir}; admin token in {token_path}",
         f"  user tokens: bitfusion gateway token create --state-dir {cfg.state_dir} --user NAME",
     ]

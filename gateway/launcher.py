@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.sandbox import Confinement
+
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 10.0
 # sockaddr_un holds 108 bytes with the NUL; keep a margin for other platforms.
@@ -104,6 +106,7 @@ def _request(
     run_dir: Path,
     proc_id: str,
     linger_s: float,
+    confinement: Confinement | None = None,
 ) -> tuple[bytes, Path, Path]:
     """The line a spare nanny reads to become ``argv``'s nanny, and its two paths."""
     if not argv:
@@ -123,6 +126,8 @@ def _request(
     ]
     if cwd:
         args += ["--cwd", cwd]
+    if confinement is not None:
+        args += confinement.args()
     args += ["--", *argv]
     return (json.dumps({"args": args, "env": dict(env)}) + "\n").encode(), socket_path, status_path
 
@@ -159,6 +164,7 @@ async def launch_async(
     run_dir: Path,
     proc_id: str,
     linger_s: float = 300,
+    confinement: Confinement | None = None,
 ) -> Launched:
     """Start ``argv`` under a new nanny; return once the nanny's socket is listening.
 
@@ -166,7 +172,9 @@ async def launch_async(
     for the GIL with a busy loop, and each of the launch's many small steps would wait for
     its turn, which under load made starts several times slower.
     """
-    line, socket_path, status_path = _request(argv, env, cwd, run_dir, proc_id, linger_s)
+    line, socket_path, status_path = _request(
+        argv, env, cwd, run_dir, proc_id, linger_s, confinement
+    )
     try:
         spare = _take_spare()
         assert spare.stdin and spare.stdout and spare.stderr

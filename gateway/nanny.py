@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable
 
 from gateway import nanny_wire as wire
+from gateway import sandbox
 
 # typing costs milliseconds at every start; annotations are strings here and only need it when
 # a type checker reads them.
@@ -498,6 +499,10 @@ def parse_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--cwd", help="working directory of the command")
     parser.add_argument("--linger", type=float, default=DEFAULT_LINGER_S, help="seconds to wait")
     parser.add_argument("--log", help="file to append the nanny's own log to (else stderr)")
+    # Landlock: the command never sees --hide, but for --read and --write inside it.
+    parser.add_argument("--hide", help="a directory the command may not reach")
+    parser.add_argument("--read", action="append", default=[], help="but may read this")
+    parser.add_argument("--write", action="append", default=[], help="and may write here")
     opts = parser.parse_args(args)
     if not argv:
         parser.error("give the command to run after '--'")
@@ -571,6 +576,7 @@ def serve(opts: argparse.Namespace, argv: list[str], report_w: int) -> int:
             stderr=subprocess.PIPE,
             cwd=opts.cwd,
             start_new_session=True,  # own session and group: signalled and mapped as one
+            preexec_fn=_confiner(opts),
         )
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         listener.close()
@@ -587,6 +593,14 @@ def serve(opts: argparse.Namespace, argv: list[str], report_w: int) -> int:
     nanny.write_status()
     report(f"ok {os.getpid()}")
     return nanny.run()
+
+
+def _confiner(opts: argparse.Namespace) -> Callable[[], None] | None:
+    """What the child runs just before exec: confined, or it does not start at all."""
+    if not opts.hide:
+        return None
+    rules = sandbox.Confinement(opts.hide, opts.read, opts.write)
+    return lambda: sandbox.confine(rules) and None
 
 
 def cannot_run(program: str, cwd: str | None, exc: BaseException) -> str:

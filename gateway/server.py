@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from gateway import handshakes, launcher, usage_files
+from gateway import handshakes, launcher, sandbox, usage_files
 from gateway.cluster_keys import ClusterKeys
 from gateway.gpus import GpuInventory, GpuState
 from gateway.history import RANGES, History
@@ -58,6 +58,7 @@ class GatewayConfig:
     police_interval_s: float = 1.0
     terminate_grace_s: float = 5.0
     workdir: str | None = None
+    confine: bool = True  # keep shares out of state_dir with Landlock, where the kernel has it
     kernels: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_KERNELS))
     web_port: int = 0  # the dashboard's HTTP port; 0: none
     peers: list[str] = field(default_factory=list)  # the cluster's other gateways, host:port
@@ -114,6 +115,8 @@ class Gateway:
         run_dir = config.state_dir / "run"
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.run_dir = run_dir
+        # The Landlock ABI that confines what runs in shares; 0: not confined (said at start).
+        self.sandbox_abi = sandbox.abi() if config.confine else 0
         self.ledger = Ledger(config.state_dir / "ledger.sqlite3", self.gpus)
         self.police = Police(config.police_mode, config.police_grace_s)  # type: ignore[arg-type]
         self.relays: dict[str, Relay] = {}
@@ -826,7 +829,13 @@ class Gateway:
             proc_id = self.ledger.new_id("p-", "processes")
             try:
                 launched = await launcher.launch_async(
-                    argv, env, cwd, self.run_dir, proc_id, max(60.0, self.cfg.lease_grace_s * 2)
+                    argv,
+                    env,
+                    cwd,
+                    self.run_dir,
+                    proc_id,
+                    max(60.0, self.cfg.lease_grace_s * 2),
+                    self._confinement(env, cwd, kernel),
                 )
             except launcher.LaunchError as exc:
                 self.ledger.event("spawn_failed", tok.user, share.id, str(exc))
@@ -846,6 +855,26 @@ class Gateway:
             if kernel is not None:
                 self._open_kernel(proc, subscriber)  # inside the start, which end_share awaits
             return proc
+
+    def _confinement(
+        self, env: dict[str, str], cwd: str | None, kernel: dict[str, str] | None
+    ) -> sandbox.Confinement | None:
+        """The state directory is out of reach of a share, but for what it reads there."""
+        if not self.sandbox_abi:
+            return None
+        state = self.cfg.state_dir.resolve()
+        usage = state / "usage"
+        usage.mkdir(exist_ok=True)
+        rules = sandbox.Confinement(str(state), read=[str(usage)])
+        if kernel is not None:
+            rules.read.append(kernel["connection_file"])
+        if "BITFUSION_SIMULATED_USAGE_DIR" in env:
+            simulated = Path(env["BITFUSION_SIMULATED_USAGE_DIR"])
+            simulated.mkdir(exist_ok=True)
+            rules.write.append(str(simulated))
+        if cwd and Path(cwd).resolve().is_relative_to(state):
+            rules.write.append(cwd)  # an admin chose a --workdir inside it
+        return rules
 
     @contextlib.asynccontextmanager
     async def _starting_in(self, share: Share) -> AsyncIterator[None]:

@@ -72,7 +72,8 @@ def test_localhealth_reports_each_check(gateway):
     assert checks[f"port {gateway.port}"]["status"] == "ok"
     assert "SIMULATED pool" in checks["gateway"]["detail"]
     assert checks["NVML and driver"]["status"] in ("ok", "WARN")
-    assert set(checks) >= {"MPS daemon", "state dir", "disk"}
+    assert set(checks) >= {"MPS daemon", "state dir", "disk", "share confinement"}
+    assert str(gateway.state_dir) in checks["share confinement"]["detail"]
     down = gateway.bf(
         "localhealth", "--state-dir", str(gateway.state_dir), "--port", str(free_port())
     )
