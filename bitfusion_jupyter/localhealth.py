@@ -72,11 +72,9 @@ def checks(state_dir: Path, port: int) -> list[dict[str, Any]]:
         if mps_running()
         else (OK, "not running; shares are capped by the frameworks' limits and policing"),
     )
-    landlock = sandbox.abi()
-    add(
-        "share confinement",
-        (OK if landlock else WARN, sandbox.describe(landlock, [str(state_dir)])),
-    )
+    # The gateway's own working directory is not known here; its home is ours.
+    landlock, line = sandbox.plan(state_dir, [Path.home()])
+    add("share confinement", (OK if landlock else WARN, line))
     with socket.socket() as s:
         s.settimeout(1.0)
         listening = s.connect_ex(("127.0.0.1", port)) == 0

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway import cluster_keys, sandbox, state_lock
+from gateway import cluster_keys, state_lock
 from remoting import protocol, tokens
 
 # The server, NVML and asyncio are imported where the gateway starts, not here: this module
@@ -336,11 +336,8 @@ def _banner(gateway: Any, token_path: Path) -> None:
     for g in gateway.gpus:
         tag = "  (simulated)" if g.simulated else ""
         lines.append(f"  {g.index:<4}{g.name:<28}{g.memory_total_mib:>8} MiB{tag}")
-    confined = sandbox.describe(gateway.sandbox_abi, [str(cfg.state_dir)])
-    if not cfg.confine:
-        confined = "NOT confined (--unconfined): code in a share can read the state directory"
     lines += [
-        f"  shares: {confined}",
+        f"  shares: {gateway.sandbox_line}",
         f"  state dir {cfg.state_dir}; admin token in {token_path}",
         f"  user tokens: bitfusion gateway token create --state-dir {cfg.state_dir} --user NAME",
     ]

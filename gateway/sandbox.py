@@ -177,13 +177,30 @@ def confine(rules: Confinement) -> int:
     return version
 
 
-def describe(version: int, hidden: Sequence[str] = ()) -> str:
-    """One line for the gateway's banner and `localhealth`."""
+def plan(state_dir: Path, workdirs: Sequence[Path], wanted: bool = True) -> tuple[int, str]:
+    """The Landlock ABI to confine shares with (0: none), and one line that says so.
+
+    Landlock cannot grant a directory but for one of its subdirectories, so the directories
+    on the way down to STATE_DIR only stay listable: nothing new can be made in them. Where
+    the shares' working directory or the gateway user's home is one of them, shares could
+    not even save a file there, so they are not confined and the line says what to change.
+    """
+    if not wanted:
+        return 0, "NOT confined (--unconfined): code in a share can read the state directory"
+    version = abi()
     if version < 1:
-        return (
+        return 0, (
             "NOT confined: this kernel has no Landlock, so code in a share can read the state "
             "directory (keys, admin token); use Linux 5.13 or newer with Landlock enabled"
         )
+    hidden = Path(os.path.realpath(state_dir))
+    for place in workdirs:
+        real = Path(os.path.realpath(place))
+        if real in hidden.parents:
+            return 0, (
+                f"NOT confined: the state directory {state_dir} is inside {place}, where "
+                "shares could then not make new files; give the gateway a --state-dir "
+                "outside it (as /var/lib/bitfusion) to keep shares out of it"
+            )
     signals = ", signals scoped" if version >= 6 else ""
-    where = f" {', '.join(hidden)}" if hidden else " the state directory"
-    return f"confined by Landlock ABI {version}: no access to{where}{signals}"
+    return version, f"confined by Landlock ABI {version}: no access to {state_dir}{signals}"

@@ -116,7 +116,10 @@ class Gateway:
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.run_dir = run_dir
         # The Landlock ABI that confines what runs in shares; 0: not confined (said at start).
-        self.sandbox_abi = sandbox.abi() if config.confine else 0
+        workdirs = [Path(config.workdir or os.getcwd()), Path.home()]
+        self.sandbox_abi, self.sandbox_line = sandbox.plan(
+            config.state_dir, workdirs, config.confine
+        )
         self.ledger = Ledger(config.state_dir / "ledger.sqlite3", self.gpus)
         self.police = Police(config.police_mode, config.police_grace_s)  # type: ignore[arg-type]
         self.relays: dict[str, Relay] = {}

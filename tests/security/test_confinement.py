@@ -97,3 +97,18 @@ def test_an_unconfined_gateway_says_so(tmp_path):
     finally:
         gw.kill(signal.SIGTERM)
         stop_leftovers(gw.state_dir)
+
+
+@needs_landlock
+def test_a_state_dir_inside_the_workdir_leaves_shares_free_to_save_files(tmp_path):
+    # Confining would stop shares making files in their own working directory, so the
+    # gateway runs them unconfined and says why and what to change.
+    gw = start_gateway(tmp_path, "--simulate-gpus", "1x8GiB", "--workdir", str(tmp_path))
+    try:
+        assert f"NOT confined: the state directory {gw.state_dir} is inside" in gw.log()
+        r = gw.bf("run", "--", "sh", "-c", "echo saved > model.txt")
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "model.txt").read_text() == "saved\n"
+    finally:
+        gw.kill(signal.SIGTERM)
+        stop_leftovers(gw.state_dir)
