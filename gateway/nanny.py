@@ -17,6 +17,7 @@ start fast, and it must never take its child down with it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import selectors
@@ -599,8 +600,7 @@ def _confiner(opts: argparse.Namespace) -> Callable[[], None] | None:
     """What the child runs just before exec: confined, or it does not start at all."""
     if not opts.hide:
         return None
-    rules = sandbox.Confinement(opts.hide, opts.read, opts.write)
-    return lambda: sandbox.confine(rules) and None
+    return functools.partial(sandbox.confine, sandbox.Confinement(opts.hide, opts.read, opts.write))
 
 
 def cannot_run(program: str, cwd: str | None, exc: BaseException) -> str:

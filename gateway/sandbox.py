@@ -147,8 +147,8 @@ def _leads_to(path: str, hidden: Path) -> bool:
     return target == hidden or hidden in target.parents or target in hidden.parents
 
 
-def confine(rules: Confinement) -> int:
-    """Give up ``rules.hide`` for this process and its future children; returns the ABI used.
+def confine(rules: Confinement) -> None:
+    """Give up ``rules.hide`` for this process and its future children.
 
     Raises SandboxError where Landlock is missing or refuses, so the caller decides whether
     to run unconfined (and says so)."""
@@ -174,7 +174,6 @@ def confine(rules: Confinement) -> int:
         _syscall(_SYS_RESTRICT_SELF, ruleset, 0)
     finally:
         os.close(ruleset)
-    return version
 
 
 def plan(state_dir: Path, workdirs: Sequence[Path], wanted: bool = True) -> tuple[int, str]:

@@ -120,6 +120,11 @@ class Gateway:
         self.sandbox_abi, self.sandbox_line = sandbox.plan(
             config.state_dir, workdirs, config.confine
         )
+        if self.sandbox_abi:
+            # Made once here: a confined share cannot make them in STATE_DIR itself.
+            (config.state_dir / "usage").mkdir(exist_ok=True)
+            if inventory.simulated:
+                (config.state_dir / "simulated-usage").mkdir(exist_ok=True)
         self.ledger = Ledger(config.state_dir / "ledger.sqlite3", self.gpus)
         self.police = Police(config.police_mode, config.police_grace_s)  # type: ignore[arg-type]
         self.relays: dict[str, Relay] = {}
@@ -866,15 +871,11 @@ class Gateway:
         if not self.sandbox_abi:
             return None
         state = self.cfg.state_dir.resolve()
-        usage = state / "usage"
-        usage.mkdir(exist_ok=True)
-        rules = sandbox.Confinement(str(state), read=[str(usage)])
+        rules = sandbox.Confinement(str(state), read=[str(state / "usage")])
         if kernel is not None:
             rules.read.append(kernel["connection_file"])
         if "BITFUSION_SIMULATED_USAGE_DIR" in env:
-            simulated = Path(env["BITFUSION_SIMULATED_USAGE_DIR"])
-            simulated.mkdir(exist_ok=True)
-            rules.write.append(str(simulated))
+            rules.write.append(env["BITFUSION_SIMULATED_USAGE_DIR"])
         if cwd and Path(cwd).resolve().is_relative_to(state):
             rules.write.append(cwd)  # an admin chose a --workdir inside it
         return rules

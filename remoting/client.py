@@ -245,12 +245,7 @@ class GatewayConnection:
             # gateway stops hearing from us (LINGER lets this out even as we close).
             if queue.ticket:
                 with contextlib.suppress(zmq.ZMQError):
-                    self.sock.send_multipart(
-                        protocol.encode(
-                            "waiting", token=str(self.token), ticket=queue.ticket, give_up=True
-                        ),
-                        flags=zmq.NOBLOCK,
-                    )
+                    self.send("waiting", ticket=queue.ticket, give_up=True)
             raise
 
     def _recv(self) -> Message | None:
