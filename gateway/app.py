@@ -196,18 +196,15 @@ def _revoke(
         print(f"Revoked the token of {tok.user}.")
         return 0
     from bitfusion_jupyter.tables import render
-    from gateway.web.cluster import ask_each
+    from gateway.web.cluster import ask_each, outcomes
 
     admin = tokens.parse(admin_token(state_dir, keys).read_text(encoding="ascii").strip())
-    replies = ask_each(peers, admin, [("revoke", {"nonce": tok.nonce})])
-    said = {
-        server: "revoked" if r.data is not None else (r.error or r.state)
-        for server, [r] in replies.items()
-    }
-    missed = [s for s, text in said.items() if text != "revoked"]
+    said = outcomes(ask_each(peers, admin, [("revoke", {"nonce": tok.nonce})]))
+    missed = [s for s, text in said.items() if text != "ok"]
     n = len(peers) - len(missed)
     print(f"Revoked the token of {tok.user} here and on {n} of {len(peers)} peers.")
-    print(render(["SERVER", "ANSWER"], [["this server", "revoked"], *said.items()]))
+    rows = [[s, "revoked" if text == "ok" else text] for s, text in said.items()]
+    print(render(["SERVER", "ANSWER"], [["this server", "revoked"], *rows]))
     if missed:
         print(
             f"bitfusion: the token still works on {', '.join(missed)}; run this again when "

@@ -13,7 +13,7 @@ from tornado import web
 
 from gateway.cluster_keys import ClusterKeys
 from gateway.web import auth, metrics, openapi, views
-from gateway.web.cluster import Reply, ask, ask_one
+from gateway.web.cluster import Reply, ask, ask_one, outcomes
 from remoting import tokens
 
 STATIC = Path(__file__).parent / "static"
@@ -140,7 +140,7 @@ def _not_json(name: str) -> None:
 def _everywhere(replies: dict[str, list[Reply]], done: str, again: str) -> dict[str, str]:
     """Each server's answer to an action sent to all; a 502 naming those that did not take it,
     since an admin must not believe a token revoked (or a timeout set) where it is not."""
-    said = {s: "ok" if r.data is not None else (r.error or r.state) for s, [r] in replies.items()}
+    said = outcomes(replies)
     missed = [f"{s} ({text.rstrip('.')})" for s, text in said.items() if text != "ok"]
     if missed:
         n = len(said) - len(missed)

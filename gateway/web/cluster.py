@@ -65,6 +65,11 @@ def _ask(conn: GatewayConnection, server: str, kind: str, fields: dict[str, Any]
         return Reply(server, state=state_of(exc), error=str(exc), code=exc.code)
 
 
+def outcomes(replies: dict[str, list[Reply]]) -> dict[str, str]:
+    """Each server's answer to one action sent to all: "ok", or why it did not take it."""
+    return {s: "ok" if r.data is not None else (r.error or r.state) for s, [r] in replies.items()}
+
+
 def ask_one(server: str, token: tokens.Token, kind: str, **fields: Any) -> Reply:
     return ask_server(server, token, [(kind, fields)])[0]
 
