@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,12 +84,18 @@ class GatewayProcess(SpawnedGateway):
 
     def no_shares_within(self, timeout: float) -> bool:
         """True once the gateway holds no share; False if that takes longer than ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while self.shares():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.2)
-        return True
+        return wait_for(lambda: not self.shares(), timeout)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, step: float = 0.2) -> bool:
+    """True once ``predicate()`` holds; False if it still does not after ``timeout`` seconds
+    (it is asked once more when the time is up)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(step)
+    return True
 
 
 def base_env(home: Path) -> dict[str, str]:

@@ -23,7 +23,7 @@ import pytest
 
 from gateway.spawned import stop_leftovers
 from remoting.protocol import DEFAULT_PORT
-from tests.conftest import CLI, REPO, GatewayProcess, base_env
+from tests.conftest import CLI, REPO, GatewayProcess, base_env, wait_for
 from tests.faults.hosts import Host, Network, NetworkUnavailable
 
 LEASE_GRACE_S = 12.0  # longer than the 5 s cut the kernel must ride out
@@ -32,10 +32,6 @@ SHORT_LEASE_GRACE_S = 3.0
 
 PRINTS_ITS_PID_AND_WAITS = "import os, time\nprint(os.getpid())\ntime.sleep(300)\n"
 FIGURES = REPO / "test-output" / "faults.json"
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, step: float = 0.2) -> bool:
-    return seconds_until(predicate, timeout, step) is not None
 
 
 def seconds_until(predicate: Callable[[], Any], timeout: float, step: float = 0.1) -> float | None:

@@ -7,16 +7,7 @@ import sys
 import time
 
 from gateway.spawned import SpawnedGateway, SpawnError, free_port
-from tests.conftest import start_gateway, stop_leftovers
-
-
-def _wait_for(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
+from tests.conftest import start_gateway, stop_leftovers, wait_for
 
 
 def _alive(pid):
@@ -42,7 +33,7 @@ def test_killed_client_frees_the_share_and_stops_its_process(gateway):
     client.kill()  # kill -9: no goodbye, no release
     client.wait()
     assert gateway.no_shares_within(15), "share not freed"
-    assert _wait_for(lambda: not _alive(remote_pid), timeout=10), "process left running"
+    assert wait_for(lambda: not _alive(remote_pid), 10, step=0.1), "process left running"
     events = json.loads(gateway.bf("list_shares", "--json").stdout)[0]["data"]["events"]
     assert any(e["kind"] == "lease_expired" for e in events)
 

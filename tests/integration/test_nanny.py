@@ -24,6 +24,7 @@ import pytest
 from gateway.launcher import Launched, LaunchError, kill_orphan, launch, read_status
 from gateway.nanny import MAX_UNACKED, READ_CHUNK
 from gateway.nanny_link import NannyGone, NannyLink
+from tests.conftest import wait_for
 
 PY = sys.executable
 COUNTER = "import time\nfor i in range(100000):\n    print(i, flush=True)\n    time.sleep(0.05)"
@@ -55,15 +56,6 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def wait_until(check: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return check()
 
 
 @dataclass
@@ -150,7 +142,9 @@ def test_status_file_tracks_the_process_and_keeps_its_exit_code(run_dir: Path) -
     status = read_status(launched.status_path)
     assert status is not None and status["exit_code"] == 7
     # Acked exit: the nanny leaves and takes its socket with it; the status file stays.
-    assert wait_until(lambda: not alive(launched.nanny_pid) and not launched.socket_path.exists())
+    assert wait_for(
+        lambda: not alive(launched.nanny_pid) and not launched.socket_path.exists(), 5, step=0.02
+    )
 
 
 def test_child_gets_the_given_environment_cwd_and_an_ordinary_python(
@@ -185,7 +179,9 @@ def test_kill_orphan_ends_an_unreachable_nanny_and_its_process_group(run_dir: Pa
     status = read_status(launched.status_path)
     assert status is not None and alive(status["child_pid"])
     kill_orphan(status)
-    assert wait_until(lambda: not alive(status["child_pid"]) and not alive(launched.nanny_pid))
+    assert wait_for(
+        lambda: not alive(status["child_pid"]) and not alive(launched.nanny_pid), 5, step=0.02
+    )
     kill_orphan(status)  # twice is harmless: the gateway may not know it already did
 
 
@@ -358,7 +354,7 @@ def test_terminate_leaves_no_grandchildren_behind(run_dir: Path) -> None:
     # right then, not after the 10 s grace.
     assert out.code == -signal.SIGTERM
     assert elapsed < 3
-    assert wait_until(lambda: not alive(grandchild_pid), timeout=2)
+    assert wait_for(lambda: not alive(grandchild_pid), 2, step=0.02)
 
 
 def test_restarted_gateway_adopts_the_process_without_gap_or_duplicate(run_dir: Path) -> None:
@@ -456,12 +452,12 @@ def test_missing_executable_is_a_clear_error_and_leaves_nothing_behind(run_dir: 
                     pass
         return True
 
-    assert wait_until(no_nanny, timeout=2)
+    assert wait_for(no_nanny, 2, step=0.02)
 
 
 def test_nanny_leaves_after_linger_when_nobody_acks(run_dir: Path) -> None:
     launched = launch(["true"], dict(os.environ), None, run_dir, "p-linger", linger_s=0.5)
-    assert wait_until(lambda: not alive(launched.nanny_pid), timeout=5)
+    assert wait_for(lambda: not alive(launched.nanny_pid), 5, step=0.02)
     assert not launched.socket_path.exists()
     status = read_status(launched.status_path)
     assert status is not None and status["exit_code"] == 0

@@ -5,7 +5,7 @@ import signal
 import time
 
 from gateway.spawned import stop_leftovers
-from tests.conftest import start_gateway
+from tests.conftest import start_gateway, wait_for
 
 
 def test_list_gpus_shows_the_simulated_pool(gateway):
@@ -82,29 +82,20 @@ def _queued(gateway) -> int:
     return json.loads(gateway.bf("list_gpus", "--json").stdout)[0]["data"]["queued"]
 
 
-def _within(seconds: float, condition) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
-
-
 def test_a_waiter_whose_client_died_leaves_the_queue(gateway):
     a, env_a = _hold(gateway, "alice", "-n", "2")
     assert a.returncode == 0, a.stderr
     carol = gateway.bf_background(
         "request_gpus", "-n", "2", "--wait", "120", env=gateway.env("carol")
     )
-    assert _within(15, lambda: _queued(gateway) == 1)
+    assert wait_for(lambda: _queued(gateway) == 1, 15)
     dave_env = gateway.env("dave", BITFUSION_SESSION="dave-wait")
     dave = gateway.bf_background("request_gpus", "-n", "2", "--wait", "120", env=dave_env)
-    assert _within(15, lambda: _queued(gateway) == 2)
+    assert wait_for(lambda: _queued(gateway) == 2, 15)
     carol.kill()  # no goodbye: the gateway only stops hearing from her client
     carol.communicate()
     # After the lease grace (2 s here) her place goes; dave, still heard, moves up.
-    assert _within(15, lambda: _queued(gateway) == 1)
+    assert wait_for(lambda: _queued(gateway) == 1, 15)
     assert "carol's request for 2 GPUs (whole) left the queue: no word from its" in gateway.log()
     assert gateway.bf("release_gpus", env=env_a).returncode == 0
     out, err = dave.communicate(timeout=20)
@@ -121,11 +112,11 @@ def test_ctrl_c_while_queued_leaves_the_queue_at_once(tmp_path):
         a, env_a = _hold(gw, "alice", "-n", "1")
         assert a.returncode == 0, a.stderr
         bob = gw.bf_background("run", "-n", "1", "--wait", "600", "--", "true", user="bob")
-        assert _within(15, lambda: _queued(gw) == 1)
+        assert wait_for(lambda: _queued(gw) == 1, 15)
         bob.send_signal(signal.SIGINT)
         _, err = bob.communicate(timeout=15)
         assert bob.returncode == 130 and "interrupted" in err and "Traceback" not in err
-        assert _within(10, lambda: _queued(gw) == 0)
+        assert wait_for(lambda: _queued(gw) == 0, 10)
         assert "bob's request for 1 GPU (whole) left the queue: its client gave up" in gw.log()
         assert gw.bf("release_gpus", env=env_a).returncode == 0
         assert gw.no_shares_within(5)  # bob's request did not come back as a share
