@@ -132,26 +132,6 @@ def _request(
     return (json.dumps({"args": args, "env": dict(env)}) + "\n").encode(), socket_path, status_path
 
 
-def _outcome(code: int, stdout: bytes, stderr: bytes, socket_path: Path, status: Path) -> Launched:
-    if code != 0:
-        lines = stderr.decode(errors="replace").strip().splitlines()
-        raise LaunchError(
-            lines[-1] if lines else f"bitfusion: the process supervisor failed ({code})."
-        )
-    try:
-        nanny_pid = int(stdout.split()[0])
-    except (IndexError, ValueError):
-        raise LaunchError("bitfusion: the process supervisor did not report its pid.") from None
-    return Launched(nanny_pid, socket_path, status)
-
-
-_TOO_SLOW = f"bitfusion: the process supervisor did not start within {START_TIMEOUT_S:g} s."
-
-
-def _cannot_start(exc: OSError) -> LaunchError:
-    return LaunchError(f"bitfusion: cannot start the process supervisor: {exc.strerror or exc}.")
-
-
 def launch(*args: Any, **kwargs: Any) -> Launched:
     """``launch_async`` for a caller with no event loop (tests, tools)."""
     return asyncio.run(launch_async(*args, **kwargs))
@@ -189,10 +169,25 @@ async def launch_async(
     except TimeoutError:
         spare.kill()
         spare.wait()
-        raise LaunchError(_TOO_SLOW) from None
+        raise LaunchError(
+            f"bitfusion: the process supervisor did not start within {START_TIMEOUT_S:g} s."
+        ) from None
     except OSError as exc:
-        raise _cannot_start(exc) from None
-    return _outcome(spare.returncode, stdout, stderr, socket_path, status_path)
+        raise LaunchError(
+            f"bitfusion: cannot start the process supervisor: {exc.strerror or exc}."
+        ) from None
+    if spare.returncode != 0:
+        lines = stderr.decode(errors="replace").strip().splitlines()
+        raise LaunchError(
+            lines[-1]
+            if lines
+            else f"bitfusion: the process supervisor failed ({spare.returncode})."
+        )
+    try:
+        nanny_pid = int(stdout.split()[0])
+    except (IndexError, ValueError):
+        raise LaunchError("bitfusion: the process supervisor did not report its pid.") from None
+    return Launched(nanny_pid, socket_path, status_path)
 
 
 def _wake(future: asyncio.Future[None]) -> None:
