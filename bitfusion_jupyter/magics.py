@@ -106,27 +106,41 @@ def _become_shim(connection_file: str, adopt: dict[str, Any]) -> None:
 
 
 def _move_when_cell_ends(shell: Any, connection_file: str, adopt: dict[str, Any]) -> None:
-    """Become the shim once this cell's reply and idle status are out: after EXEC_DELAY_S,
-    or at once when the frontend's next cell arrives first (nbclient, papermill and a quick
-    user send it the moment this one ends). That cell is handed to the shim, which replays
-    it to the new kernel, so it is run there instead of being lost with this process."""
-    kernel = shell.kernel
-    once = threading.Lock()
+    """Become the shim once this cell's reply and idle status are out (EXEC_DELAY_S).
 
-    def move(replay: dict[str, Any] | None = None) -> None:
-        if once.acquire(blocking=False):
-            _become_shim(connection_file, {**adopt, "replay": replay} if replay else adopt)
+    The frontend's requests that come meanwhile are not run here but kept and handed to the
+    shim, which replays them to the new kernel: the next cells, which JupyterLab's Run All
+    has already sent and nbclient sends the moment this one ends, run there instead of being
+    lost with this process. ipykernel 7 looks up `dispatch_shell` for each message, so
+    replacing it keeps every one; where an older one does not, the first cell to start is
+    kept as it starts, and the move happens at once.
+    """
+    kernel = shell.kernel
+    guard = threading.Lock()  # the move waits for a request being kept
+    kept: list[dict[str, Any]] = []
+
+    def move() -> None:
+        with guard:
+            _become_shim(connection_file, {**adopt, "replay": kept})
+
+    def keep(ident: list[Any], msg: dict[str, Any]) -> None:
+        with guard:
+            kept.append(
+                {
+                    "ident": [bytes(i).hex() for i in ident],
+                    "msg": {k: msg[k] for k in ("header", "parent_header", "metadata", "content")},
+                }
+            )
+
+    async def keep_request(frames: list[Any], *_args: Any, **_kwargs: Any) -> None:
+        ident, rest = kernel.session.feed_identities(frames, copy=False)
+        keep(ident, kernel.session.deserialize(rest, copy=False))
 
     def on_next_cell(*_args: Any) -> None:
-        parent = kernel.get_parent("shell")
-        ident = kernel._get_shell_context_var(kernel._shell_parent_ident)
-        move(
-            {
-                "ident": [bytes(i).hex() for i in ident],
-                "msg": {k: parent[k] for k in ("header", "parent_header", "metadata", "content")},
-            }
-        )
+        keep(kernel._get_shell_context_var(kernel._shell_parent_ident), kernel.get_parent("shell"))
+        move()
 
+    kernel.dispatch_shell = keep_request
     shell.events.register("pre_run_cell", on_next_cell)
     timer = threading.Timer(EXEC_DELAY_S, move)
     timer.daemon = True

@@ -25,7 +25,7 @@ from typing import Any
 import zmq
 
 from bitfusion_jupyter import config, share_request, share_sidecar
-from bitfusion_jupyter.local_child import REQUEST_CHANNELS, LocalChild
+from bitfusion_jupyter.local_child import DELIMITER, REQUEST_CHANNELS, LocalChild
 from bitfusion_jupyter.pool import Grant, Pool, say
 from bitfusion_jupyter.remote_kernel import RemoteKernel, start_kernel
 from remoting import tokens
@@ -85,6 +85,10 @@ class Shim:
         self.stop = False
         self.interrupts = 0
         self.pending: dict | None = None  # a move the magic asked for, done when idle
+        # Cells sent to the kernel and not yet answered, in order: those queued behind the
+        # cell that asks for a move (JupyterLab's Run All) are run again on the new kernel.
+        self.in_flight: dict[str, tuple[bytes, list[Any]]] = {}
+        self.replays: list[tuple[bytes, list[Any]]] = []  # for the new kernel, once ready
         # Like ipykernel, end with the process that started us (a Jupyter server or console
         # killed without a goodbye), or the share would be renewed for nobody, forever.
         self.parent = os.getppid()
@@ -108,26 +112,50 @@ class Shim:
         else:
             self.stop = True
 
-    def _poller(self) -> zmq.Poller:
+    def _open_routers(self) -> dict[zmq.Socket, str]:
+        """The frontend's sockets to read now. Its requests wait in them while a new kernel
+        gets ready, and its cells while a move waits for the asking cell to end: a cell sent
+        then belongs to the new kernel, and the old one would take it down with it."""
+        if not self.backend.ready:
+            return {}
+        return {
+            sock: channel
+            for channel, sock in self.ports.routers.items()
+            if channel != "shell" or self.pending is None
+        }
+
+    def _poller(self, routers: dict[zmq.Socket, str]) -> zmq.Poller:
         poller = zmq.Poller()
-        # The frontend's requests wait in our sockets while a new kernel gets ready.
-        routers = list(self.ports.routers.values()) if self.backend.ready else []
         for sock in (*routers, self.ports.hb, *self.backend.poll_sockets()):
             poller.register(sock, zmq.POLLIN)
         return poller
 
+    def _forward(
+        self, backend: RemoteKernel | LocalChild, channel: str, ident: bytes, frames: list[Any]
+    ) -> None:
+        """A frontend's request to the kernel, its cells noted until they are answered."""
+        if channel == "shell":
+            header = _header(frames)
+            if header.get("msg_type") == "execute_request":
+                self.in_flight[header["msg_id"]] = (ident, frames)
+        backend.send(channel, ident, frames)
+
     def run(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
-        by_socket = {sock: ch for ch, sock in self.ports.routers.items()}
-        backend, was_ready, poller = None, False, zmq.Poller()
+        state, routers, poller = None, {}, zmq.Poller()
         while not self.stop:
             if os.getppid() != self.parent:
                 say("the process that started this kernel is gone; giving the share back.")
                 return 0
-            if self.backend is not backend or self.backend.ready != was_ready:
-                backend, was_ready, poller = self.backend, self.backend.ready, self._poller()
+            if state != (self.backend, self.backend.ready, self.pending is None):
+                state = (self.backend, self.backend.ready, self.pending is None)
+                backend, routers = self.backend, self._open_routers()
+                poller = self._poller(routers)
             backend.probe()
+            if backend.ready:
+                while self.replays:
+                    self._forward(backend, "shell", *self.replays.pop(0))
             while self.interrupts:
                 self.interrupts -= 1
                 backend.interrupt()
@@ -135,11 +163,10 @@ class Shim:
                 ready = dict(poller.poll(50))
             except zmq.ZMQError:  # EINTR from a signal
                 continue
-            if was_ready:
-                for sock, channel in by_socket.items():
-                    while ready.get(sock) and sock.poll(0):
-                        ident, *frames = sock.recv_multipart()
-                        backend.send(channel, ident, frames)
+            for sock, channel in routers.items():
+                while ready.get(sock) and sock.poll(0):
+                    ident, *frames = sock.recv_multipart()
+                    self._forward(backend, channel, ident, frames)
             if ready.get(self.ports.hb):
                 # The heartbeat says the shim (and so its link) is alive; a dead kernel ends
                 # the shim, which the Jupyter client sees as a dead kernel.
@@ -172,6 +199,22 @@ class Shim:
         """Deliver one kernel message; True when it completed a move to another kernel."""
         if channel == "stdin" and self._is_shim_request(ident, frames):
             return False
+        parent_id = None
+        if (channel == "shell" and self.in_flight) or self.pending is not None:
+            parent_id = _header(frames, 3).get("msg_id")
+        if channel == "shell":
+            self.in_flight.pop(parent_id, None)  # that cell is answered
+        if self.pending is not None and parent_id in self.pending.get("behind", ()):
+            # A cell queued behind the move, which the new kernel will run: what the old
+            # one says of it waits, shown only if the move fails.
+            self.pending["held"].append((channel, ident, frames))
+            return False
+        self._deliver(channel, ident, frames)
+        if self.pending is not None and _ends_cell(self.pending, channel, frames):
+            return self._complete_move()
+        return False
+
+    def _deliver(self, channel: str, ident: bytes | None, frames: list[Any]) -> None:
         if channel == "iopub":
             self.ports.iopub.send_multipart(frames)
         elif channel in self.ports.routers and ident:
@@ -179,9 +222,6 @@ class Shim:
                 self.ports.routers[channel].send_multipart([ident, *frames])
             except zmq.ZMQError:
                 pass  # that frontend is gone
-        if self.pending is not None and _ends_cell(self.pending, channel, frames):
-            return self._complete_move()
-        return False
 
     # --- the %bitfusion magic's requests -------------------------------------------------
     def _is_shim_request(self, ident: bytes | None, frames: list[Any]) -> bool:
@@ -197,7 +237,12 @@ class Shim:
         except (ValueError, KeyError, TypeError) as exc:
             answer = {"ok": False, "error": f"bad request from the magic ({exc})."}
         if answer["ok"]:
-            self.pending["parent_id"] = parts["parent"].get("msg_id")
+            asking = parts["parent"].get("msg_id")
+            cells = list(self.in_flight)
+            behind = cells[cells.index(asking) + 1 :] if asking in self.in_flight else []
+            self.pending.update(
+                parent_id=asking, behind={c: self.in_flight[c] for c in behind}, held=[]
+            )
         self._reply_input(
             ident, parts["header"], json.dumps({k: v for k, v in answer.items() if k != "grant"})
         )
@@ -249,10 +294,10 @@ class Shim:
         )
 
     def replay(self, cell: dict) -> None:
-        """Send the new kernel a request the local kernel received just before it became
-        this shim (re-signed with the same key, header untouched, so its reply matches)."""
+        """Send the new kernel a request the local kernel received while it became this
+        shim (re-signed with the same key, header untouched, so its reply matches)."""
         frames = self._session().serialize({**cell["msg"], "buffers": []})
-        self.backend.send("shell", bytes.fromhex(cell["ident"][0]), frames)
+        self.replays.append((bytes.fromhex(cell["ident"][0]), frames))
 
     def _reply_input(self, ident: bytes | None, request_header: dict, value: str) -> None:
         session = self._session()
@@ -270,29 +315,43 @@ class Shim:
             if old_grant is not None:
                 old_grant.release(timeout=3.0)  # ends the remote kernel
             say("the kernel now runs locally, on no share.")
-            return True
-        grant: Grant = pending["grant"]
-        try:
-            started = start_kernel(grant, self.info, pending["kernel"])
-        except GatewayError as exc:
-            say(f"could not start the kernel on the new share ({exc}); staying where it was.")
-            grant.release(timeout=3.0)
-            pending["pool"].close()
-            return False
-        if old_grant is not None:
-            old_grant.release(timeout=3.0)  # ends the old kernel
         else:
-            old.close()  # the local kernel
-        self.backend = RemoteKernel(grant, started, connection_file)
-        say(describe(grant, started["kernel"]))
+            grant: Grant = pending["grant"]
+            try:
+                started = start_kernel(grant, self.info, pending["kernel"])
+            except GatewayError as exc:
+                say(f"could not start the kernel on the new share ({exc}); staying where it was.")
+                grant.release(timeout=3.0)
+                pending["pool"].close()
+                for message in pending["held"]:
+                    self._to_frontend(*message)  # the old kernel ran those cells after all
+                return False
+            if old_grant is not None:
+                old_grant.release(timeout=3.0)  # ends the old kernel
+            else:
+                old.close()  # the local kernel
+            self.backend = RemoteKernel(grant, started, connection_file)
+            say(describe(grant, started["kernel"]))
+        self.in_flight = {}
+        self.replays.extend(pending["behind"].values())
         return True
+
+
+def _header(frames: list[Any], part: int = 2) -> dict:
+    """One JSON part of a Jupyter message's frames (after any routing ids): 2 is the
+    header, 3 the parent header; {} if the frames are not a Jupyter message."""
+    try:
+        head = [as_bytes(f) for f in frames[:4]]
+        return json.loads(as_bytes(frames[head.index(DELIMITER) + part]))
+    except (ValueError, IndexError):
+        return {}
 
 
 def _jupyter_parts(frames: list[Any]) -> dict | None:
     """Header, parent header and content of a Jupyter message's frames (None if not one)."""
     try:
         frames = [as_bytes(f) for f in frames[:8]]  # routing ids, delimiter, sig, 4 parts
-        i = frames.index(b"<IDS|MSG>")
+        i = frames.index(DELIMITER)
         return {
             "header": json.loads(frames[i + 2]),
             "parent": json.loads(frames[i + 3]),
@@ -377,8 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         say(describe(grant, started["kernel"]))
         remote = RemoteKernel(grant, started, str(args.connection_file))
         shim = Shim(ports, info, remote, args.server_list)
-        if adopt and held.get("replay"):
-            shim.replay(held["replay"])
+        for cell in held.get("replay", []) if adopt else []:
+            shim.replay(cell)  # what the local kernel was sent while it moved
         try:
             return shim.run()
         finally:

@@ -516,6 +516,90 @@ def test_the_first_cell_after_moving_back_to_local_gets_its_output(client_env):
         km.shutdown_kernel(now=True)
 
 
+def _run_all(kc, cells, send_during=None, timeout=60):
+    """Send every cell at once, as JupyterLab's Run All does; with ``send_during``, send one
+    more as soon as the first cell prints. Returns {cell: (stdout, inputs echoed, reply)}."""
+    ids = {kc.execute(code): code for code in cells}
+    text = dict.fromkeys(ids, "")
+    echoed, idle, replies = dict.fromkeys(ids, 0), set(), {}
+    first = next(iter(ids))
+    deadline = time.monotonic() + timeout
+    while (len(idle) < len(ids) or len(replies) < len(ids)) and time.monotonic() < deadline:
+        try:
+            msg = kc.get_iopub_msg(timeout=0.2)
+        except Exception:
+            msg = None
+        parent = msg["parent_header"].get("msg_id") if msg else None
+        if parent in ids:
+            kind = msg["msg_type"]
+            if kind == "stream":
+                text[parent] += msg["content"]["text"]
+                if parent == first and send_during and send_during not in ids.values():
+                    later = kc.execute(send_during)
+                    ids[later], text[later], echoed[later] = send_during, "", 0
+            elif kind == "execute_input":
+                echoed[parent] += 1
+            elif kind == "status" and msg["content"]["execution_state"] == "idle":
+                idle.add(parent)
+        while kc.shell_channel.msg_ready():
+            reply = kc.get_shell_msg(timeout=1)
+            replies.setdefault(reply["parent_header"]["msg_id"], reply["content"]["status"])
+    return {code: (text[i], echoed[i], replies.get(i)) for i, code in ids.items()}
+
+
+def test_cells_queued_behind_a_move_run_on_the_new_kernel(client_env):
+    # Run All sends every cell at once, so the cells after `%bitfusion` are already queued
+    # in the old kernel when it asks to move, and a cell can arrive while the move waits for
+    # the asking cell to end. All of them must run on the new kernel, in order, once each.
+    km, kc = start_shim_kernel("-m", "512")
+    try:
+        kc.wait_for_ready(timeout=60)
+        where = "import os; print(os.environ['BITFUSION_MEMORY_MIB'])"
+        seen = _run_all(
+            kc, ["%bitfusion -m 1024", where, "print('next')"], send_during="print('during')"
+        )
+        assert "moves to" in seen["%bitfusion -m 1024"][0]
+        assert seen[where] == ("1024\n", 1, "ok")
+        assert seen["print('next')"] == ("next\n", 1, "ok")
+        assert seen["print('during')"] == ("during\n", 1, "ok")
+        assert [s["gpus"][0]["mib"] for s in client_env.shares()] == [1024]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_cells_queued_behind_a_failed_move_still_show_their_outputs(client_env):
+    # When the new kernel cannot start, the kernel stays where it was, and the cells queued
+    # behind the move, which it ran, show what they printed there.
+    km, kc = start_shim_kernel("-m", "512")
+    try:
+        kc.wait_for_ready(timeout=60)
+        run_cell(kc, "x = 'kept'")
+        seen = _run_all(kc, ["%bitfusion -m 1024 --kernel nosuch", "print(x)"])
+        assert seen["print(x)"] == ("kept\n", 1, "ok")
+        assert [s["gpus"][0]["mib"] for s in client_env.shares()] == [512]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_cells_queued_behind_a_local_kernels_move_run_on_the_share(client_env):
+    # The same from a plain local kernel, which becomes the shim: the cells it was sent
+    # while it moved are handed over and run on the share, not lost with its process.
+    km, kc = start_local_kernel()
+    try:
+        kc.wait_for_ready(timeout=60)
+        run_cell(kc, "%load_ext bitfusion_jupyter")
+        where = "import os; print(os.environ['BITFUSION_MEMORY_MIB'])"
+        seen = _run_all(kc, ["%bitfusion -m 1024", where, "print('next')", "print('last')"])
+        assert seen[where] == ("1024\n", 1, "ok")
+        assert seen["print('next')"] == ("next\n", 1, "ok")
+        assert seen["print('last')"] == ("last\n", 1, "ok")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
 def test_after_moving_back_to_local_the_kernel_keeps_input_interrupt_and_shutdown(client_env):
     # The local kernel the shim forwards to behaves as a local kernel does: input() is
     # answered, a Ctrl-C stops a sleep once, and shutting down ends it with the shim.
