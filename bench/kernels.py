@@ -8,6 +8,7 @@ it is measured (the machine may have few cores).
     python bench/kernels.py [--starts 5] [--executes 300] [--mib 64] [--profile-shim DIR]
 
 `--profile-shim DIR` runs every shim under cProfile and leaves one .prof file a shim in DIR.
+BENCH_GATEWAY_ARGS adds options to the gateway (`--plain-kernel-channels`, for an A/B).
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ def main() -> None:
         gw = SpawnedGateway(
             Path(tmp) / "state",
             free_port(),
-            ["--simulate-gpus", "2x16GiB"],
+            ["--simulate-gpus", "2x16GiB", *os.environ.get("BENCH_GATEWAY_ARGS", "").split()],
             process_env=base,
             log_path=Path(tmp) / "gateway.log",
         )

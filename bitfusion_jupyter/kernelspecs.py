@@ -115,6 +115,8 @@ def kernel_json(
         "language": "python",
         "interrupt_mode": "signal",  # the shim forwards SIGINT to the remote kernel
         "metadata": {
+            # The shim takes CurveZMQ keys from its connection file, as ipykernel does.
+            "supported_encryption": ["curve"],
             METADATA_KEY: {
                 "gpus": request.gpus,
                 "mib": request.mib,

@@ -57,7 +57,7 @@ def _gateway_answers(state_dir: Path, port: int) -> tuple[str, str]:
 
 
 def checks(state_dir: Path, port: int) -> list[dict[str, Any]]:
-    from gateway import sandbox
+    from gateway import kernels, sandbox
     from gateway.mps import mps_pipe_dir, mps_running
 
     out: list[dict[str, Any]] = []
@@ -75,6 +75,12 @@ def checks(state_dir: Path, port: int) -> list[dict[str, Any]]:
     # The gateway's own working directory is not known here; its home is ours.
     landlock, line = sandbox.plan(state_dir, [Path.home()])
     add("share confinement", (OK if landlock else WARN, line))
+    add(
+        "kernel channels",
+        (OK, "python3 kernels get CurveZMQ keys (ipykernel 7.3+)")
+        if kernels.DEFAULT_KERNELS["python3"].curve
+        else (WARN, "NOT encrypted on the loopback: install ipykernel 7.3 or later"),
+    )
     with socket.socket() as s:
         s.settimeout(1.0)
         listening = s.connect_ex(("127.0.0.1", port)) == 0

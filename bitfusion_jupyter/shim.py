@@ -47,18 +47,23 @@ class LocalPorts:
             port = info[f"{channel}_port"]
             return f"{transport}://{ip}:{port}" if transport == "tcp" else f"ipc://{ip}-{port}"
 
-        self.routers: dict[str, zmq.Socket] = {}
-        for channel in REQUEST_CHANNELS:
-            sock = ctx.socket(zmq.ROUTER)
+        # A frontend that provisions CurveZMQ keys (jupyter_client's transport_encryption,
+        # for kernelspecs that declare it, as ours do) gets encrypted channels, as from
+        # ipykernel: other users of this machine cannot listen on its loopback.
+        curve = info.get("curve_publickey"), info.get("curve_secretkey")
+
+        def bound(kind: int, channel: str) -> zmq.Socket:
+            sock = ctx.socket(kind)
             sock.setsockopt(zmq.LINGER, 0)
+            if all(curve):
+                sock.curve_publickey, sock.curve_secretkey = (k.encode() for k in curve)
+                sock.curve_server = True
             sock.bind(url(channel))
-            self.routers[channel] = sock
-        self.iopub = ctx.socket(zmq.PUB)
-        self.iopub.setsockopt(zmq.LINGER, 0)
-        self.iopub.bind(url("iopub"))
-        self.hb = ctx.socket(zmq.REP)
-        self.hb.setsockopt(zmq.LINGER, 0)
-        self.hb.bind(url("hb"))
+            return sock
+
+        self.routers = {channel: bound(zmq.ROUTER, channel) for channel in REQUEST_CHANNELS}
+        self.iopub = bound(zmq.PUB, "iopub")
+        self.hb = bound(zmq.REP, "hb")
 
     def close(self) -> None:
         for sock in (*self.routers.values(), self.iopub, self.hb):

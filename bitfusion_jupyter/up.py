@@ -94,6 +94,7 @@ class JupyterLab:
                     f"--IdentityProvider.token={self.token}",
                     # Containers (Docker, Binder) often run the quick start as root.
                     *(["--allow-root"] if os.geteuid() == 0 else []),
+                    *_encrypted_kernel_channels(),
                     *extra_args,
                 ],
                 env=env,
@@ -131,6 +132,16 @@ class JupyterLab:
     def log_tail(self, lines: int = 20) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def _encrypted_kernel_channels() -> list[str]:
+    """CurveZMQ keys for every kernel whose kernelspec takes them (ours, ipykernel 7.3+),
+    where this jupyter_server can provision them (2.20+)."""
+    from jupyter_server.services.kernels.kernelmanager import MappingKernelManager
+
+    if "transport_encryption" not in MappingKernelManager.class_trait_names():
+        return []
+    return ["--MappingKernelManager.transport_encryption=auto"]
 
 
 def _serve_lab(gateway: SpawnedGateway, env: dict[str, str], lab_port: int | None) -> int:

@@ -86,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="let code in shares reach the state directory (by default Landlock keeps it out)",
     )
     parser.add_argument(
+        "--plain-kernel-channels",
+        dest="kernel_curve",
+        action="store_false",
+        help="do not encrypt kernels' channels on this server's loopback: big outputs are "
+        "faster, but code in any share can listen to any kernel",
+    )
+    parser.add_argument(
         "--kernels",
         type=Path,
         default=None,
@@ -248,7 +255,7 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     try:
-        kernels = load_kernels(args.kernels)
+        kernels = load_kernels(args.kernels, curve=args.kernel_curve)
     except KernelConfigError as exc:
         raise UsageError(str(exc)) from None
     _prepare_state_dir(state_dir)
@@ -292,7 +299,7 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
         ) from None
     state_lock.mark_listening(lock)
     token_path = admin_token(state_dir, keys)
-    _banner(gateway, token_path)
+    _banner(gateway, token_path, args.kernel_curve)
     try:
         asyncio.run(gateway.serve())
     except OSError as exc:  # the dashboard's port
@@ -319,7 +326,9 @@ def _peers(path: Path | None, state_dir: Path) -> list[str]:
         raise UsageError(str(exc)) from None
 
 
-def _banner(gateway: Any, token_path: Path) -> None:
+def _banner(gateway: Any, token_path: Path, kernel_curve: bool) -> None:
+    from gateway.kernels import kernels_line
+
     cfg, inv = gateway.cfg, gateway.inventory
     kind = (
         "SIMULATED pool (no real GPU is used)"
@@ -335,6 +344,7 @@ def _banner(gateway: Any, token_path: Path) -> None:
         lines.append(f"  {g.index:<4}{g.name:<28}{g.memory_total_mib:>8} MiB{tag}")
     lines += [
         f"  shares: {gateway.sandbox_line}",
+        f"  kernels: {kernels_line(cfg.kernels, kernel_curve)}",
         f"  state dir {cfg.state_dir}; admin token in {token_path}",
         f"  user tokens: bitfusion gateway token create --state-dir {cfg.state_dir} --user NAME",
     ]

@@ -6,6 +6,11 @@ forwarded between the client's shim and the kernel without being re-signed or re
 `KernelChannels` holds the gateway's sockets to one kernel: a DEALER per frontend identity on
 shell, control and stdin (with the frontend's own identity, so the kernel routes replies and
 input requests exactly as it would locally), and a SUB on iopub.
+
+Code in any share can connect to the server's loopback, so where the kernel can take them
+(ipykernel 7.3 and later) its connection file carries a fresh CurveZMQ key pair: its
+channels are then encrypted, and only a holder of the file (the gateway, and the kernel in
+its confined share) can connect at all.
 """
 
 from __future__ import annotations
@@ -14,14 +19,19 @@ import asyncio
 import json
 import logging
 import os
+import re
 import socket
 import sys
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger("bitfusion.gateway")
 
@@ -31,19 +41,47 @@ _DEALER_CHANNELS = ("shell", "control", "stdin")
 # Each browser tab or reconnect is a new frontend identity with three sockets of its own;
 # past this many, the one silent longest loses them (they reopen if it speaks again).
 MAX_FRONTENDS = 32
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 _Dealer = tuple[zmq.asyncio.Socket, "asyncio.Task[None]"]
 
-# name -> argv; {connection_file} is replaced. The default is this Python with ipykernel.
-DEFAULT_KERNELS: dict[str, list[str]] = {
-    "python3": [
-        sys.executable,
-        "-m",
-        "ipykernel_launcher",
-        "-f",
-        "{connection_file}",
-        "--IPKernelApp.extensions=bitfusion_jupyter",  # the %bitfusion magic, ready to use
-    ],
+
+@dataclass(frozen=True)
+class KernelEnv:
+    """A kernel environment the gateway offers: its argv ({connection_file} is replaced),
+    and whether its kernels encrypt their channels with keys from the connection file."""
+
+    argv: list[str]
+    curve: bool
+
+
+def _ipykernel_takes_curve_keys() -> bool:
+    """True when this Python's ipykernel reads CurveZMQ keys from its connection file."""
+    try:
+        found = re.match(r"(\d+)\.(\d+)", metadata.version("ipykernel"))
+    except metadata.PackageNotFoundError:
+        return False
+    return bool(found) and (int(found[1]), int(found[2])) >= (7, 3) and zmq.has("curve")
+
+
+# The default is this Python with ipykernel.
+DEFAULT_KERNELS: dict[str, KernelEnv] = {
+    "python3": KernelEnv(
+        [
+            sys.executable,
+            "-m",
+            "ipykernel_launcher",
+            "-f",
+            "{connection_file}",
+            "--IPKernelApp.extensions=bitfusion_jupyter",  # the %bitfusion magic, ready to use
+        ],
+        curve=_ipykernel_takes_curve_keys(),
+    ),
 }
 
 
@@ -51,26 +89,63 @@ class KernelConfigError(ValueError):
     """A kernels file that cannot be used; the text names the file and the problem."""
 
 
-def load_kernels(path: Path | None) -> dict[str, list[str]]:
-    """The kernel environments: the default, plus those of a JSON file ``{name: argv}``."""
+def _says_curve(metadata_: Any) -> bool:
+    """Whether kernelspec-style metadata declares CurveZMQ support, as Jupyter's does."""
+    said = metadata_.get("supported_encryption") if isinstance(metadata_, dict) else None
+    said = [said] if isinstance(said, str) else said
+    return isinstance(said, list) and "curve" in [str(x).strip().lower() for x in said]
+
+
+def load_kernels(path: Path | None, curve: bool = True) -> dict[str, KernelEnv]:
+    """The kernel environments: the default, plus those of a JSON file whose entries are
+    ``name: argv`` or, as in a kernel.json, ``name: {"argv": [...], "metadata": {...}}``.
+    Without ``curve`` (--plain-kernel-channels) none of them is given CurveZMQ keys."""
     kernels = dict(DEFAULT_KERNELS)
-    if path is None:
-        return kernels
+    if path is not None:
+        kernels.update(_read_kernels_file(path))
+    return kernels if curve else {n: KernelEnv(e.argv, False) for n, e in kernels.items()}
+
+
+def _read_kernels_file(path: Path) -> dict[str, KernelEnv]:
+    kernels = {}
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise KernelConfigError(f"--kernels {path} cannot be read as JSON ({exc}).") from None
     if not isinstance(data, dict):
         raise KernelConfigError(f"--kernels {path} must hold a JSON object {{name: argv}}.")
-    for name, argv in data.items():
+    for name, entry in data.items():
+        argv = entry.get("argv") if isinstance(entry, dict) else entry
         if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
-            raise KernelConfigError(f"--kernels {path}: {name!r} needs a list of strings (argv).")
+            raise KernelConfigError(
+                f"--kernels {path}: {name!r} needs a list of strings (argv), or an object "
+                'with one under "argv".'
+            )
         if not any("{connection_file}" in a for a in argv):
             raise KernelConfigError(
                 f"--kernels {path}: the argv of {name!r} never mentions {{connection_file}}."
             )
-        kernels[name] = argv
+        curve = isinstance(entry, dict) and _says_curve(entry.get("metadata"))
+        kernels[name] = KernelEnv(argv, curve and zmq.has("curve"))
     return kernels
+
+
+def kernels_line(kernels: dict[str, KernelEnv], curve: bool = True) -> str:
+    """The banner's word on the kernel environments: which encrypt their channels, and
+    why the others do not (``curve`` False: --plain-kernel-channels)."""
+    sealed = sorted(name for name, env in kernels.items() if env.curve)
+    plain = sorted(name for name, env in kernels.items() if not env.curve)
+    line = f"{', '.join(sealed)} with CurveZMQ-encrypted channels" if sealed else ""
+    if plain:
+        line += "; " if line else ""
+        line += f"{', '.join(plain)} NOT encrypted on the loopback, so code in other shares can "
+        line += (
+            "listen (--plain-kernel-channels)"
+            if not curve
+            else 'listen (needs ipykernel 7.3+; in --kernels, add "metadata": '
+            '{"supported_encryption": "curve"})'
+        )
+    return line
 
 
 def _free_ports(n: int) -> list[int]:
@@ -86,11 +161,15 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def write_connection_file(directory: Path, kernel_id: str, key: str, scheme: str) -> Path:
-    """A connection file for the remote kernel: loopback ports, the client's key."""
+def write_connection_file(
+    directory: Path, kernel_id: str, key: str, scheme: str, curve: bool
+) -> tuple[Path, dict[str, Any]]:
+    """A connection file for the remote kernel: loopback ports, the client's key, and with
+    ``curve`` a key pair of its own for CurveZMQ. Also returns what the gateway's sockets
+    need (`channel_info`), which the gateway keeps: a kernel may rewrite its own file."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     ports = _free_ports(5)
-    info = {
+    info: dict[str, Any] = {
         "ip": "127.0.0.1",
         "transport": "tcp",
         "shell_port": ports[0],
@@ -102,11 +181,20 @@ def write_connection_file(directory: Path, kernel_id: str, key: str, scheme: str
         "signature_scheme": scheme,
         "kernel_name": "",
     }
+    if curve:
+        public, secret = zmq.curve_keypair()
+        info.update(curve_publickey=public.decode(), curve_secretkey=secret.decode())
     path = directory / f"kernel-{kernel_id}.json"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(info, f)
-    return path
+    return path, channel_info(info)
+
+
+def channel_info(info: dict[str, Any]) -> dict[str, Any]:
+    """What KernelChannels needs of a connection file: address, ports, CurveZMQ keys."""
+    wanted = ("ip", "curve_publickey", "curve_secretkey", *(f"{ch}_port" for ch in CHANNELS))
+    return {k: info[k] for k in wanted if k in info}
 
 
 # Called with (channel, frontend ident or b"", frames) for each message from the kernel.
@@ -117,11 +205,21 @@ class KernelChannels:
     """The gateway's sockets to one kernel, and a task per socket that reads it."""
 
     def __init__(
-        self, ctx: zmq.asyncio.Context, connection_file: Path, on_message: OnKernelMessage
+        self,
+        ctx: zmq.asyncio.Context,
+        info: dict[str, Any],
+        on_message: OnKernelMessage,
+        name: str = "a kernel",
     ):
-        info = json.loads(connection_file.read_text())
         self.ctx = ctx
-        self.url = {ch: f"tcp://{info['ip']}:{info[f'{ch}_port']}" for ch in (*CHANNELS, "hb")}
+        self.url = {ch: f"tcp://{info['ip']}:{info[f'{ch}_port']}" for ch in CHANNELS}
+        # As Jupyter's own clients do: the kernel's key pair serves both ends, since client
+        # keys authenticate nothing; knowing the kernel's public key is what lets one in.
+        self._curve = (
+            (info["curve_publickey"].encode(), info["curve_secretkey"].encode())
+            if "curve_publickey" in info and "curve_secretkey" in info
+            else None
+        )
         self.on_message = on_message
         # Until our iopub subscription is live, the kernel's outputs would be lost, so messages
         # for the kernel wait here. The kernel's XPUB greets each new subscriber; a kernel
@@ -132,14 +230,45 @@ class KernelChannels:
         # frontend ident -> channel -> (its DEALER, the task reading it); least recent first
         self._frontends: OrderedDict[bytes, dict[str, _Dealer]] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.iopub = ctx.socket(zmq.SUB)
+        self.iopub = self._socket(zmq.SUB)
         self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.iopub.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:  # watched from before the first try
+            self._track(self._handshake(self.iopub.get_monitor_socket(_HANDSHAKE_EVENTS), name))
         self.iopub.connect(self.url["iopub"])
         self._watch("iopub", b"", self.iopub)
 
+    async def _handshake(self, monitor: zmq.asyncio.Socket, name: str) -> None:
+        """Say so when the kernel does not speak CurveZMQ: otherwise it would only look hung."""
+        try:
+            event = parse_monitor_message(await monitor.recv_multipart())["event"]
+            if event != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                log.warning(
+                    "%s does not take CurveZMQ keys from its connection file, so the gateway "
+                    "cannot reach it; give its environment ipykernel 7.3 or later, or drop "
+                    '"supported_encryption" from its entry in --kernels.',
+                    name,
+                )
+        except (asyncio.CancelledError, zmq.ZMQError):
+            pass
+        finally:
+            if not self.iopub.closed:
+                self.iopub.disable_monitor()
+            monitor.close(0)
+
+    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            public, secret = self._curve
+            sock.curve_serverkey = sock.curve_publickey = public
+            sock.curve_secretkey = secret
+        return sock
+
     def _watch(self, channel: str, ident: bytes, sock: zmq.asyncio.Socket) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(self._read(channel, ident, sock))
+        return self._track(self._read(channel, ident, sock))
+
+    def _track(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -164,10 +293,9 @@ class KernelChannels:
             # kernel may send an input request on stdin before the frontend ever wrote there.
             dealers = {}
             for ch in _DEALER_CHANNELS:
-                sock = self.ctx.socket(zmq.DEALER)
+                sock = self._socket(zmq.DEALER)
                 if ident:
                     sock.setsockopt(zmq.ROUTING_ID, ident)
-                sock.setsockopt(zmq.LINGER, 0)
                 sock.connect(self.url[ch])
                 dealers[ch] = (sock, self._watch(ch, ident, sock))
             self._frontends[ident] = dealers

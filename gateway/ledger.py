@@ -94,7 +94,8 @@ class Process:
     state: str = "running"
     exit_code: int | None = None
     started: float = field(default_factory=time.time)
-    kernel: dict[str, str] | None = None  # {"kernel_id", "connection_file"} for a kernel
+    # For a kernel: {"kernel_id", "connection_file", "name", "channels"}
+    kernel: dict[str, Any] | None = None
 
 
 class Ledger:

@@ -46,7 +46,7 @@ class Confinement:
 
     hide: str
     read: list[str] = field(default_factory=list)  # files or directories, read only
-    write: list[str] = field(default_factory=list)  # directories, read and write
+    write: list[str] = field(default_factory=list)  # files or directories, read and write
 
     def args(self) -> list[str]:
         """The nanny's options that carry it."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -29,7 +30,13 @@ from gateway.cluster_keys import ClusterKeys
 from gateway.gpus import GpuInventory, GpuState
 from gateway.history import RANGES, History
 from gateway.idle import IdleTracker
-from gateway.kernels import DEFAULT_KERNELS, KernelChannels, write_connection_file
+from gateway.kernels import (
+    DEFAULT_KERNELS,
+    KernelChannels,
+    KernelEnv,
+    channel_info,
+    write_connection_file,
+)
 from gateway.ledger import Ledger, Process, Share
 from gateway.log_limit import LogLimit
 from gateway.mps import mps_running
@@ -59,7 +66,7 @@ class GatewayConfig:
     terminate_grace_s: float = 5.0
     workdir: str | None = None
     confine: bool = True  # keep shares out of state_dir with Landlock, where the kernel has it
-    kernels: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_KERNELS))
+    kernels: dict[str, KernelEnv] = field(default_factory=lambda: dict(DEFAULT_KERNELS))
     web_port: int = 0  # the dashboard's HTTP port; 0: none
     peers: list[str] = field(default_factory=list)  # the cluster's other gateways, host:port
 
@@ -873,7 +880,9 @@ class Gateway:
         state = self.cfg.state_dir.resolve()
         rules = sandbox.Confinement(str(state), read=[str(state / "usage")])
         if kernel is not None:
-            rules.read.append(kernel["connection_file"])
+            # Its own connection file, which ipykernel 7 rewrites (unchanged) when it holds
+            # CurveZMQ keys; the gateway reads it no more after the start.
+            rules.write.append(kernel["connection_file"])
         if "BITFUSION_SIMULATED_USAGE_DIR" in env:
             rules.write.append(env["BITFUSION_SIMULATED_USAGE_DIR"])
         if cwd and Path(cwd).resolve().is_relative_to(state):
@@ -963,13 +972,19 @@ class Gateway:
                 f"{', '.join(sorted(self.cfg.kernels))}.",
             )
         kernel_id = "k-" + os.urandom(6).hex()
-        conn_file = write_connection_file(
-            self.run_dir / "kernels", kernel_id, msg["key"], msg["signature_scheme"]
+        env_of = self.cfg.kernels[name]
+        conn_file, channels = write_connection_file(
+            self.run_dir / "kernels", kernel_id, msg["key"], msg["signature_scheme"], env_of.curve
         )
-        argv = [a.replace("{connection_file}", str(conn_file)) for a in self.cfg.kernels[name]]
+        argv = [a.replace("{connection_file}", str(conn_file)) for a in env_of.argv]
         # BITFUSION_KERNEL_ID tells the %bitfusion magic that its kernel has a shim to ask.
         env = self.share_env(share, {**os.environ, "BITFUSION_KERNEL_ID": kernel_id})
-        kernel = {"kernel_id": kernel_id, "connection_file": str(conn_file), "name": name}
+        kernel = {
+            "kernel_id": kernel_id,
+            "connection_file": str(conn_file),
+            "name": name,
+            "channels": channels,
+        }
         try:
             proc = await self._launch(tok, share, argv, env, self.cfg.workdir, ident, kernel)
         except RequestError:
@@ -998,7 +1013,13 @@ class Gateway:
                     ),
                 )
 
-        channels = KernelChannels(self.ctx, Path(proc.kernel["connection_file"]), forward)
+        # Kept since the start (a ledger from before has only the file, which the kernel
+        # may have rewritten since).
+        info = proc.kernel.get("channels") or channel_info(
+            json.loads(Path(proc.kernel["connection_file"]).read_text())
+        )
+        name = f"the {proc.kernel.get('name', 'python3')} kernel {kernel_id}"
+        channels = KernelChannels(self.ctx, info, forward, name)
         self.kernels[kernel_id] = KernelState(
             kernel_id, proc.id, proc.share_id, channels, subscriber
         )

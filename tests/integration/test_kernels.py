@@ -648,3 +648,66 @@ def test_after_moving_back_to_local_the_kernel_keeps_input_interrupt_and_shutdow
         kc.stop_channels()
         if km.is_alive():
             km.shutdown_kernel(now=True)
+
+
+def test_a_frontend_that_provisions_curve_keys_gets_encrypted_channels(
+    client_env, tmp_path, monkeypatch
+):
+    # Our kernelspecs declare CurveZMQ support, so a Jupyter server with transport
+    # encryption on (`bitfusion up` turns it on) hands the shim keys. The shim's ports on
+    # this machine's loopback are then closed to a listener without them.
+    from pathlib import Path
+
+    import zmq
+    from jupyter_client import KernelManager
+
+    from tests.integration.conftest import start_kernel
+
+    if "transport_encryption" not in KernelManager.class_trait_names():
+        pytest.skip("this jupyter_client cannot provision CurveZMQ keys (8.9 or later can)")
+    data = tmp_path / "jupyter-data"
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(data))
+    r = client_env.bf(
+        "kernelspec", "install", "-m", "512", "--name", "sealed", "--user",
+        env={**client_env.env("alice"), "JUPYTER_DATA_DIR": str(data)},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    km, kc = start_kernel(KernelManager(kernel_name="sealed", transport_encryption="auto"))
+    listener = zmq.Context.instance().socket(zmq.SUB)
+    try:
+        kc.wait_for_ready(timeout=60)
+        info = json.loads(Path(km.connection_file).read_text())
+        assert info.get("curve_publickey") and info.get("curve_secretkey")
+        listener.setsockopt(zmq.SUBSCRIBE, b"")
+        listener.connect(f"tcp://127.0.0.1:{info['iopub_port']}")
+        time.sleep(0.5)
+        reply, outputs = run_cell(kc, "for i in range(20): print('secret', i)")
+        assert reply["status"] == "ok" and "secret 19" in _stream_text(outputs)
+        assert not listener.poll(1000), "a listener without the keys heard the kernel"
+    finally:
+        listener.close(0)
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_a_gateway_with_plain_kernel_channels_runs_kernels_without_keys(tmp_path, monkeypatch):
+    # The admin's choice for speed: kernels run as before, with no CurveZMQ keys, and the
+    # banner says their channels can be listened to.
+    from pathlib import Path
+
+    from tests.conftest import start_gateway, stop_leftovers
+
+    gw = start_gateway(tmp_path, "--simulate-gpus", "1x16GiB", "--plain-kernel-channels")
+    point_client_at(gw, monkeypatch)
+    km, kc = start_shim_kernel("-m", "1024")
+    try:
+        kc.wait_for_ready(timeout=60)
+        assert _next_cell_output(kc, "print('plain')") == "plain\n"
+        (conn_file,) = (Path(gw.state_dir) / "run" / "kernels").glob("kernel-*.json")
+        assert "curve_publickey" not in json.loads(conn_file.read_text())
+        assert "python3 NOT encrypted on the loopback" in gw.log()
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+        gw.kill()
+        stop_leftovers(gw.state_dir)

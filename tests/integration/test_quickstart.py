@@ -74,6 +74,7 @@ def test_localhealth_reports_each_check(gateway):
     assert checks["NVML and driver"]["status"] in ("ok", "WARN")
     assert set(checks) >= {"MPS daemon", "state dir", "disk", "share confinement"}
     assert str(gateway.state_dir) in checks["share confinement"]["detail"]
+    assert checks["kernel channels"]["status"] == "ok"  # ipykernel 7.3+, as installed
     down = gateway.bf(
         "localhealth", "--state-dir", str(gateway.state_dir), "--port", str(free_port())
     )

@@ -203,3 +203,84 @@ def test_a_user_cannot_drive_or_hijack_anothers_kernel(gateway):
     wait_for_log(gateway, f"refused user bob on kernel {kernel} of share {share} (dropped)")
     assert "Traceback" not in gateway.log()
     still_serves(gateway)
+
+
+# Code in bob's share that listens on a port of the server's loopback, as anyone's code can.
+EAVESDROP = (
+    "import sys, time, zmq\n"
+    "sub = zmq.Context().socket(zmq.SUB)\n"
+    "sub.setsockopt(zmq.SUBSCRIBE, b'')\n"
+    "sub.connect(f'tcp://127.0.0.1:{sys.argv[1]}')\n"
+    "print('listening', flush=True)\n"
+    "heard, end = 0, time.monotonic() + float(sys.argv[2])\n"
+    "while time.monotonic() < end:\n"
+    "    if sub.poll(100):\n"
+    "        heard += b'alice-secret' in b''.join(sub.recv_multipart())\n"
+    "print('heard', heard, flush=True)\n"
+)
+
+
+def test_code_in_another_share_cannot_listen_to_a_kernel(gateway):
+    # A kernel's channels are on the server's loopback, which code in every share can reach.
+    # They are CurveZMQ-encrypted with a key pair only the kernel's connection file holds
+    # (out of the other shares' reach): bob's listener hears nothing of what alice's kernel
+    # prints, while one that holds the keys (the control) hears it.
+    import json
+
+    import zmq
+
+    alice, bob = connect(gateway, "alice"), connect(gateway, "bob")
+    key = uuid.uuid4().hex
+    session = Session(key=key.encode(), signature_scheme="hmac-sha256")
+    control = zmq.Context.instance().socket(zmq.SUB)
+    try:
+        share = alice.request("allocate", gpus=1, mib=1024)["share"]["share_id"]
+        started = alice.request(
+            "kernel_start", share_id=share, key=key, signature_scheme="hmac-sha256", timeout=60
+        )
+        frontend = b"alice-frontend".hex()
+        alice.send(
+            "kernel_in",
+            _kernel_request(session, "kernel_info_request"),
+            kernel_id=started["kernel_id"],
+            channel="shell",
+            ident=frontend,
+        )
+        assert _kernel_reply(alice) == "kernel_info_reply"
+        conn_file = gateway.state_dir / "run" / "kernels" / f"kernel-{started['kernel_id']}.json"
+        info = json.loads(conn_file.read_text())
+        public, secret = info["curve_publickey"].encode(), info["curve_secretkey"].encode()
+        control.curve_serverkey = control.curve_publickey = public
+        control.curve_secretkey = secret
+        control.setsockopt(zmq.SUBSCRIBE, b"")
+        control.connect(f"tcp://127.0.0.1:{info['iopub_port']}")
+
+        own = bob.request("allocate", gpus=1, mib=512)["share"]["share_id"]
+        argv = [sys.executable, "-c", EAVESDROP, str(info["iopub_port"]), "8"]
+        bob.request("spawn", share_id=own, argv=argv)
+        assert "listening" in _lines_until(bob, "listening")
+        time.sleep(0.5)  # both subscriptions settle
+        code = "import time\nfor i in range(40):\n    print('alice-secret', i)\n    time.sleep(0.1)"
+        execute = session.msg("execute_request", {"code": code, "silent": False})
+        alice.send(
+            "kernel_in",
+            session.serialize(execute),
+            kernel_id=started["kernel_id"],
+            channel="shell",
+            ident=frontend,
+        )
+        heard_by_control = 0
+        deadline = time.monotonic() + WAIT_S
+        while not heard_by_control and time.monotonic() < deadline:
+            if control.poll(200):
+                heard_by_control += b"alice-secret" in b"".join(control.recv_multipart())
+        assert heard_by_control, "the control listener, which holds the keys, heard nothing"
+        heard = [ln for ln in _lines_until(bob, "<exit") if ln.startswith("heard")]
+        assert heard == ["heard 0"], "code in bob's share read alice's kernel's output"
+        alice.request("release", share_id=share)
+        bob.request("release", share_id=own)
+    finally:
+        control.close(0)
+        alice.close()
+        bob.close()
+    still_serves(gateway)

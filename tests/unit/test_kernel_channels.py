@@ -44,7 +44,7 @@ async def _echo_kernel(ctx: zmq.asyncio.Context, info: dict, stop: asyncio.Event
 def test_a_kernel_keeps_sockets_for_its_most_recent_frontends_only(tmp_path):
     async def scenario() -> None:
         ctx = zmq.asyncio.Context()
-        path = kernels.write_connection_file(tmp_path, "k-test", "key", "hmac-sha256")
+        path, info = kernels.write_connection_file(tmp_path, "k-test", "key", "hmac-sha256", False)
         stop = asyncio.Event()
         kernel = asyncio.create_task(_echo_kernel(ctx, json.loads(path.read_text()), stop))
         echoed: list[bytes] = []
@@ -53,7 +53,7 @@ def test_a_kernel_keeps_sockets_for_its_most_recent_frontends_only(tmp_path):
             if channel == "shell":
                 echoed.append(ident)
 
-        channels = kernels.KernelChannels(ctx, path, on_message)
+        channels = kernels.KernelChannels(ctx, info, on_message)
 
         async def ask(ident: bytes) -> None:
             before = echoed.count(ident)
@@ -85,3 +85,56 @@ def test_a_kernel_keeps_sockets_for_its_most_recent_frontends_only(tmp_path):
             ctx.term()
 
     asyncio.run(scenario())
+
+
+def _handshake_log(tmp_path, caplog, kernel_curve: bool) -> list[str]:
+    """The gateway's warnings about a kernel whose connection file holds CurveZMQ keys, when
+    the kernel does (``kernel_curve``) or does not take them; and whether it answered."""
+
+    async def scenario() -> bool:
+        ctx = zmq.asyncio.Context()
+        path, info = kernels.write_connection_file(tmp_path, "k-test", "key", "hmac-sha256", True)
+        stop = asyncio.Event()
+        if kernel_curve:
+            ctx.setsockopt(zmq.CURVE_SERVER, 1)
+            ctx.setsockopt(zmq.CURVE_SECRETKEY, info["curve_secretkey"].encode())
+            ctx.setsockopt(zmq.CURVE_PUBLICKEY, info["curve_publickey"].encode())
+        kernel = asyncio.create_task(_echo_kernel(ctx, json.loads(path.read_text()), stop))
+        answered = asyncio.Event()
+
+        async def on_message(channel: str, ident: bytes, frames: list) -> None:
+            answered.set()
+
+        gateway_ctx = zmq.asyncio.Context()
+        channels = kernels.KernelChannels(gateway_ctx, info, on_message, "the old kernel k-test")
+        try:
+            await channels.send("shell", b"frontend", [b"hello"])
+            try:
+                await asyncio.wait_for(answered.wait(), 5)
+            except TimeoutError:
+                pass
+            return answered.is_set()
+        finally:
+            channels.close()
+            stop.set()
+            await kernel
+            ctx.term()
+            gateway_ctx.term()
+
+    with caplog.at_level("WARNING", logger="bitfusion.gateway"):
+        answered = asyncio.run(scenario())
+    return [answered, *(r.getMessage() for r in caplog.records)]
+
+
+def test_a_kernel_that_ignores_its_curve_keys_is_named_in_the_log(tmp_path, caplog):
+    answered, *warnings = _handshake_log(tmp_path, caplog, kernel_curve=False)
+    assert not answered
+    assert warnings == [
+        "the old kernel k-test does not take CurveZMQ keys from its connection file, so the "
+        "gateway cannot reach it; give its environment ipykernel 7.3 or later, or drop "
+        '"supported_encryption" from its entry in --kernels.'
+    ]
+
+
+def test_a_kernel_that_takes_its_curve_keys_is_reached_quietly(tmp_path, caplog):
+    assert _handshake_log(tmp_path, caplog, kernel_curve=True) == [True]

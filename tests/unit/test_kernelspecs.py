@@ -83,6 +83,7 @@ def test_install_writes_a_kernelspec_jupyter_can_start(jupyter: Path, capsys) ->
             "servers": "gpu1:56001,gpu2:56002",
         },
         "debugger": False,
+        "supported_encryption": ["curve"],  # Jupyter servers may hand the shim CurveZMQ keys
     }
     where = Path(spec.resource_dir)
     assert where == jupyter / "kernels" / "bitfusion-2gpu-4096mib"
