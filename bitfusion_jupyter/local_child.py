@@ -23,12 +23,11 @@ from typing import Any
 
 import zmq
 
-from remoting.protocol import as_bytes
+from remoting.protocol import KERNEL_REQUEST_CHANNELS, as_bytes
 
 UNDER_SHIM_ENV = "BITFUSION_UNDER_SHIM"  # tells the child's magic to ask the shim to move
 DELIMITER = b"<IDS|MSG>"
 READY_PROBE_S = 0.25  # how often to ask until the kernel's iopub is heard
-REQUEST_CHANNELS = ("shell", "control", "stdin")  # the frontend's ROUTER ports, our DEALERs
 SHARE_VARIABLES = ("BITFUSION_KERNEL_ID", "BITFUSION_SHARE_ID")
 
 
@@ -64,7 +63,7 @@ class LocalChild:
         )
         routing_id = uuid.uuid4().bytes  # one id on shell and stdin: input requests route back
         self.sockets: dict[str, zmq.Socket] = {}
-        for channel in REQUEST_CHANNELS:
+        for channel in KERNEL_REQUEST_CHANNELS:
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.ROUTING_ID, routing_id)

@@ -25,12 +25,12 @@ from typing import Any
 import zmq
 
 from bitfusion_jupyter import config, share_request, share_sidecar
-from bitfusion_jupyter.local_child import DELIMITER, REQUEST_CHANNELS, LocalChild
+from bitfusion_jupyter.local_child import DELIMITER, LocalChild
 from bitfusion_jupyter.pool import Grant, Pool, say
 from bitfusion_jupyter.remote_kernel import RemoteKernel, start_kernel
 from remoting import tokens
 from remoting.client import DEFAULT_TIMEOUT_S, GatewayError
-from remoting.protocol import as_bytes
+from remoting.protocol import KERNEL_REQUEST_CHANNELS, as_bytes
 
 # An input request whose prompt starts with this comes from the %bitfusion magic for the shim.
 SHIM_REQUEST = "\x00bitfusion-request "
@@ -61,7 +61,7 @@ class LocalPorts:
             sock.bind(url(channel))
             return sock
 
-        self.routers = {channel: bound(zmq.ROUTER, channel) for channel in REQUEST_CHANNELS}
+        self.routers = {channel: bound(zmq.ROUTER, channel) for channel in KERNEL_REQUEST_CHANNELS}
         self.iopub = bound(zmq.PUB, "iopub")
         self.hb = bound(zmq.REP, "hb")
 

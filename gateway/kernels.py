@@ -33,11 +33,12 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from remoting.protocol import KERNEL_REQUEST_CHANNELS
+
 log = logging.getLogger("bitfusion.gateway")
 
-CHANNELS = ("shell", "control", "stdin", "iopub")
+CHANNELS = (*KERNEL_REQUEST_CHANNELS, "iopub")
 IOPUB_GRACE_S = 3.0
-_DEALER_CHANNELS = ("shell", "control", "stdin")
 # Each browser tab or reconnect is a new frontend identity with three sockets of its own;
 # past this many, the one silent longest loses them (they reopen if it speaks again).
 MAX_FRONTENDS = 32
@@ -292,7 +293,7 @@ class KernelChannels:
             # The first word from a frontend opens its shell, control and stdin together: the
             # kernel may send an input request on stdin before the frontend ever wrote there.
             dealers = {}
-            for ch in _DEALER_CHANNELS:
+            for ch in KERNEL_REQUEST_CHANNELS:
                 sock = self._socket(zmq.DEALER)
                 if ident:
                     sock.setsockopt(zmq.ROUTING_ID, ident)

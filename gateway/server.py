@@ -1047,7 +1047,7 @@ class Gateway:
                 "dropped",
             )
             return
-        if msg["channel"] not in ("shell", "control", "stdin"):
+        if msg["channel"] not in protocol.KERNEL_REQUEST_CHANNELS:
             return
         try:
             frontend: bytes | None = bytes.fromhex(msg.get("ident") or "")
