@@ -75,7 +75,11 @@ class LocalChild:
         self.iopub.connect(f"ipc://{conn['ip']}-{conn['iopub_port']}")
         self.channel_of = {sock: ch for ch, sock in self.sockets.items()}
         self.channel_of[self.iopub] = "iopub"
-        self.ready = False
+        # The kernel sends input requests to our stdin socket by its routing id, and drops
+        # them until that socket has connected: a cell calling input() must wait for it.
+        self._stdin_events = self.sockets["stdin"].get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._heard = False  # the kernel's iopub, so our subscription is in place
+        self._stdin_up = False
         self._probes: list[bytes] = []  # our own kernel_info requests' msg_ids
         self._last_probe = 0.0
 
@@ -83,13 +87,22 @@ class LocalChild:
     def pid(self) -> int:
         return self.process.pid
 
+    @property
+    def ready(self) -> bool:
+        """True once the frontend's requests may flow: nothing the kernel says is lost."""
+        return self._heard and self._stdin_up
+
     def poll_sockets(self) -> list[zmq.Socket]:
         return list(self.channel_of)
 
     def probe(self) -> None:
         """Until the kernel's iopub is heard, ask it for its info now and then: only then is
         our subscription in place, so the frontend's requests may flow (they wait until)."""
-        if self.ready or time.monotonic() - self._last_probe < READY_PROBE_S:
+        if not self._stdin_up and self._stdin_events.poll(0):
+            self._stdin_up = True  # the one event it watches for
+            self.sockets["stdin"].disable_monitor()
+            self._stdin_events.close(0)
+        if self._heard or time.monotonic() - self._last_probe < READY_PROBE_S:
             return
         self._last_probe = time.monotonic()
         msg = self.session.msg("kernel_info_request", {})
@@ -106,7 +119,7 @@ class LocalChild:
             while ready.get(sock) and sock.poll(0):
                 frames = sock.recv_multipart(copy=False)
                 if channel == "iopub":
-                    self.ready = True
+                    self._heard = True
                     if not self._own(frames):
                         yield channel, None, frames
                 elif as_bytes(frames[0]) != DELIMITER:  # no routing id: a reply to our probe
@@ -138,6 +151,8 @@ class LocalChild:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if not self._stdin_up:
+            self._stdin_events.close(0)
         for sock in self.channel_of:
             sock.close(0)
         shutil.rmtree(self.dir, ignore_errors=True)

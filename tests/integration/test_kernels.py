@@ -600,6 +600,22 @@ def test_cells_queued_behind_a_local_kernels_move_run_on_the_share(client_env):
         km.shutdown_kernel(now=True)
 
 
+def test_input_in_the_first_cell_after_moving_back_to_local_is_answered(client_env):
+    # The local kernel drops an input request until the shim's stdin socket has connected;
+    # the shim lets the frontend's cells through only once it has.
+    km, kc = start_shim_kernel("-m", "512")
+    try:
+        kc.wait_for_ready(timeout=60)
+        assert "back to a local kernel" in _next_cell_output(kc, "%bitfusion --local")
+        reply, outputs = run_cell(
+            kc, "print('hello', input('name? '))", timeout=20, stdin_hook=lambda m: kc.input("Ada")
+        )
+        assert _stream_text(outputs) == "hello Ada\n"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
 def test_after_moving_back_to_local_the_kernel_keeps_input_interrupt_and_shutdown(client_env):
     # The local kernel the shim forwards to behaves as a local kernel does: input() is
     # answered, a Ctrl-C stops a sleep once, and shutting down ends it with the shim.
