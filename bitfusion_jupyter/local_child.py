@@ -67,6 +67,11 @@ class LocalChild:
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.ROUTING_ID, routing_id)
+            if channel == "stdin":
+                # The kernel sends input requests to this socket by its routing id, and drops
+                # them until it has connected: a cell calling input() must wait for that.
+                # Watched from before the connect, so the event cannot be missed.
+                self._stdin_events = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
             sock.connect(f"ipc://{conn['ip']}-{conn[f'{channel}_port']}")
             self.sockets[channel] = sock
         self.iopub = ctx.socket(zmq.SUB)
@@ -75,9 +80,6 @@ class LocalChild:
         self.iopub.connect(f"ipc://{conn['ip']}-{conn['iopub_port']}")
         self.channel_of = {sock: ch for ch, sock in self.sockets.items()}
         self.channel_of[self.iopub] = "iopub"
-        # The kernel sends input requests to our stdin socket by its routing id, and drops
-        # them until that socket has connected: a cell calling input() must wait for it.
-        self._stdin_events = self.sockets["stdin"].get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._heard = False  # the kernel's iopub, so our subscription is in place
         self._stdin_up = False
         self._probes: list[bytes] = []  # our own kernel_info requests' msg_ids
