@@ -342,28 +342,32 @@ class Shim:
         return True
 
 
-def _header(frames: list[Any], part: int = 2) -> dict:
-    """One JSON part of a Jupyter message's frames (after any routing ids): 2 is the
-    header, 3 the parent header; {} if the frames are not a Jupyter message."""
+def _json_parts(frames: list[Any], *parts: int) -> list[dict] | None:
+    """JSON parts of a Jupyter message's frames, counted from its delimiter (after any
+    routing ids): 2 the header, 3 the parent header, 5 the content. None if the frames are
+    not a Jupyter message. Only frames the size of the delimiter are compared, so a big
+    output frame is never copied to find it."""
     try:
-        head = [as_bytes(f) for f in frames[:4]]
-        return json.loads(as_bytes(frames[head.index(DELIMITER) + part]))
-    except (ValueError, IndexError):
-        return {}
+        at = next(
+            n
+            for n, frame in enumerate(frames[:8])  # routing ids, delimiter, sig, 4 parts
+            if len(frame) == len(DELIMITER) and as_bytes(frame) == DELIMITER
+        )
+        return [json.loads(as_bytes(frames[at + part])) for part in parts]
+    except (StopIteration, ValueError, IndexError):
+        return None
+
+
+def _header(frames: list[Any], part: int = 2) -> dict:
+    """The header (2) or parent header (3) of a Jupyter message's frames; {} if not one."""
+    found = _json_parts(frames, part)
+    return found[0] if found else {}
 
 
 def _jupyter_parts(frames: list[Any]) -> dict | None:
     """Header, parent header and content of a Jupyter message's frames (None if not one)."""
-    try:
-        frames = [as_bytes(f) for f in frames[:8]]  # routing ids, delimiter, sig, 4 parts
-        i = frames.index(DELIMITER)
-        return {
-            "header": json.loads(frames[i + 2]),
-            "parent": json.loads(frames[i + 3]),
-            "content": json.loads(frames[i + 5]),
-        }
-    except (ValueError, IndexError):
-        return None
+    found = _json_parts(frames, 2, 3, 5)
+    return dict(zip(("header", "parent", "content"), found, strict=True)) if found else None
 
 
 def _ends_cell(pending: dict, channel: str, frames: list[Any]) -> bool:
