@@ -111,9 +111,8 @@ def _move_when_cell_ends(shell: Any, connection_file: str, adopt: dict[str, Any]
     The frontend's requests that come meanwhile are not run here but kept and handed to the
     shim, which replays them to the new kernel: the next cells, which JupyterLab's Run All
     has already sent and nbclient sends the moment this one ends, run there instead of being
-    lost with this process. ipykernel 7 looks up `dispatch_shell` for each message, so
-    replacing it keeps every one; where an older one does not, the first cell to start is
-    kept as it starts, and the move happens at once.
+    lost with this process. ipykernel 7 (a dependency) looks up `dispatch_shell` for each
+    message, so replacing it keeps every one.
     """
     kernel = shell.kernel
     guard = threading.Lock()  # the move waits for a request being kept
@@ -123,7 +122,9 @@ def _move_when_cell_ends(shell: Any, connection_file: str, adopt: dict[str, Any]
         with guard:
             _become_shim(connection_file, {**adopt, "replay": kept})
 
-    def keep(ident: list[Any], msg: dict[str, Any]) -> None:
+    async def keep_request(frames: list[Any], *_args: Any, **_kwargs: Any) -> None:
+        ident, rest = kernel.session.feed_identities(frames, copy=False)
+        msg = kernel.session.deserialize(rest, copy=False)
         with guard:
             kept.append(
                 {
@@ -132,16 +133,7 @@ def _move_when_cell_ends(shell: Any, connection_file: str, adopt: dict[str, Any]
                 }
             )
 
-    async def keep_request(frames: list[Any], *_args: Any, **_kwargs: Any) -> None:
-        ident, rest = kernel.session.feed_identities(frames, copy=False)
-        keep(ident, kernel.session.deserialize(rest, copy=False))
-
-    def on_next_cell(*_args: Any) -> None:
-        keep(kernel._get_shell_context_var(kernel._shell_parent_ident), kernel.get_parent("shell"))
-        move()
-
     kernel.dispatch_shell = keep_request
-    shell.events.register("pre_run_cell", on_next_cell)
     timer = threading.Timer(EXEC_DELAY_S, move)
     timer.daemon = True
     timer.start()
