@@ -84,11 +84,14 @@ def ask_all(servers: list[str], timeout: float = TIMEOUT_S) -> list[Answer]:
         return list(ex.map(lambda s: ask(s, timeout), servers))
 
 
-def dashboard_url(address: str) -> str:
+def dashboard_url(address: str, web_port: int | None) -> str | None:
+    """The dashboard of the gateway at ``address``; None when it serves none."""
     from remoting.client import split_address
 
+    if not web_port:
+        return None
     host = split_address(address)[0]
-    return f"http://{f'[{host}]' if ':' in host else host}:{DASHBOARD_PORT}/"
+    return f"http://{f'[{host}]' if ':' in host else host}:{web_port}/"
 
 
 def my_shares(answer: Answer) -> list[dict[str, Any]]:
@@ -113,13 +116,17 @@ def server_view(
         "error": answer.error,
         "hostname": None,
         "simulated": False,
-        "dashboard_url": dashboard_url(answer.address),
+        "dashboard_url": None,  # known once the gateway has answered
         "gpus": [],
     }
     if answer.gpus is None:
         return row
     row["hostname"] = answer.gpus.get("server")
     row["simulated"] = bool(answer.gpus.get("simulated"))
+    # A gateway older than the "web_port" field serves it on the default port.
+    row["dashboard_url"] = dashboard_url(
+        answer.address, answer.gpus.get("web_port", DASHBOARD_PORT)
+    )
     mine: dict[int, list[dict[str, Any]]] = {}
     for share in my_shares(answer):
         for g in share["gpus"]:

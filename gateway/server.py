@@ -481,6 +481,9 @@ class Gateway:
             "cuda": self.inventory.cuda_version(),
             "mps": self.mps,
             "kernels": sorted(self.cfg.kernels),
+            # Where clients link to this gateway's dashboard (null: it serves none); its port
+            # is not always 54000 (`bitfusion up` takes a free one when 54000 is busy).
+            "web_port": self.cfg.web_port or None,
         }
 
     async def _on_hello(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:

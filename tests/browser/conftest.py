@@ -22,7 +22,7 @@ import pytest
 
 from bitfusion_jupyter.up import JupyterLab
 from gateway.spawned import free_port, stop_leftovers
-from tests.conftest import REPO, GatewayProcess, base_env, start_gateway
+from tests.conftest import REPO, GatewayProcess, base_env, start_web_gateway
 
 CHROMIUM = Path(os.environ.get("BITFUSION_TEST_CHROMIUM", "/usr/bin/chromium"))
 BUILT_PANEL = REPO / "bitfusion_jupyter" / "labextension"
@@ -115,8 +115,9 @@ def start_lab(home: Path, env: dict[str, str]) -> Lab:
 
 @pytest.fixture(scope="module")
 def pool_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    """One gateway (simulated 2×16 GiB) for the module: the Lab's pool."""
-    gw = start_gateway(
+    """One gateway (simulated 2×16 GiB, its dashboard on a free port) for the module: the
+    Lab's pool."""
+    gw, _ = start_web_gateway(
         tmp_path_factory.mktemp("gateway"), "--simulate-gpus", "2x16GiB", "--lease-grace", "5"
     )
     yield gw

@@ -52,7 +52,8 @@ def test_panel_shows_the_simulated_pool(page: Page, lab: Lab, pool_gateway: Gate
     expect(server).to_contain_text(pool_gateway.address)
     link = server.get_by_test_id("bf-dashboard")
     expect(link).to_have_attribute("target", "_blank")
-    expect(link).to_have_attribute("href", re.compile(r"^http://.+:54000/"))
+    web_port = pool_gateway.args[pool_gateway.args.index("--web-port") + 1]
+    expect(link).to_have_attribute("href", re.compile(rf"^http://.+:{web_port}/$"))
     expect(page.get_by_test_id("bf-feed")).to_have_attribute("data-state", "live")
     expect(page.get_by_test_id("bf-no-kernels")).to_be_visible()
     shoot("pool")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from typing import Any
+from urllib.request import urlopen
 
 import pytest
 
@@ -18,6 +20,7 @@ pytest.importorskip("jupyter_server")
 from pytest_jupyter.jupyter_server import *  # noqa: E402, F403
 
 from bitfusion_jupyter import config, pool_status  # noqa: E402
+from tests.conftest import start_web_gateway, stop_leftovers  # noqa: E402
 
 
 @pytest.fixture
@@ -61,12 +64,27 @@ def test_the_pool_shows_two_simulated_gpus(gateway, client_of, jp_fetch, jp_asyn
     [server] = pool["servers"]
     assert server["address"] == gateway.address and server["state"] == "ok"
     assert server["simulated"] is True and server["error"] is None
-    assert server["dashboard_url"] == "http://127.0.0.1:54000/"
+    assert server["dashboard_url"] is None  # this gateway serves no dashboard: no dead link
     assert [g["index"] for g in server["gpus"]] == [0, 1]
     for g in server["gpus"]:
         assert g["simulated"] is True
         assert g["memory_total_mib"] == 16384 and g["memory_free_mib"] == 16384
         assert g["mine"] == [] and g["others_mib"] == 0
+
+
+def test_the_dashboard_link_names_the_port_the_gateway_serves_it_on(
+    client_of, tmp_path, jp_fetch, jp_asyncio_loop
+):
+    gw, base = start_web_gateway(tmp_path, "--simulate-gpus", "1x8GiB")
+    try:
+        client_of(gw)
+        [server] = run(jp_asyncio_loop, get(jp_fetch, "pool"))["servers"]
+        assert server["dashboard_url"] == base + "/"
+        with urlopen(server["dashboard_url"], timeout=5) as page:
+            assert b"bitfusion" in page.read().lower()
+    finally:
+        gw.kill(signal.SIGTERM)
+        stop_leftovers(gw.state_dir)
 
 
 def test_no_servers_configured_says_how_to_fix_it(

@@ -102,7 +102,7 @@ def test_the_pool_view_splits_a_gpu_into_mine_and_others():
     pool = pool_status.pool_view(None, [answer], {("gpu1:56001", "a"): "k-1"})
     [server] = pool["servers"]
     assert server["hostname"] == "gpuhost" and server["simulated"] is True
-    assert server["dashboard_url"] == "http://gpu1:54000/"
+    assert server["dashboard_url"] == "http://gpu1:54000/"  # a gateway that names no port
     gpu0, gpu1 = server["gpus"]
     assert gpu0["mine"] == [{"share_id": "a", "mib": 2048, "used_mib": 512, "kernel_id": "k-1"}]
     assert gpu0["others_mib"] == 4096 and gpu0["memory_free_mib"] == 10240
