@@ -2,15 +2,19 @@
 
 Asking every server is done in threads, so one unreachable server costs one timeout, not one
 per server. Allocation tries servers in the configured order and takes the first grant; with
-``--wait`` it queues on the first server that could ever hold the share.
+``--wait`` it queues on every server that could hold the share and takes whichever grants
+first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import socket
 import sys
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,31 +94,80 @@ class Pool:
         errors: list[GatewayError] = []
         for server in self.servers:
             try:
-                data = self.connect(server).request("allocate", **fields)
-                return Grant(
-                    self.connect(server), data["share"], data["lease_s"], data.get("env", {})
-                )
+                return self._grant(server, self.connect(server).request("allocate", **fields))
             except GatewayError as exc:
                 errors.append(exc)
-        could_fit = [e for e in errors if e.code == protocol.E_NO_FIT]
+        could_fit = [e.server for e in errors if e.code == protocol.E_NO_FIT]
         if req.wait_s > 0 and could_fit:
-            server = could_fit[0].server
             if on_queue:
-                on_queue(f"Waiting up to {req.wait_s:g} s for {req.describe()} on {server}...")
-
-            def progress(msg: protocol.Message) -> None:
-                if on_queue:
-                    on_queue(f"Position {msg['position']} in the queue of {server}.")
-
-            conn = self.connect(server)
-            data = conn.request(
-                "allocate",
-                timeout=req.wait_s + self.timeout,
-                on_event=progress,
-                **{**fields, "wait_s": req.wait_s},
-            )
-            return Grant(conn, data["share"], data["lease_s"], data.get("env", {}))
+                where = ", ".join(could_fit)
+                on_queue(f"Waiting up to {req.wait_s:g} s for {req.describe()} on {where}...")
+            waits = self._first_grant(could_fit, {**fields, "wait_s": req.wait_s}, on_queue)
+            if isinstance(waits, Grant):
+                return waits
+            errors = [waits.get(e.server, e) for e in errors]
         raise combine(errors, req)
+
+    def _first_grant(
+        self,
+        servers: list[str],
+        fields: dict[str, Any],
+        on_queue: Callable[[str], None] | None,
+    ) -> Grant | dict[str, GatewayError]:
+        """Queue on every server at once and keep the first grant, as a user who waits for
+        "any GPU that frees" expects; the other places are given up, and a share granted in
+        the same instant elsewhere is given back. Each server's error if none grants."""
+        won = threading.Event()  # set: the other servers' places are given up
+        news: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+        def wait_on(server: str) -> dict[str, Any]:
+            def progress(msg: protocol.Message) -> None:
+                news.put(f"Position {msg['position']} in the queue of {server}.")
+
+            return self.connect(server).request(
+                "allocate",
+                timeout=fields["wait_s"] + self.timeout,
+                on_event=progress,
+                cancel=won,
+                **fields,
+            )
+
+        grant: Grant | None = None
+        errors: dict[str, GatewayError] = {}
+        # One thread per server, each on its own connection; progress is said from here, the
+        # caller's thread (a kernel shows only its own thread's prints in the cell).
+        with ThreadPoolExecutor(max_workers=len(servers)) as ex:
+            pending = {ex.submit(wait_on, server): server for server in servers}
+            try:
+                while pending:
+                    done, _ = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+                    while on_queue and not news.empty():
+                        on_queue(news.get())
+                    for fut in done:
+                        server = pending.pop(fut)
+                        try:
+                            data = fut.result()
+                        except GatewayError as exc:
+                            errors[server] = exc
+                            continue
+                        got = self._grant(server, data)
+                        if grant is None:
+                            grant = got
+                            won.set()
+                        else:
+                            got.release(self.timeout)
+            except BaseException:  # Ctrl-C: leave every queue, and keep no share
+                won.set()
+                for fut, server in pending.items():
+                    with contextlib.suppress(GatewayError):
+                        self._grant(server, fut.result()).release(self.timeout)
+                if grant is not None:
+                    grant.release(self.timeout)
+                raise
+        return grant if grant is not None else errors
+
+    def _grant(self, server: str, data: dict[str, Any]) -> Grant:
+        return Grant(self.connect(server), data["share"], data["lease_s"], data.get("env", {}))
 
     def close(self) -> None:
         for conn in self._conns.values():

@@ -100,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser, wait: bool = True) -> None:
             type=_number("--wait"),
             default=0.0,
             metavar="SECONDS",
-            help="queue up to this long when nothing fits (first come, first served)",
+            help="queue up to this long when nothing fits: on every server that could hold the "
+            "share, taking the first to grant it (each queue is first come, first served)",
         )
 
 

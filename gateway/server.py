@@ -677,6 +677,13 @@ class Gateway:
         waiter.ident = ident  # the reply goes where the client is now
         if msg.get("give_up"):
             await self._leave_queue(waiter, "its client gave up")
+            # Answered, so that a client waiting on several servers knows this one is done.
+            await self._error(
+                ident,
+                waiter.msg["id"],
+                protocol.E_GAVE_UP,
+                f"Left the queue of {self.cfg.hostname}, as asked.",
+            )
 
     async def _leave_queue(self, waiter: Waiter, why: str) -> None:
         self.queue.remove(waiter)

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -191,14 +192,20 @@ class GatewayConnection:
         payloads: Sequence[bytes] = (),
         timeout: float | None = None,
         on_event: Callable[[Message], None] | None = None,
+        cancel: threading.Event | None = None,
         **fields: Any,
     ) -> dict[str, Any]:
-        """Send a request and return its reply's data; raises GatewayError."""
+        """Send a request and return its reply's data; raises GatewayError.
+
+        ``cancel`` set while queued gives our place up; the gateway then answers either the
+        refusal of a request given up or, had it just granted it, the grant, which is returned
+        so that the caller can give the share back rather than leak it to its lease.
+        """
         msg_id = next(self._ids)
         frames = protocol.encode(msg_type, payloads, token=str(self.token), id=msg_id, **fields)
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
-        sent = False
+        sent = gave_up = False
         queue = _QueuePlace()
         try:
             while True:
@@ -217,9 +224,14 @@ class GatewayConnection:
                     if self.monitor.poll(int(min(left, 0.05) * 1000) + 1):
                         self._drain_monitor()
                     continue
-                if queue.due():
+                if cancel is not None and cancel.is_set() and queue.ticket and not gave_up:
+                    self.send("waiting", ticket=queue.ticket, give_up=True)
+                    gave_up = True
+                    deadline = min(deadline, time.monotonic() + self.timeout)
+                elif queue.due() and not gave_up:
                     self.send("waiting", ticket=queue.ticket)
-                if not self.sock.poll(int(min(left, queue.until_due()) * 1000) + 1):
+                wait = min(left, queue.until_due(), 0.05 if cancel is not None else left)
+                if not self.sock.poll(int(wait * 1000) + 1):
                     continue
                 msg = self._recv()
                 if msg is None:
@@ -231,7 +243,7 @@ class GatewayConnection:
                     raise GatewayError(
                         self.address, msg.get("error") or "refused", msg.get("code") or "error"
                     )
-                if msg.type == "queued" and msg["id"] == msg_id:
+                if msg.type == "queued" and msg["id"] == msg_id and not gave_up:
                     # Waiting in the gateway's queue: the deadline is the caller's wait, not
                     # ours; meanwhile we tell the gateway now and then that we still wait.
                     queue.joined(msg.get("ticket") or "", msg.get("lease_s") or 0.0)
@@ -243,7 +255,7 @@ class GatewayConnection:
         except BaseException:
             # Ctrl-C or a timeout while queued: leave the queue now rather than when the
             # gateway stops hearing from us (LINGER lets this out even as we close).
-            if queue.ticket:
+            if queue.ticket and not gave_up:
                 with contextlib.suppress(zmq.ZMQError):
                     self.send("waiting", ticket=queue.ticket, give_up=True)
             raise

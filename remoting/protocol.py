@@ -118,7 +118,8 @@ MESSAGES: dict[str, Spec] = {
     "stdin_close": Spec({**_ONEWAY, "proc_id": STR, "seq": INT}),
     "signal": Spec({**_ONEWAY, "proc_id": STR, "signum": INT}),
     "ack": Spec({**_ONEWAY, "proc_id": STR, "seq": INT}),
-    # A queued allocate's client is still there (every renew_every(lease_s)), or gives up.
+    # A queued allocate's client is still there (every renew_every(lease_s)), or gives up;
+    # giving up is answered like the allocate it ends (E_GAVE_UP, or the grant had it won).
     # ``ticket`` comes with "queued"; it outlives a reconnect, which changes the connection.
     "waiting": Spec({**_ONEWAY, "ticket": STR}, {"give_up": BOOL}),
     # --- gateway -> client ---
@@ -147,6 +148,7 @@ E_DENIED = "denied"  # the share belongs to someone else, or the action to admin
 E_NOT_FOUND = "not_found"
 E_NO_FIT = "no_fit"  # nothing fits now
 E_NEVER_FITS = "never_fits"  # nothing on this server could ever fit
+E_GAVE_UP = "gave_up"  # the answer to a queued allocate whose client gave its place up
 E_BAD_REQUEST = "bad_request"
 E_SPAWN = "spawn"
 E_NO_KERNEL = "no_kernel"  # the gateway offers no kernel environment of that name

@@ -271,6 +271,24 @@ def _until(kc, code, want, timeout=60):
     raise AssertionError(f"{code!r} printed {last!r}, not {want!r}")
 
 
+def _cell_stream(kc, msg_id, done=lambda text: False, timeout=60):
+    """The stream text of cell ``msg_id`` once ``done(text)`` holds or the cell ends, and
+    whether it ended."""
+    text, deadline = "", time.monotonic() + timeout
+    while time.monotonic() < deadline and not done(text):
+        try:
+            msg = kc.get_iopub_msg(timeout=1)
+        except Exception:
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            text += msg["content"]["text"]
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return text, True
+    return text, False
+
+
 def test_the_magic_moves_a_local_kernel_onto_shares_and_back(client_env):
     km, kc = start_local_kernel()
     try:
@@ -316,6 +334,27 @@ def test_the_magic_moves_a_local_kernel_onto_shares_and_back(client_env):
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_the_magic_waits_in_the_queue_and_says_so_in_the_cell(client_env):
+    hold = client_env.env("bob", BITFUSION_SESSION="bob-holds-all")
+    assert client_env.bf("request_gpus", "-n", "2", env=hold).returncode == 0
+    km, kc = start_local_kernel()
+    try:
+        kc.wait_for_ready(timeout=60)
+        run_cell(kc, "%load_ext bitfusion_jupyter")
+        cell = kc.execute("%bitfusion -m 1024 --wait 60")
+        text, _ = _cell_stream(kc, cell, lambda t: "Position 1 in the queue" in t)
+        assert "Waiting up to 60 s for 1 GPU × 1024 MiB on" in text
+        assert "Position 1 in the queue of" in text
+        assert client_env.bf("release_gpus", env=hold).returncode == 0
+        text, _ = _cell_stream(kc, cell)
+        assert "moves to the python3 kernel in share s-" in text
+        _until(kc, "import os; print(os.environ.get('BITFUSION_MEMORY_MIB'))", "1024\n")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+        client_env.bf("release_gpus", env=hold)
 
 
 def test_a_kernel_survives_a_gateway_restart(tmp_path, monkeypatch):
@@ -481,20 +520,8 @@ def test_jupyter_console_runs_cells_on_a_share(client_env, tmp_path):
 def _next_cell_output(kc, code, timeout=30):
     """Send ``code`` at once (as nbclient does) and return its stream text, or None if its
     output never came back."""
-    msg_id = kc.execute(code)
-    text, deadline = "", time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            msg = kc.get_iopub_msg(timeout=1)
-        except Exception:
-            continue
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        if msg["msg_type"] == "stream":
-            text += msg["content"]["text"]
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            return text
-    return None
+    text, ended = _cell_stream(kc, kc.execute(code), timeout=timeout)
+    return text if ended else None
 
 
 def test_the_first_cell_after_moving_back_to_local_gets_its_output(client_env):

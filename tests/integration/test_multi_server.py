@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import start_gateway, stop_leftovers
+from tests.conftest import start_gateway, stop_leftovers, wait_for
 
 
 @pytest.fixture
@@ -96,3 +96,65 @@ def test_revoking_on_the_command_line_reaches_every_peer(pool, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert f"the token still works on {big.address}; run this again" in r.stderr
     assert "here and on 0 of 1 peers" in r.stdout
+
+
+def _fill(small, big) -> tuple[dict[str, str], dict[str, str]]:
+    """Alice takes all of both servers, one shell (session) each; their environments."""
+    envs = []
+    for gw, mib in ((small, "8192"), (big, "16384")):
+        env = _env(small, big, BITFUSION_SESSION=f"fill-{gw.name}")
+        r = small.bf("request_gpus", "-m", mib, "-l", gw.address, env=env)
+        assert r.returncode == 0, r.stderr
+        envs.append(env)
+    return envs[0], envs[1]
+
+
+def _queued(gw) -> int:
+    return json.loads(gw.bf("list_gpus", "--json", "-l", gw.address).stdout)[0]["data"]["queued"]
+
+
+def test_wait_takes_whichever_server_frees_first(pool):
+    small, big = pool
+    hold_small, hold_big = _fill(small, big)
+    where = [sys.executable, "-c", "import os; print(os.environ['BITFUSION_SERVER'])"]
+    bob = _env(small, big, user="bob")
+    waiter = small.bf_background("run", "-m", "2000", "--wait", "60", "--", *where, env=bob)
+    assert wait_for(lambda: _queued(small) == 1 and _queued(big) == 1, 15)
+    # The second server in the list frees first: bob's command runs there at once.
+    assert small.bf("release_gpus", env=hold_big).returncode == 0
+    out, err = waiter.communicate(timeout=20)
+    assert waiter.returncode == 0, err
+    assert out.strip() == "big"
+    assert f"on {small.address}, {big.address}..." in err and "Traceback" not in err
+    # His place on the first server was given up, so freeing it later grants him nothing.
+    assert _queued(small) == 0
+    assert "bob's request for 1 GPU × 2000 MiB left the queue: its client gave up" in small.log()
+    assert small.bf("release_gpus", env=hold_small).returncode == 0
+    assert small.no_shares_within(5) and big.no_shares_within(5)
+
+
+def test_servers_freeing_at_once_leave_one_share_to_the_waiter(pool):
+    small, big = pool
+    hold_small, hold_big = _fill(small, big)
+    bob = _env(small, big, user="bob", BITFUSION_SESSION="bob-wait")
+    waiter = small.bf_background("request_gpus", "-m", "2000", "--wait", "60", env=bob)
+    assert wait_for(lambda: _queued(small) == 1 and _queued(big) == 1, 15)
+    both = [small.bf_background("release_gpus", env=env) for env in (hold_small, hold_big)]
+    assert all(p.wait(timeout=20) == 0 for p in both)  # both free at (nearly) once
+    _, err = waiter.communicate(timeout=20)
+    assert waiter.returncode == 0, err
+    owners = [s["owner"] for gw in (small, big) for s in gw.shares()]
+    assert owners == ["bob"]  # a second grant, had there been one, was given back
+    assert small.bf("release_gpus", env=bob).returncode == 0
+
+
+def test_a_wait_in_vain_on_several_servers_says_what_each_said(pool):
+    small, big = pool
+    hold_small, hold_big = _fill(small, big)
+    r = small.bf("run", "-m", "2000", "--wait", "1", "--", "true", env=_env(small, big))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.count("Waited in vain") == 2
+    assert small.address in r.stderr and big.address in r.stderr
+    assert _queued(small) == 0 and _queued(big) == 0
+    for env in (hold_small, hold_big):
+        assert small.bf("release_gpus", env=env).returncode == 0
