@@ -76,6 +76,23 @@ def test_nothing_is_served_without_a_valid_token(cluster):
     assert status == 401
 
 
+def test_a_refused_token_is_told_why_on_the_dashboard(cluster):
+    first, second, web = cluster
+    made = first.bf(
+        "gateway", "token", "create", "--user", "erin", "--expires", "1s",
+        "--state-dir", str(first.state_dir),
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    time.sleep(1.5)
+    status, body = web.call("/api/v1/me", made.stdout.strip())
+    assert status == 401 and "This token of erin expired on" in body["message"]
+    dave = first.token("dave")
+    assert first.bf("gateway", "token", "revoke", dave,
+                    "--state-dir", str(first.state_dir)).returncode == 0  # fmt: skip
+    status, body = web.call("/api/v1/me", dave)
+    assert status == 401 and "This token has been revoked" in body["message"]
+
+
 def test_a_plain_user_sees_the_cluster_and_only_their_own_shares(cluster):
     first, second, web = cluster
     mine = first.bf_background("run", "-m", "2048", "--", "sleep", "60", user="alice")
