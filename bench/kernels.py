@@ -6,8 +6,12 @@ against a gateway on loopback with a simulated 2 x 16 GiB pool. Each kernel runs
 it is measured (the machine may have few cores).
 
     python bench/kernels.py [--starts 5] [--executes 300] [--mib 64] [--profile-shim DIR]
+                            [--encrypted-frontend]
 
 `--profile-shim DIR` runs every shim under cProfile and leaves one .prof file a shim in DIR.
+`--encrypted-frontend` gives both kernels CurveZMQ keys for their frontend channels, as a
+Jupyter server with `transport_encryption=auto` does (`bitfusion up` turns it on): the local
+baseline then pays for encryption too.
 BENCH_GATEWAY_ARGS adds options to the gateway (`--plain-kernel-channels`, for an A/B).
 """
 
@@ -44,6 +48,11 @@ class Flavour:
     spec: Callable[[], KernelSpec]
     env: dict[str, str]
     log: Path  # the kernels' stdout and stderr
+    encrypted: bool = False  # CurveZMQ keys on the frontend's channels
+
+
+# What a kernelspec says so that a kernel manager with transport_encryption=auto gives keys.
+CURVE = {"supported_encryption": ["curve"]}
 
 
 def local_spec() -> KernelSpec:
@@ -52,6 +61,7 @@ def local_spec() -> KernelSpec:
         display_name="Python 3 (local)",
         language="python",
         interrupt_mode="signal",
+        metadata=CURVE,
     )
 
 
@@ -75,6 +85,7 @@ def shim_spec(profile_dir: Path | None) -> Callable[[], KernelSpec]:
             display_name="Python 3 (shared)",
             language="python",
             interrupt_mode="signal",
+            metadata=CURVE,
         )
 
     return make
@@ -82,7 +93,7 @@ def shim_spec(profile_dir: Path | None) -> Callable[[], KernelSpec]:
 
 def start(flavour: Flavour) -> tuple[KernelManager, BlockingKernelClient, float]:
     """A started kernel, its client and the seconds from start_kernel to ready."""
-    km = KernelManager()
+    km = KernelManager(transport_encryption="auto" if flavour.encrypted else "disabled")
     km._kernel_spec = flavour.spec()
     t0 = time.perf_counter()
     with flavour.log.open("ab") as log:
@@ -223,6 +234,7 @@ def main() -> None:
     parser.add_argument("--executes", type=int, default=300)
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--profile-shim", type=Path, default=None, metavar="DIR")
+    parser.add_argument("--encrypted-frontend", action="store_true")
     args = parser.parse_args()
     if args.profile_shim is not None:
         args.profile_shim.mkdir(parents=True, exist_ok=True)
@@ -230,7 +242,9 @@ def main() -> None:
 
     base = {k: v for k, v in os.environ.items() if not k.startswith("BITFUSION_")}
     with tempfile.TemporaryDirectory(prefix="bench-kernels-") as tmp:
-        local = Flavour("local", local_spec, base, Path(tmp) / "local-kernels.log")
+        local = Flavour(
+            "local", local_spec, base, Path(tmp) / "local-kernels.log", args.encrypted_frontend
+        )
         progress("local kernel (baseline) first")
         local_results = measure(local, args)
         gw = SpawnedGateway(
@@ -252,7 +266,11 @@ def main() -> None:
                 "BITFUSION_SYSTEM_SERVERS_CONF": str(Path(tmp) / "no-system-servers.conf"),
             }
             shared = Flavour(
-                "shared", shim_spec(args.profile_shim), env, Path(tmp) / "shim-kernels.log"
+                "shared",
+                shim_spec(args.profile_shim),
+                env,
+                Path(tmp) / "shim-kernels.log",
+                args.encrypted_frontend,
             )
             shared_results = measure(shared, args)
         finally:
