@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from bitfusion_jupyter import __version__, config, held, pool_views, share_request
 from bitfusion_jupyter.pool import Grant, Pool, say
@@ -20,6 +22,37 @@ from remoting.client import DEFAULT_TIMEOUT_S, GatewayError
 from remoting.protocol import DEFAULT_PORT
 
 EXIT_USAGE = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a mistake is one line that says where to read more: the
+    whole usage block buried the sentence that mattered."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {_plain(message)}; see '{self.prog} --help'.\n")
+
+
+def _plain(message: str) -> str:
+    """argparse's words for a mistake, as the user would say them."""
+    named = re.match(r"argument (\S+): (.*)", message, re.S)
+    if not named:
+        return message
+    flags, rest = named.groups()
+    flag = flags.split("/")[0]  # -m, as people type it, rather than --memory
+    if rest.startswith("-"):  # our own readers' sentences name the flag already
+        return rest
+    other = re.match(r"not allowed with argument (\S+)", rest)
+    if other:
+        return f"{flag} is not allowed with {other[1].split('/')[0]}"
+    kind = re.match(r"invalid (int|float) value: (.*)", rest)
+    if kind:
+        return f"{flag} {kind[2]} is not a {'whole number' if kind[1] == 'int' else 'number'}"
+    choice = re.match(r"invalid choice: ('.*?') \(choose from (.*)\)", rest)
+    if choice and flag == "COMMAND":
+        return f"{choice[1]} is not a bitfusion command"
+    if choice:
+        return f"{flag} {choice[1]} is not one of {choice[2]}"
+    return f"{flag}: {rest}"
 
 
 def _server_list(p: argparse.ArgumentParser) -> None:
@@ -146,7 +179,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``only``, just that command's (every call pays for what it builds)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="bitfusion",
         description="Share GPUs over the network: run commands and Jupyter kernels on a share "
         "of a remote GPU server's GPUs.",

@@ -45,6 +45,26 @@ def test_bad_share_options(gateway, args, words):
     assert '"shares": []' in gateway.bf("list_shares", "--json").stdout  # nothing leaked
 
 
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["run", "-m", "1e9", "--", "true"], "bitfusion run: -m '1e9' is not a whole number"),
+        (["run", "-m", "2048", "-p", "0.5", "--", "true"], "bitfusion run: -p is not allowed"),
+        (["nosuch"], "bitfusion: 'nosuch' is not a bitfusion command"),
+        (["--timeout", "x", "list_gpus"], "bitfusion: --timeout 'x' is not a number"),
+        (["gateway", "--police", "maybe"], "bitfusion gateway: --police 'maybe' is not one of"),
+    ],
+)
+def test_a_usage_mistake_is_one_line_that_says_where_to_read_more(args, line):
+    r = subprocess.run(
+        [sys.executable, "-m", "bitfusion_jupyter", *args], capture_output=True, text=True
+    )
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr  # no usage block
+    assert r.stderr.startswith(line), r.stderr
+    prog = line.split(":")[0]
+    assert r.stderr.endswith(f"; see '{prog} --help'.\n")
+
+
 def test_unreachable_server_is_named_quickly(gateway):
     port = free_port()
     start = time.monotonic()
