@@ -35,13 +35,15 @@ def _nvml() -> tuple[str, str]:
     return OK, f"driver {driver}, {count} GPU{'s' if count != 1 else ''}: {listed}"
 
 
-def _gateway_answers(state_dir: Path, port: int) -> tuple[str, str]:
-    """Ask the local gateway who it is, with the admin token from its state dir."""
+def _gateway_answers(state_dir: Path, port: int) -> tuple[tuple[str, str], dict[str, Any]]:
+    """Ask the local gateway who it is, with the admin token from its state dir: the
+    verdict, and its answer ({} when it gave none)."""
     token_file = state_dir / "admin.token"
     try:
         token_text = token_file.read_text().strip()
     except OSError:
-        return WARN, f"cannot read {token_file} to ask the gateway (run as the gateway's user)"
+        why = f"cannot read {token_file} to ask the gateway (run as the gateway's user)"
+        return (WARN, why), {}
     from remoting import tokens
     from remoting.client import GatewayConnection, GatewayError
 
@@ -49,15 +51,25 @@ def _gateway_answers(state_dir: Path, port: int) -> tuple[str, str]:
     try:
         info = conn.request("hello")
     except GatewayError as exc:
-        return FAIL, str(exc)
+        return (FAIL, str(exc)), {}
     finally:
         conn.close()
     pool = "SIMULATED pool" if info["simulated"] else f"NVML, driver {info['driver']}"
-    return OK, f"{info['server']} answers, version {info['version']}, {pool}"
+    return (OK, f"{info['server']} answers, version {info['version']}, {pool}"), info
+
+
+def _confinement(state_dir: Path, told: dict[str, Any] | None) -> tuple[str, str]:
+    """The running gateway's own verdict (made with its --workdir); else a guess from here."""
+    from gateway import sandbox
+
+    if told:
+        return (OK if told["abi"] else WARN), told["line"]
+    abi, line = sandbox.plan(state_dir, [Path.home()])
+    return (OK if abi else WARN), f"{line} (judged from here: the gateway did not say)"
 
 
 def checks(state_dir: Path, port: int) -> list[dict[str, Any]]:
-    from gateway import kernels, sandbox
+    from gateway import kernels
     from gateway.mps import mps_pipe_dir, mps_running
 
     out: list[dict[str, Any]] = []
@@ -72,9 +84,6 @@ def checks(state_dir: Path, port: int) -> list[dict[str, Any]]:
         if mps_running()
         else (OK, "not running; shares are capped by the frameworks' limits and policing"),
     )
-    # The gateway's own working directory is not known here; its home is ours.
-    landlock, line = sandbox.plan(state_dir, [Path.home()])
-    add("share confinement", (OK if landlock else WARN, line))
     add(
         "kernel channels",
         (OK, "python3 kernels get CurveZMQ keys (ipykernel 7.3+)")
@@ -100,8 +109,11 @@ def checks(state_dir: Path, port: int) -> list[dict[str, Any]]:
         )
         free = shutil.disk_usage(state_dir).free / 2**30
         add("disk", (OK if free >= 1 else WARN, f"{free:.1f} GiB free under {state_dir}"))
-        if listening:
-            add("gateway", _gateway_answers(state_dir, port))
+    told: dict[str, Any] = {}
+    if listening and state_dir.is_dir():
+        verdict, told = _gateway_answers(state_dir, port)
+        add("gateway", verdict)
+    add("share confinement", _confinement(state_dir, told.get("confinement")))
     return out
 
 

@@ -487,12 +487,15 @@ class Gateway:
         }
 
     async def _on_hello(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
-        return {
+        answer = {
             **self._server_info(),
             "user": tok.user,
             "admin": tok.admin,
             "uptime_s": round(time.time() - self.started, 1),
         }
+        if tok.admin:  # for localhealth: the verdict made with the gateway's own workdir
+            answer["confinement"] = {"abi": self.sandbox_abi, "line": self.sandbox_line}
+        return answer
 
     async def _on_list_gpus(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
         counts = self.ledger.counts

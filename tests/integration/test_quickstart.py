@@ -1,12 +1,13 @@
 """The README's first command (`bitfusion up`) and `localhealth` on a GPU server."""
 
 import json
+import signal
 import socket
 import subprocess
 import sys
 
-from gateway.spawned import free_port
-from tests.conftest import base_env
+from gateway.spawned import free_port, stop_leftovers
+from tests.conftest import base_env, start_gateway
 
 
 def test_up_starts_a_labelled_simulated_pool_and_runs_in_a_share(tmp_path):
@@ -79,3 +80,19 @@ def test_localhealth_reports_each_check(gateway):
         "localhealth", "--state-dir", str(gateway.state_dir), "--port", str(free_port())
     )
     assert down.returncode == 1 and "FAIL" in down.stdout and "nothing listens" in down.stdout
+    assert "judged from here" in down.stdout  # no gateway to say how it confines shares
+
+
+def test_localhealth_gives_the_gateways_own_confinement_verdict(tmp_path):
+    # Shares work in --workdir; a state dir inside it cannot be hidden from them. Judged from
+    # this user's home alone, as localhealth did, it looked confined.
+    gw = start_gateway(tmp_path, "--simulate-gpus", "1x8GiB", "--workdir", str(tmp_path))
+    try:
+        r = gw.bf("localhealth", "--state-dir", str(gw.state_dir), "--port", str(gw.port), "--json")
+        checks = {c["check"]: c for c in json.loads(r.stdout)}
+        confinement = checks["share confinement"]
+        assert confinement["status"] == "WARN", confinement
+        assert f"is inside {tmp_path}" in confinement["detail"]
+    finally:
+        gw.kill(signal.SIGTERM)
+        stop_leftovers(gw.state_dir)
