@@ -12,7 +12,7 @@ it is measured (the machine may have few cores).
 `--encrypted-frontend` gives both kernels CurveZMQ keys for their frontend channels, as a
 Jupyter server with `transport_encryption=auto` does (`bitfusion up` turns it on): the local
 baseline then pays for encryption too.
-BENCH_GATEWAY_ARGS adds options to the gateway (`--plain-kernel-channels`, for an A/B).
+BENCH_GATEWAY_ARGS adds options to the gateway (`--kernel-channels curve`, for an A/B).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from remoting.protocol import KERNEL_REQUEST_CHANNELS, as_bytes
+from remoting.protocol import KERNEL_REQUEST_CHANNELS, as_bytes, jupyter_endpoint
 
 UNDER_SHIM_ENV = "BITFUSION_UNDER_SHIM"  # tells the child's magic to ask the shim to move
 DELIMITER = b"<IDS|MSG>"
@@ -72,12 +72,12 @@ class LocalChild:
                 # them until it has connected: a cell calling input() must wait for that.
                 # Watched from before the connect, so the event cannot be missed.
                 self._stdin_events = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-            sock.connect(f"ipc://{conn['ip']}-{conn[f'{channel}_port']}")
+            sock.connect(jupyter_endpoint(conn, channel))
             self.sockets[channel] = sock
         self.iopub = ctx.socket(zmq.SUB)
         self.iopub.setsockopt(zmq.LINGER, 0)
         self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.iopub.connect(f"ipc://{conn['ip']}-{conn['iopub_port']}")
+        self.iopub.connect(jupyter_endpoint(conn, "iopub"))
         self.channel_of = {sock: ch for ch, sock in self.sockets.items()}
         self.channel_of[self.iopub] = "iopub"
         self._heard = False  # the kernel's iopub, so our subscription is in place

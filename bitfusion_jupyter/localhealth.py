@@ -68,8 +68,19 @@ def _confinement(state_dir: Path, told: dict[str, Any] | None) -> tuple[str, str
     return (OK if abi else WARN), f"{line} (judged from here: the gateway did not say)"
 
 
+def _kernel_channels() -> tuple[str, str]:
+    """How a python3 kernel's channels are kept from other shares, by the default mode."""
+    from gateway import kernels, sandbox
+
+    kind = kernels.channel_kind(kernels.DEFAULT_KERNELS["python3"], "auto", sandbox.abi())
+    if kind == "ipc":
+        return OK, "python3 kernels listen on unix sockets that Landlock keeps to their share"
+    if kind == "curve":
+        return OK, "python3 kernels get CurveZMQ keys (ipykernel 7.3+)"
+    return WARN, "NOT encrypted on the loopback: install ipykernel 7.3 or later"
+
+
 def checks(state_dir: Path, port: int) -> list[dict[str, Any]]:
-    from gateway import kernels
     from gateway.mps import mps_pipe_dir, mps_running
 
     out: list[dict[str, Any]] = []
@@ -84,12 +95,7 @@ def checks(state_dir: Path, port: int) -> list[dict[str, Any]]:
         if mps_running()
         else (OK, "not running; shares are capped by the frameworks' limits and policing"),
     )
-    add(
-        "kernel channels",
-        (OK, "python3 kernels get CurveZMQ keys (ipykernel 7.3+)")
-        if kernels.DEFAULT_KERNELS["python3"].curve
-        else (WARN, "NOT encrypted on the loopback: install ipykernel 7.3 or later"),
-    )
+    add("kernel channels", _kernel_channels())
     with socket.socket() as s:
         s.settimeout(1.0)
         listening = s.connect_ex(("127.0.0.1", port)) == 0

@@ -30,7 +30,7 @@ from bitfusion_jupyter.pool import Grant, Pool, say
 from bitfusion_jupyter.remote_kernel import RemoteKernel, start_kernel
 from remoting import tokens
 from remoting.client import DEFAULT_TIMEOUT_S, GatewayError
-from remoting.protocol import KERNEL_REQUEST_CHANNELS, as_bytes
+from remoting.protocol import KERNEL_REQUEST_CHANNELS, as_bytes, jupyter_endpoint
 
 # An input request whose prompt starts with this comes from the %bitfusion magic for the shim.
 SHIM_REQUEST = "\x00bitfusion-request "
@@ -41,11 +41,6 @@ class LocalPorts:
     """The sockets a Jupyter client connects to, bound where the connection file says."""
 
     def __init__(self, ctx: zmq.Context, info: dict) -> None:
-        transport, ip = info.get("transport", "tcp"), info["ip"]
-
-        def url(channel: str) -> str:
-            port = info[f"{channel}_port"]
-            return f"{transport}://{ip}:{port}" if transport == "tcp" else f"ipc://{ip}-{port}"
 
         # A frontend that provisions CurveZMQ keys (jupyter_client's transport_encryption,
         # for kernelspecs that declare it, as ours do) gets encrypted channels, as from
@@ -58,7 +53,7 @@ class LocalPorts:
             if all(curve):
                 sock.curve_publickey, sock.curve_secretkey = (k.encode() for k in curve)
                 sock.curve_server = True
-            sock.bind(url(channel))
+            sock.bind(jupyter_endpoint(info, channel))
             return sock
 
         self.routers = {channel: bound(zmq.ROUTER, channel) for channel in KERNEL_REQUEST_CHANNELS}

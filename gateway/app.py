@@ -86,11 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="let code in shares reach the state directory (by default Landlock keeps it out)",
     )
     parser.add_argument(
-        "--plain-kernel-channels",
-        dest="kernel_curve",
-        action="store_false",
-        help="do not encrypt kernels' channels on this server's loopback: big outputs are "
-        "faster, but code in any share can listen to any kernel",
+        "--kernel-channels",
+        choices=("auto", "curve", "plain"),
+        default="auto",
+        help="how kernels' channels are kept from other shares: auto (unix sockets that "
+        "Landlock scopes to the share, else CurveZMQ), curve (always TCP with CurveZMQ), or "
+        "plain (TCP, unencrypted: any share can listen)",
     )
     parser.add_argument(
         "--kernels",
@@ -255,7 +256,7 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     try:
-        kernels = load_kernels(args.kernels, curve=args.kernel_curve)
+        kernels = load_kernels(args.kernels)
     except KernelConfigError as exc:
         raise UsageError(str(exc)) from None
     _prepare_state_dir(state_dir)
@@ -266,6 +267,7 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
     keys = cluster_keys.load_or_create(state_dir)
     config = GatewayConfig(
         kernels=kernels,
+        kernel_channels=args.kernel_channels,
         state_dir=state_dir,
         bind=args.bind,
         port=args.port,
@@ -299,7 +301,7 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
         ) from None
     state_lock.mark_listening(lock)
     token_path = admin_token(state_dir, keys)
-    _banner(gateway, token_path, args.kernel_curve)
+    _banner(gateway, token_path)
     try:
         asyncio.run(gateway.serve())
     except OSError as exc:  # the dashboard's port
@@ -326,7 +328,7 @@ def _peers(path: Path | None, state_dir: Path) -> list[str]:
         raise UsageError(str(exc)) from None
 
 
-def _banner(gateway: Any, token_path: Path, kernel_curve: bool) -> None:
+def _banner(gateway: Any, token_path: Path) -> None:
     from gateway.kernels import kernels_line
 
     cfg, inv = gateway.cfg, gateway.inventory
@@ -344,7 +346,7 @@ def _banner(gateway: Any, token_path: Path, kernel_curve: bool) -> None:
         lines.append(f"  {g.index:<4}{g.name:<28}{g.memory_total_mib:>8} MiB{tag}")
     lines += [
         f"  shares: {gateway.sandbox_line}",
-        f"  kernels: {kernels_line(cfg.kernels, kernel_curve)}",
+        f"  kernels: {kernels_line(cfg.kernels, cfg.kernel_channels, gateway.sandbox_abi)}",
         f"  state dir {cfg.state_dir}; admin token in {token_path}",
         f"  user tokens: bitfusion gateway token create --state-dir {cfg.state_dir} --user NAME",
     ]

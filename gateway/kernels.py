@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import socket
 import sys
 from collections import OrderedDict
@@ -33,7 +34,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from remoting.protocol import KERNEL_REQUEST_CHANNELS
+from remoting.protocol import KERNEL_REQUEST_CHANNELS, jupyter_endpoint
 
 log = logging.getLogger("bitfusion.gateway")
 
@@ -55,10 +56,32 @@ _Dealer = tuple[zmq.asyncio.Socket, "asyncio.Task[None]"]
 @dataclass(frozen=True)
 class KernelEnv:
     """A kernel environment the gateway offers: its argv ({connection_file} is replaced),
-    and whether its kernels encrypt their channels with keys from the connection file."""
+    whether its kernels encrypt their channels with keys from the connection file, and
+    whether they can listen on unix sockets (``"transport": "ipc"``, as ipykernel can)."""
 
     argv: list[str]
     curve: bool
+    ipc: bool = False
+
+
+# How a kernel's channels are kept from code in other shares (--kernel-channels):
+# "auto": unix sockets in the abstract namespace, which Landlock (ABI 6+) scopes so that only
+# the gateway and the kernel's own share can connect, for kernels that can use them; else
+# TCP on loopback with CurveZMQ, for kernels that take keys; else plain TCP (said at start).
+# "curve": never unix sockets. "plain": TCP with no encryption at all.
+CHANNEL_MODES = ("auto", "curve", "plain")
+SCOPED_UNIX_ABI = 6  # the Landlock ABI that scopes abstract unix sockets
+
+
+def channel_kind(env: KernelEnv, mode: str, landlock_abi: int) -> str:
+    """ "ipc", "curve" or "plain": what the channels of ``env``'s kernels will be."""
+    if mode == "auto" and env.ipc and landlock_abi >= SCOPED_UNIX_ABI:
+        return "ipc"
+    return "curve" if env.curve and mode != "plain" else "plain"
+
+
+def _runs_ipykernel(argv: list[str]) -> bool:
+    return any(a in ("ipykernel_launcher", "ipykernel") for a in argv)
 
 
 def _ipykernel_takes_curve_keys() -> bool:
@@ -82,6 +105,7 @@ DEFAULT_KERNELS: dict[str, KernelEnv] = {
             "--IPKernelApp.extensions=bitfusion_jupyter",  # the %bitfusion magic, ready to use
         ],
         curve=_ipykernel_takes_curve_keys(),
+        ipc=True,
     ),
 }
 
@@ -97,14 +121,13 @@ def _says_curve(metadata_: Any) -> bool:
     return isinstance(said, list) and "curve" in [str(x).strip().lower() for x in said]
 
 
-def load_kernels(path: Path | None, curve: bool = True) -> dict[str, KernelEnv]:
+def load_kernels(path: Path | None) -> dict[str, KernelEnv]:
     """The kernel environments: the default, plus those of a JSON file whose entries are
-    ``name: argv`` or, as in a kernel.json, ``name: {"argv": [...], "metadata": {...}}``.
-    Without ``curve`` (--plain-kernel-channels) none of them is given CurveZMQ keys."""
+    ``name: argv`` or, as in a kernel.json, ``name: {"argv": [...], "metadata": {...}}``."""
     kernels = dict(DEFAULT_KERNELS)
     if path is not None:
         kernels.update(_read_kernels_file(path))
-    return kernels if curve else {n: KernelEnv(e.argv, False) for n, e in kernels.items()}
+    return kernels
 
 
 def _read_kernels_file(path: Path) -> dict[str, KernelEnv]:
@@ -127,26 +150,35 @@ def _read_kernels_file(path: Path) -> dict[str, KernelEnv]:
                 f"--kernels {path}: the argv of {name!r} never mentions {{connection_file}}."
             )
         curve = isinstance(entry, dict) and _says_curve(entry.get("metadata"))
-        kernels[name] = KernelEnv(argv, curve and zmq.has("curve"))
+        kernels[name] = KernelEnv(argv, curve and zmq.has("curve"), _runs_ipykernel(argv))
     return kernels
 
 
-def kernels_line(kernels: dict[str, KernelEnv], curve: bool = True) -> str:
-    """The banner's word on the kernel environments: which encrypt their channels, and
-    why the others do not (``curve`` False: --plain-kernel-channels)."""
-    sealed = sorted(name for name, env in kernels.items() if env.curve)
-    plain = sorted(name for name, env in kernels.items() if not env.curve)
-    line = f"{', '.join(sealed)} with CurveZMQ-encrypted channels" if sealed else ""
-    if plain:
-        line += "; " if line else ""
-        line += f"{', '.join(plain)} NOT encrypted on the loopback, so code in other shares can "
-        line += (
-            "listen (--plain-kernel-channels)"
-            if not curve
-            else 'listen (needs ipykernel 7.3+; in --kernels, add "metadata": '
-            '{"supported_encryption": "curve"})'
+def kernels_line(kernels: dict[str, KernelEnv], mode: str = "auto", landlock_abi: int = 0) -> str:
+    """The banner's word on the kernel environments: how each keeps its channels from other
+    shares, and why those that do not, do not."""
+    by_kind: dict[str, list[str]] = {"ipc": [], "curve": [], "plain": []}
+    for name, env in sorted(kernels.items()):
+        by_kind[channel_kind(env, mode, landlock_abi)].append(name)
+    parts = []
+    if by_kind["ipc"]:
+        parts.append(
+            f"{', '.join(by_kind['ipc'])} on unix sockets that Landlock keeps to its share"
         )
-    return line
+    if by_kind["curve"]:
+        parts.append(f"{', '.join(by_kind['curve'])} with CurveZMQ-encrypted channels")
+    if by_kind["plain"]:
+        why = (
+            "--kernel-channels plain"
+            if mode == "plain"
+            else 'needs ipykernel 7.3+; in --kernels, add "metadata": '
+            '{"supported_encryption": "curve"}'
+        )
+        parts.append(
+            f"{', '.join(by_kind['plain'])} NOT encrypted on the loopback, so code in other "
+            f"shares can listen ({why})"
+        )
+    return "; ".join(parts)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -163,16 +195,24 @@ def _free_ports(n: int) -> list[int]:
 
 
 def write_connection_file(
-    directory: Path, kernel_id: str, key: str, scheme: str, curve: bool
+    directory: Path, kernel_id: str, key: str, scheme: str, kind: str
 ) -> tuple[Path, dict[str, Any]]:
-    """A connection file for the remote kernel: loopback ports, the client's key, and with
-    ``curve`` a key pair of its own for CurveZMQ. Also returns what the gateway's sockets
+    """A connection file for the remote kernel, with the client's key: for ``kind`` "ipc"
+    unix sockets in the abstract namespace (a name nobody can guess), else loopback ports,
+    with "curve" a key pair of the kernel's own. Also returns what the gateway's sockets
     need (`channel_info`), which the gateway keeps: a kernel may rewrite its own file."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ports = _free_ports(5)
+    if kind == "ipc":  # "@": Linux's abstract namespace, no file to leave behind
+        ip, transport, ports = (
+            f"@bitfusion-{kernel_id}-{secrets.token_hex(8)}",
+            "ipc",
+            [1, 2, 3, 4, 5],
+        )
+    else:
+        ip, transport, ports = "127.0.0.1", "tcp", _free_ports(5)
     info: dict[str, Any] = {
-        "ip": "127.0.0.1",
-        "transport": "tcp",
+        "ip": ip,
+        "transport": transport,
         "shell_port": ports[0],
         "iopub_port": ports[1],
         "stdin_port": ports[2],
@@ -182,7 +222,7 @@ def write_connection_file(
         "signature_scheme": scheme,
         "kernel_name": "",
     }
-    if curve:
+    if kind == "curve":
         public, secret = zmq.curve_keypair()
         info.update(curve_publickey=public.decode(), curve_secretkey=secret.decode())
     path = directory / f"kernel-{kernel_id}.json"
@@ -194,7 +234,13 @@ def write_connection_file(
 
 def channel_info(info: dict[str, Any]) -> dict[str, Any]:
     """What KernelChannels needs of a connection file: address, ports, CurveZMQ keys."""
-    wanted = ("ip", "curve_publickey", "curve_secretkey", *(f"{ch}_port" for ch in CHANNELS))
+    wanted = (
+        "ip",
+        "transport",
+        "curve_publickey",
+        "curve_secretkey",
+        *(f"{ch}_port" for ch in CHANNELS),
+    )
     return {k: info[k] for k in wanted if k in info}
 
 
@@ -213,7 +259,7 @@ class KernelChannels:
         name: str = "a kernel",
     ):
         self.ctx = ctx
-        self.url = {ch: f"tcp://{info['ip']}:{info[f'{ch}_port']}" for ch in CHANNELS}
+        self.url = {ch: jupyter_endpoint(info, ch) for ch in CHANNELS}
         # As Jupyter's own clients do: the kernel's key pair serves both ends, since client
         # keys authenticate nothing; knowing the kernel's public key is what lets one in.
         self._curve = (

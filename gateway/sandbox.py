@@ -4,9 +4,10 @@ Every command and kernel runs as the gateway's Unix user, so without this a user
 ``STATE_DIR`` from inside a share: the admin token, the pool's keys (and so mint any token),
 the ledger, and other users' kernel connection files with their HMAC keys. Landlock lets an
 unprivileged process give up access for itself and its children; the nanny does so in the
-child just before ``exec``. It also scopes signals (ABI 6): a share cannot signal the gateway
-or another share's processes. Landlock already forbids ptrace (``/proc/PID/mem``, ``environ``,
-``root``) of processes outside the sandbox.
+child just before ``exec``. It also scopes signals and abstract unix sockets (ABI 6): a share
+cannot signal the gateway or another share's processes, nor connect to a socket that another
+share's process made in the abstract namespace (a kernel's channels). Landlock already
+forbids ptrace (``/proc/PID/mem``, ``environ``, ``root``) of processes outside the sandbox.
 
 Landlock only grants, it never subtracts, so "everything but STATE_DIR" is written as: every
 entry of every directory on the way down to STATE_DIR, except the next step. Entries made in
@@ -32,7 +33,7 @@ _PR_SET_NO_NEW_PRIVS = 38
 _EXECUTE, _WRITE_FILE, _READ_FILE, _READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 _ABI1 = (1 << 13) - 1  # execute ... make_sym
 _REFER, _TRUNCATE, _IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
-_SCOPE_SIGNAL = 1 << 1  # ABI 6
+_SCOPE_ABSTRACT_UNIX, _SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6
 _FILE_ONLY = _EXECUTE | _WRITE_FILE | _READ_FILE | _TRUNCATE | _IOCTL_DEV  # valid on a file
 
 
@@ -156,7 +157,9 @@ def confine(rules: Confinement) -> None:
     if version < 1:
         raise SandboxError(0, "Landlock is not available in this kernel")
     rights = _handled(version)
-    attr = _RulesetAttr(rights, 0, _SCOPE_SIGNAL if version >= 6 else 0)
+    # Scoped abstract sockets keep other shares off a kernel's channels (gateway.kernels).
+    scoped = _SCOPE_SIGNAL | _SCOPE_ABSTRACT_UNIX if version >= 6 else 0
+    attr = _RulesetAttr(rights, 0, scoped)
     ruleset = _syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.sizeof(attr), 0)
     try:
         way, beside = _around(Path(os.path.realpath(rules.hide)))
@@ -201,5 +204,5 @@ def plan(state_dir: Path, workdirs: Sequence[Path], wanted: bool = True) -> tupl
                 "shares could then not make new files; give the gateway a --state-dir "
                 "outside it (as /var/lib/bitfusion) to keep shares out of it"
             )
-    signals = ", signals scoped" if version >= 6 else ""
+    signals = ", signals and abstract unix sockets scoped" if version >= 6 else ""
     return version, f"confined by Landlock ABI {version}: no access to {state_dir}{signals}"

@@ -35,6 +35,7 @@ from gateway.kernels import (
     KernelChannels,
     KernelEnv,
     channel_info,
+    channel_kind,
     write_connection_file,
 )
 from gateway.ledger import Ledger, Process, Share
@@ -67,6 +68,7 @@ class GatewayConfig:
     workdir: str | None = None
     confine: bool = True  # keep shares out of state_dir with Landlock, where the kernel has it
     kernels: dict[str, KernelEnv] = field(default_factory=lambda: dict(DEFAULT_KERNELS))
+    kernel_channels: str = "auto"  # see gateway.kernels.CHANNEL_MODES
     web_port: int = 0  # the dashboard's HTTP port; 0: none
     peers: list[str] = field(default_factory=list)  # the cluster's other gateways, host:port
 
@@ -986,8 +988,9 @@ class Gateway:
             )
         kernel_id = "k-" + os.urandom(6).hex()
         env_of = self.cfg.kernels[name]
+        kind = channel_kind(env_of, self.cfg.kernel_channels, self.sandbox_abi)
         conn_file, channels = write_connection_file(
-            self.run_dir / "kernels", kernel_id, msg["key"], msg["signature_scheme"], env_of.curve
+            self.run_dir / "kernels", kernel_id, msg["key"], msg["signature_scheme"], kind
         )
         argv = [a.replace("{connection_file}", str(conn_file)) for a in env_of.argv]
         # BITFUSION_KERNEL_ID tells the %bitfusion magic that its kernel has a shim to ask.

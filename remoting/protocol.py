@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ DEFAULT_PORT = 56001
 DASHBOARD_PORT = 54000  # each gateway's web dashboard and /metrics, as in Bitfusion
 # A kernel's channels that a frontend writes to (kernel_in); iopub only comes out.
 KERNEL_REQUEST_CHANNELS = ("shell", "control", "stdin")
+
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 256 * 1024 * 1024  # a Jupyter output or comm buffer can be large
 # A larger payload travels as frames of this size. CurveZMQ seals each frame on its own, so
@@ -310,3 +311,11 @@ def _joined(split: list[int], frames: Sequence[Any]) -> tuple[Any, ...]:
         group[0] if len(group) == 1 else zmq.Frame(b"".join(map(memoryview, group)), copy=False)
         for group in groups
     )
+
+
+def jupyter_endpoint(info: Mapping[str, Any], channel: str) -> str:
+    """The ZMQ address of a kernel's channel, as a Jupyter connection file spells it."""
+    port = info[f"{channel}_port"]
+    if info.get("transport", "tcp") == "ipc":
+        return f"ipc://{info['ip']}-{port}"
+    return f"tcp://{info['ip']}:{port}"

@@ -733,22 +733,37 @@ def test_a_frontend_that_provisions_curve_keys_gets_encrypted_channels(
         km.shutdown_kernel(now=True)
 
 
-def test_a_gateway_with_plain_kernel_channels_runs_kernels_without_keys(tmp_path, monkeypatch):
-    # The admin's choice for speed: kernels run as before, with no CurveZMQ keys, and the
-    # banner says their channels can be listened to.
+@pytest.mark.parametrize(
+    "mode, transport, keys, banner",
+    [
+        ("auto", "ipc", False, "python3 on unix sockets that Landlock keeps to its share"),
+        ("curve", "tcp", True, "python3 with CurveZMQ-encrypted channels"),
+        ("plain", "tcp", False, "python3 NOT encrypted on the loopback"),
+    ],
+)
+def test_each_kernel_channel_mode_runs_kernels_as_the_banner_says(
+    tmp_path, monkeypatch, mode, transport, keys, banner
+):
+    # "auto" (the default, where Landlock can scope unix sockets: no encryption to pay for),
+    # "curve" (TCP with keys), and the admin's choice for speed, "plain".
     from pathlib import Path
 
+    from gateway import kernels, sandbox
     from tests.conftest import start_gateway, stop_leftovers
 
-    gw = start_gateway(tmp_path, "--simulate-gpus", "1x16GiB", "--plain-kernel-channels")
+    if mode == "auto" and sandbox.abi() < kernels.SCOPED_UNIX_ABI:
+        pytest.skip(f"this Linux has no Landlock ABI {kernels.SCOPED_UNIX_ABI} to scope sockets")
+    gw = start_gateway(tmp_path, "--simulate-gpus", "1x16GiB", "--kernel-channels", mode)
     point_client_at(gw, monkeypatch)
     km, kc = start_shim_kernel("-m", "1024")
     try:
         kc.wait_for_ready(timeout=60)
-        assert _next_cell_output(kc, "print('plain')") == "plain\n"
+        assert _next_cell_output(kc, f"print('{mode}')") == f"{mode}\n"
         (conn_file,) = (Path(gw.state_dir) / "run" / "kernels").glob("kernel-*.json")
-        assert "curve_publickey" not in json.loads(conn_file.read_text())
-        assert "python3 NOT encrypted on the loopback" in gw.log()
+        info = json.loads(conn_file.read_text())
+        assert info["transport"] == transport
+        assert ("curve_publickey" in info) is keys
+        assert f"kernels: {banner}" in gw.log()
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)

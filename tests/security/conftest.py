@@ -24,12 +24,12 @@ from remoting.protocol import Message
 WAIT_S = 20.0  # generous: two other engineers' tests share these 2 cores
 
 
-def long_lease_gateway(tmp_path: Path) -> Iterator[Any]:
+def long_lease_gateway(tmp_path: Path, *args: str) -> Iterator[Any]:
     """A gateway whose leases outlast a test, for clients that renew nothing by themselves
     (the ``gateway`` fixture's 2 s grace could end a share under a loaded machine)."""
     from tests.conftest import start_gateway
 
-    gw = start_gateway(tmp_path, "--simulate-gpus", "2x16GiB", "--lease-grace", "120")
+    gw = start_gateway(tmp_path, "--simulate-gpus", "2x16GiB", "--lease-grace", "120", *args)
     yield gw
     gw.kill(signal.SIGTERM)
     stop_leftovers(gw.state_dir)

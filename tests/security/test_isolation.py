@@ -11,6 +11,7 @@ import uuid
 import pytest
 from jupyter_client.session import Session
 
+from gateway import kernels, sandbox
 from remoting import protocol
 from remoting.client import GatewayConnection, GatewayError
 from tests.security.conftest import (
@@ -205,12 +206,12 @@ def test_a_user_cannot_drive_or_hijack_anothers_kernel(gateway):
     still_serves(gateway)
 
 
-# Code in bob's share that listens on a port of the server's loopback, as anyone's code can.
+# Code in bob's share that listens to a kernel's output channel, as anyone's code could try.
 EAVESDROP = (
     "import sys, time, zmq\n"
     "sub = zmq.Context().socket(zmq.SUB)\n"
     "sub.setsockopt(zmq.SUBSCRIBE, b'')\n"
-    "sub.connect(f'tcp://127.0.0.1:{sys.argv[1]}')\n"
+    "sub.connect(sys.argv[1])\n"
     "print('listening', flush=True)\n"
     "heard, end = 0, time.monotonic() + float(sys.argv[2])\n"
     "while time.monotonic() < end:\n"
@@ -220,15 +221,26 @@ EAVESDROP = (
 )
 
 
-def test_code_in_another_share_cannot_listen_to_a_kernel(gateway):
-    # A kernel's channels are on the server's loopback, which code in every share can reach.
-    # They are CurveZMQ-encrypted with a key pair only the kernel's connection file holds
-    # (out of the other shares' reach): bob's listener hears nothing of what alice's kernel
-    # prints, while one that holds the keys (the control) hears it.
+@pytest.fixture(params=["auto", "curve"])
+def channels_gateway(request, tmp_path):
+    """A gateway per way of keeping kernels' channels from other shares: "auto" gives
+    ipykernel unix sockets that Landlock scopes to the share, "curve" CurveZMQ on TCP."""
+    if request.param == "auto" and sandbox.abi() < kernels.SCOPED_UNIX_ABI:
+        pytest.skip(f"this Linux has no Landlock ABI {kernels.SCOPED_UNIX_ABI} to scope sockets")
+    yield from long_lease_gateway(tmp_path, "--kernel-channels", request.param)
+
+
+def test_code_in_another_share_cannot_listen_to_a_kernel(channels_gateway):
+    # Code in every share can reach the server's loopback and its unix sockets. A kernel's
+    # channels are either abstract unix sockets that Landlock lets only the kernel's own
+    # share (and the gateway) connect to, or loopback ports encrypted with a key pair only
+    # the kernel's connection file holds: bob's listener hears nothing of what alice's
+    # kernel prints, while the control listener (outside any share, with the keys) does.
     import json
 
     import zmq
 
+    gateway = channels_gateway
     alice, bob = connect(gateway, "alice"), connect(gateway, "bob")
     key = uuid.uuid4().hex
     session = Session(key=key.encode(), signature_scheme="hmac-sha256")
@@ -249,14 +261,17 @@ def test_code_in_another_share_cannot_listen_to_a_kernel(gateway):
         assert _kernel_reply(alice) == "kernel_info_reply"
         conn_file = gateway.state_dir / "run" / "kernels" / f"kernel-{started['kernel_id']}.json"
         info = json.loads(conn_file.read_text())
-        public, secret = info["curve_publickey"].encode(), info["curve_secretkey"].encode()
-        control.curve_serverkey = control.curve_publickey = public
-        control.curve_secretkey = secret
+        assert info["transport"] == ("ipc" if gateway.args[-1] == "auto" else "tcp")
+        if "curve_publickey" in info:
+            public, secret = info["curve_publickey"].encode(), info["curve_secretkey"].encode()
+            control.curve_serverkey = control.curve_publickey = public
+            control.curve_secretkey = secret
         control.setsockopt(zmq.SUBSCRIBE, b"")
-        control.connect(f"tcp://127.0.0.1:{info['iopub_port']}")
+        iopub = protocol.jupyter_endpoint(info, "iopub")
+        control.connect(iopub)
 
         own = bob.request("allocate", gpus=1, mib=512)["share"]["share_id"]
-        argv = [sys.executable, "-c", EAVESDROP, str(info["iopub_port"]), "8"]
+        argv = [sys.executable, "-c", EAVESDROP, iopub, "8"]
         bob.request("spawn", share_id=own, argv=argv)
         assert "listening" in _lines_until(bob, "listening")
         time.sleep(0.5)  # both subscriptions settle

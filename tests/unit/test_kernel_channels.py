@@ -44,7 +44,9 @@ async def _echo_kernel(ctx: zmq.asyncio.Context, info: dict, stop: asyncio.Event
 def test_a_kernel_keeps_sockets_for_its_most_recent_frontends_only(tmp_path):
     async def scenario() -> None:
         ctx = zmq.asyncio.Context()
-        path, info = kernels.write_connection_file(tmp_path, "k-test", "key", "hmac-sha256", False)
+        path, info = kernels.write_connection_file(
+            tmp_path, "k-test", "key", "hmac-sha256", "plain"
+        )
         stop = asyncio.Event()
         kernel = asyncio.create_task(_echo_kernel(ctx, json.loads(path.read_text()), stop))
         echoed: list[bytes] = []
@@ -93,7 +95,9 @@ def _handshake_log(tmp_path, caplog, kernel_curve: bool) -> list[str]:
 
     async def scenario() -> bool:
         ctx = zmq.asyncio.Context()
-        path, info = kernels.write_connection_file(tmp_path, "k-test", "key", "hmac-sha256", True)
+        path, info = kernels.write_connection_file(
+            tmp_path, "k-test", "key", "hmac-sha256", "curve"
+        )
         stop = asyncio.Event()
         if kernel_curve:
             ctx.setsockopt(zmq.CURVE_SERVER, 1)

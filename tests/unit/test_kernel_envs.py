@@ -1,5 +1,5 @@
-"""The gateway's kernel environments (--kernels): which encrypt their channels, and the
-banner line that tells the admin."""
+"""The gateway's kernel environments (--kernels): how each keeps its channels from other
+shares (--kernel-channels), and the banner line that tells the admin."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import pytest
 
 from gateway import kernels
+from remoting.protocol import jupyter_endpoint
 
 ARGV = ["/opt/conda/envs/torch/bin/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 
@@ -59,10 +60,50 @@ def test_the_banner_names_the_environments_whose_channels_are_not_encrypted():
     )
 
 
-def test_plain_kernel_channels_give_no_environment_keys_and_the_banner_says_why(tmp_path):
-    envs = kernels.load_kernels(None, curve=False)
-    assert [env.curve for env in envs.values()] == [False]
-    assert kernels.kernels_line(envs, curve=False) == (
-        "python3 NOT encrypted on the loopback, so code in other shares can listen "
-        "(--plain-kernel-channels)"
+@pytest.mark.parametrize(
+    "mode, abi, want",
+    [
+        ("auto", 6, "ipc"),  # Landlock scopes abstract unix sockets to the share
+        ("auto", 7, "ipc"),
+        ("auto", 5, "curve"),  # it cannot: keys instead
+        ("auto", 0, "curve"),  # shares not confined at all
+        ("curve", 7, "curve"),
+        ("plain", 7, "plain"),
+    ],
+)
+def test_ipykernel_gets_scoped_unix_sockets_where_landlock_can_keep_them_to_the_share(
+    mode, abi, want
+):
+    assert kernels.channel_kind(kernels.DEFAULT_KERNELS["python3"], mode, abi) == want
+
+
+def test_a_kernel_that_is_not_ipykernel_gets_no_unix_sockets(tmp_path):
+    envs = _load(
+        tmp_path,
+        {
+            "ir": {
+                "argv": ["R", "--slave", "-e", "IRkernel::main()", "--args", "{connection_file}"]
+            },
+            "torch": ARGV,
+        },
     )
+    assert kernels.channel_kind(envs["ir"], "auto", 7) == "plain"
+    assert kernels.channel_kind(envs["torch"], "auto", 7) == "ipc"
+    line = kernels.kernels_line(envs, "auto", 7)
+    assert line.startswith("python3, torch on unix sockets that Landlock keeps to its share; ")
+    assert "ir NOT encrypted on the loopback" in line
+
+
+def test_plain_kernel_channels_give_no_environment_keys_and_the_banner_says_why():
+    assert kernels.kernels_line(dict(kernels.DEFAULT_KERNELS), "plain", 7) == (
+        "python3 NOT encrypted on the loopback, so code in other shares can listen "
+        "(--kernel-channels plain)"
+    )
+
+
+def test_a_unix_socket_connection_file_names_sockets_nobody_can_guess(tmp_path):
+    _, one = kernels.write_connection_file(tmp_path, "k-1", "key", "hmac-sha256", "ipc")
+    _, two = kernels.write_connection_file(tmp_path, "k-1", "key", "hmac-sha256", "ipc")
+    assert one["transport"] == "ipc" and one["ip"].startswith("@bitfusion-k-1-")
+    assert one["ip"] != two["ip"] and "curve_secretkey" not in one
+    assert jupyter_endpoint(one, "iopub") == f"ipc://{one['ip']}-{one['iopub_port']}"
