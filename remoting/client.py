@@ -116,6 +116,7 @@ class GatewayConnection:
         )
         self._seen: set[int] = set()
         self._handshake_ok = False
+        self._up = False  # connected now, as far as the monitor has told
         try:
             socket.getaddrinfo(self.host, self.port)
         except socket.gaierror:
@@ -138,7 +139,9 @@ class GatewayConnection:
             event = struct.unpack("=hi", self.monitor.recv_multipart()[0][:6])[0]
             self._seen.add(event)
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._handshake_ok = True
+                self._handshake_ok = self._up = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._up = False
 
     def _why_silent(self, waited: float) -> GatewayError:
         self._drain_monitor()
@@ -218,16 +221,26 @@ class GatewayConnection:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise self._why_silent(limit)
+                cancelled = cancel is not None and cancel.is_set()
                 if not sent:
+                    if cancelled:  # never sent, so nothing can have been granted
+                        raise GatewayError(self.address, "cancelled", protocol.E_GAVE_UP)
                     # Not connected yet: the monitor tells when the handshake is done, so the
                     # first request leaves the moment it can instead of on a fixed retry tick.
                     if self.monitor.poll(int(min(left, 0.05) * 1000) + 1):
                         self._drain_monitor()
                     continue
-                if cancel is not None and cancel.is_set() and queue.ticket and not gave_up:
-                    self.send("waiting", ticket=queue.ticket, give_up=True)
-                    gave_up = True
+                if cancelled and not gave_up:
+                    # Give the place up once it is known; until then, wait for the queued
+                    # notice or the answer, but no longer than any request's timeout. A
+                    # gateway cut off cannot answer: its queue drops the place by silence.
                     deadline = min(deadline, time.monotonic() + self.timeout)
+                    self._drain_monitor()
+                    if not self._up:
+                        raise GatewayError(self.address, "cancelled, cut off", protocol.E_GAVE_UP)
+                    if queue.ticket:
+                        self.send("waiting", ticket=queue.ticket, give_up=True)
+                        gave_up = True
                 elif queue.due() and not gave_up:
                     self.send("waiting", ticket=queue.ticket)
                 wait = min(left, queue.until_due(), 0.05 if cancel is not None else left)

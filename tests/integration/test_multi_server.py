@@ -133,6 +133,20 @@ def test_wait_takes_whichever_server_frees_first(pool):
     assert small.no_shares_within(5) and big.no_shares_within(5)
 
 
+def test_a_server_that_dies_while_waited_on_does_not_hold_up_the_grant(pool):
+    small, big = pool
+    hold_small, _ = _fill(small, big)
+    where = [sys.executable, "-c", "import os; print(os.environ['BITFUSION_SERVER'])"]
+    bob = _env(small, big, user="bob")
+    waiter = small.bf_background("run", "-m", "2000", "--wait", "120", "--", *where, env=bob)
+    assert wait_for(lambda: _queued(small) == 1 and _queued(big) == 1, 15)
+    big.kill()  # its place can no longer be given up: the grant must not wait for it
+    assert small.bf("release_gpus", env=hold_small).returncode == 0
+    out, err = waiter.communicate(timeout=30)
+    assert waiter.returncode == 0, err
+    assert out.strip() == "small" and "Traceback" not in err
+
+
 def test_servers_freeing_at_once_leave_one_share_to_the_waiter(pool):
     small, big = pool
     hold_small, hold_big = _fill(small, big)
