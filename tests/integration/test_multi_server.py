@@ -8,6 +8,9 @@ import pytest
 
 from tests.conftest import start_gateway, stop_leftovers, wait_for
 
+# A command that prints which server's share it runs in.
+WHERE = [sys.executable, "-c", "import os; print(os.environ['BITFUSION_SERVER'])"]
+
 
 @pytest.fixture
 def pool(tmp_path):
@@ -37,14 +40,13 @@ def test_one_token_lists_every_server(pool):
 
 def test_allocation_goes_to_the_server_that_fits(pool):
     small, big = pool
-    where = [sys.executable, "-c", "import os; print(os.environ['BITFUSION_SERVER'])"]
-    r = small.bf("run", "-m", "12000", "--", *where, env=_env(small, big))
+    r = small.bf("run", "-m", "12000", "--", *WHERE, env=_env(small, big))
     assert r.returncode == 0 and r.stdout.strip() == "big", r.stderr
-    r = small.bf("run", "-m", "2000", "--", *where, env=_env(small, big))
+    r = small.bf("run", "-m", "2000", "--", *WHERE, env=_env(small, big))
     assert r.stdout.strip() == "small"  # first server in the list that has room
     hold = _env(small, big, BITFUSION_SESSION="fill-small")
     assert small.bf("request_gpus", "-m", "8000", env=hold).returncode == 0
-    r = small.bf("run", "-m", "2000", "--", *where, env=_env(small, big))
+    r = small.bf("run", "-m", "2000", "--", *WHERE, env=_env(small, big))
     assert r.stdout.strip() == "big"  # the first is full: the next one serves
     small.bf("release_gpus", env=hold)
 
@@ -113,13 +115,17 @@ def _queued(gw) -> int:
     return json.loads(gw.bf("list_gpus", "--json", "-l", gw.address).stdout)[0]["data"]["queued"]
 
 
+def _bob_waits(small, big, *args: str, **env: str):
+    """Bob's `bitfusion ARGS`, once it waits in the queues of both servers."""
+    waiter = small.bf_background(*args, env=_env(small, big, user="bob", **env))
+    assert wait_for(lambda: _queued(small) == 1 and _queued(big) == 1, 15)
+    return waiter
+
+
 def test_wait_takes_whichever_server_frees_first(pool):
     small, big = pool
     hold_small, hold_big = _fill(small, big)
-    where = [sys.executable, "-c", "import os; print(os.environ['BITFUSION_SERVER'])"]
-    bob = _env(small, big, user="bob")
-    waiter = small.bf_background("run", "-m", "2000", "--wait", "60", "--", *where, env=bob)
-    assert wait_for(lambda: _queued(small) == 1 and _queued(big) == 1, 15)
+    waiter = _bob_waits(small, big, "run", "-m", "2000", "--wait", "60", "--", *WHERE)
     # The second server in the list frees first: bob's command runs there at once.
     assert small.bf("release_gpus", env=hold_big).returncode == 0
     out, err = waiter.communicate(timeout=20)
@@ -136,10 +142,7 @@ def test_wait_takes_whichever_server_frees_first(pool):
 def test_a_server_that_dies_while_waited_on_does_not_hold_up_the_grant(pool):
     small, big = pool
     hold_small, _ = _fill(small, big)
-    where = [sys.executable, "-c", "import os; print(os.environ['BITFUSION_SERVER'])"]
-    bob = _env(small, big, user="bob")
-    waiter = small.bf_background("run", "-m", "2000", "--wait", "120", "--", *where, env=bob)
-    assert wait_for(lambda: _queued(small) == 1 and _queued(big) == 1, 15)
+    waiter = _bob_waits(small, big, "run", "-m", "2000", "--wait", "120", "--", *WHERE)
     big.kill()  # its place can no longer be given up: the grant must not wait for it
     assert small.bf("release_gpus", env=hold_small).returncode == 0
     out, err = waiter.communicate(timeout=30)
@@ -150,16 +153,15 @@ def test_a_server_that_dies_while_waited_on_does_not_hold_up_the_grant(pool):
 def test_servers_freeing_at_once_leave_one_share_to_the_waiter(pool):
     small, big = pool
     hold_small, hold_big = _fill(small, big)
-    bob = _env(small, big, user="bob", BITFUSION_SESSION="bob-wait")
-    waiter = small.bf_background("request_gpus", "-m", "2000", "--wait", "60", env=bob)
-    assert wait_for(lambda: _queued(small) == 1 and _queued(big) == 1, 15)
+    bob_session = {"BITFUSION_SESSION": "bob-wait"}
+    waiter = _bob_waits(small, big, "request_gpus", "-m", "2000", "--wait", "60", **bob_session)
     both = [small.bf_background("release_gpus", env=env) for env in (hold_small, hold_big)]
     assert all(p.wait(timeout=20) == 0 for p in both)  # both free at (nearly) once
     _, err = waiter.communicate(timeout=20)
     assert waiter.returncode == 0, err
     owners = [s["owner"] for gw in (small, big) for s in gw.shares()]
     assert owners == ["bob"]  # a second grant, had there been one, was given back
-    assert small.bf("release_gpus", env=bob).returncode == 0
+    assert small.bf("release_gpus", env=_env(small, big, user="bob", **bob_session)).returncode == 0
 
 
 def test_a_wait_in_vain_on_several_servers_says_what_each_said(pool):
