@@ -33,6 +33,8 @@ def default_state_dir() -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The gateway's options, shared by `bitfusion gateway` and `python -m gateway`."""
+    from gateway.kernels import CHANNEL_MODES  # here: zmq.asyncio is not every command's cost
+
     parser.add_argument(
         "--simulate-gpus",
         metavar="SPEC",
@@ -87,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--kernel-channels",
-        choices=("auto", "curve", "plain"),
+        choices=CHANNEL_MODES,
         default="auto",
         help="how kernels' channels are kept from other shares: auto (unix sockets that "
         "Landlock scopes to the share, else CurveZMQ), curve (always TCP with CurveZMQ), or "

@@ -74,7 +74,7 @@ SCOPED_UNIX_ABI = 6  # the Landlock ABI that scopes abstract unix sockets
 
 
 def channel_kind(env: KernelEnv, mode: str, landlock_abi: int) -> str:
-    """ "ipc", "curve" or "plain": what the channels of ``env``'s kernels will be."""
+    """What the channels of ``env``'s kernels will be: "ipc", "curve" or "plain"."""
     if mode == "auto" and env.ipc and landlock_abi >= SCOPED_UNIX_ABI:
         return "ipc"
     return "curve" if env.curve and mode != "plain" else "plain"
