@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from jupyter_client import KernelManager
@@ -50,6 +53,18 @@ def start_shim_kernel(*share_args: str) -> tuple[KernelManager, object]:
 def start_local_kernel() -> tuple[KernelManager, object]:
     """A plain local python3 kernel (what a notebook has before `%bitfusion`), and its client."""
     return start_kernel(KernelManager(kernel_name="python3"))
+
+
+@contextlib.contextmanager
+def ready(started: tuple[KernelManager, Any]) -> Iterator[tuple[KernelManager, Any]]:
+    """A started kernel and its client, once ready; stopped on the way out, whatever failed."""
+    km, kc = started
+    try:
+        kc.wait_for_ready(timeout=60)
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
 
 
 @pytest.fixture

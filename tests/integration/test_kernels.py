@@ -16,6 +16,7 @@ from nbclient import NotebookClient
 from bitfusion_jupyter import share_sidecar
 from tests.integration.conftest import (
     point_client_at,
+    ready,
     shim_spec,
     start_local_kernel,
     start_shim_kernel,
@@ -290,9 +291,7 @@ def _cell_stream(kc, msg_id, done=lambda text: False, timeout=60):
 
 
 def test_the_magic_moves_a_local_kernel_onto_shares_and_back(client_env):
-    km, kc = start_local_kernel()
-    try:
-        kc.wait_for_ready(timeout=60)
+    with ready(start_local_kernel()) as (km, kc):
         pid = km.provisioner.process.pid
         run_cell(kc, "%load_ext bitfusion_jupyter\nx = 1")
         reply, outputs = run_cell(kc, "%bitfusion")
@@ -331,9 +330,6 @@ def test_the_magic_moves_a_local_kernel_onto_shares_and_back(client_env):
         _until(kc, check, "None\n")
         assert client_env.shares() == []
         assert km.provisioner.process.pid == pid
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
 
 
 def test_the_magic_waits_in_the_queue_and_says_so_in_the_cell(client_env):
@@ -528,9 +524,7 @@ def test_the_first_cell_after_moving_back_to_local_gets_its_output(client_env):
     # After `--local` the shim starts a local kernel and forwards to it. The next cell is
     # sent the instant the move's cell ends, as nbclient and papermill send it; it must run
     # there and its output arrive, not be lost in the switch. Three round trips: it was a race.
-    km, kc = start_shim_kernel("-m", "512")
-    try:
-        kc.wait_for_ready(timeout=60)
+    with ready(start_shim_kernel("-m", "512")) as (km, kc):
         for i in range(3):
             if i:
                 assert _next_cell_output(kc, "%bitfusion -m 512") is not None
@@ -538,9 +532,6 @@ def test_the_first_cell_after_moving_back_to_local_gets_its_output(client_env):
             assert "back to a local kernel" in _next_cell_output(kc, "%bitfusion --local")
             assert _next_cell_output(kc, f"print('local {i}')") == f"local {i}\n"
             assert client_env.shares() == []
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
 
 
 def _run_all(kc, cells, send_during=None, timeout=60):
@@ -578,9 +569,7 @@ def test_cells_queued_behind_a_move_run_on_the_new_kernel(client_env):
     # Run All sends every cell at once, so the cells after `%bitfusion` are already queued
     # in the old kernel when it asks to move, and a cell can arrive while the move waits for
     # the asking cell to end. All of them must run on the new kernel, in order, once each.
-    km, kc = start_shim_kernel("-m", "512")
-    try:
-        kc.wait_for_ready(timeout=60)
+    with ready(start_shim_kernel("-m", "512")) as (km, kc):
         where = "import os; print(os.environ['BITFUSION_MEMORY_MIB'])"
         seen = _run_all(
             kc, ["%bitfusion -m 1024", where, "print('next')"], send_during="print('during')"
@@ -590,57 +579,39 @@ def test_cells_queued_behind_a_move_run_on_the_new_kernel(client_env):
         assert seen["print('next')"] == ("next\n", 1, "ok")
         assert seen["print('during')"] == ("during\n", 1, "ok")
         assert [s["gpus"][0]["mib"] for s in client_env.shares()] == [1024]
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
 
 
 def test_cells_queued_behind_a_failed_move_still_show_their_outputs(client_env):
     # When the new kernel cannot start, the kernel stays where it was, and the cells queued
     # behind the move, which it ran, show what they printed there.
-    km, kc = start_shim_kernel("-m", "512")
-    try:
-        kc.wait_for_ready(timeout=60)
+    with ready(start_shim_kernel("-m", "512")) as (km, kc):
         run_cell(kc, "x = 'kept'")
         seen = _run_all(kc, ["%bitfusion -m 1024 --kernel nosuch", "print(x)"])
         assert seen["print(x)"] == ("kept\n", 1, "ok")
         assert [s["gpus"][0]["mib"] for s in client_env.shares()] == [512]
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
 
 
 def test_cells_queued_behind_a_local_kernels_move_run_on_the_share(client_env):
     # The same from a plain local kernel, which becomes the shim: the cells it was sent
     # while it moved are handed over and run on the share, not lost with its process.
-    km, kc = start_local_kernel()
-    try:
-        kc.wait_for_ready(timeout=60)
+    with ready(start_local_kernel()) as (km, kc):
         run_cell(kc, "%load_ext bitfusion_jupyter")
         where = "import os; print(os.environ['BITFUSION_MEMORY_MIB'])"
         seen = _run_all(kc, ["%bitfusion -m 1024", where, "print('next')", "print('last')"])
         assert seen[where] == ("1024\n", 1, "ok")
         assert seen["print('next')"] == ("next\n", 1, "ok")
         assert seen["print('last')"] == ("last\n", 1, "ok")
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
 
 
 def test_input_in_the_first_cell_after_moving_back_to_local_is_answered(client_env):
     # The local kernel drops an input request until the shim's stdin socket has connected;
     # the shim lets the frontend's cells through only once it has.
-    km, kc = start_shim_kernel("-m", "512")
-    try:
-        kc.wait_for_ready(timeout=60)
+    with ready(start_shim_kernel("-m", "512")) as (km, kc):
         assert "back to a local kernel" in _next_cell_output(kc, "%bitfusion --local")
         reply, outputs = run_cell(
             kc, "print('hello', input('name? '))", timeout=20, stdin_hook=lambda m: kc.input("Ada")
         )
         assert _stream_text(outputs) == "hello Ada\n"
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
 
 
 def test_after_moving_back_to_local_the_kernel_keeps_input_interrupt_and_shutdown(client_env):
