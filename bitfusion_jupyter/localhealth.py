@@ -69,15 +69,13 @@ def _confinement(state_dir: Path, told: dict[str, Any] | None) -> tuple[str, str
 
 
 def _kernel_channels() -> tuple[str, str]:
-    """How a python3 kernel's channels are kept from other shares, by the default mode."""
+    """How a python3 kernel's channels are kept from other shares, by the default mode, in
+    the words of the gateway's banner."""
     from gateway import kernels, sandbox
 
-    kind = kernels.channel_kind(kernels.DEFAULT_KERNELS["python3"], "auto", sandbox.abi())
-    if kind == "ipc":
-        return OK, "python3 kernels listen on unix sockets that Landlock keeps to their share"
-    if kind == "curve":
-        return OK, "python3 kernels get CurveZMQ keys (ipykernel 7.3+)"
-    return WARN, "NOT encrypted on the loopback: install ipykernel 7.3 or later"
+    python3, abi = kernels.DEFAULT_KERNELS["python3"], sandbox.abi()
+    plain = kernels.channel_kind(python3, "auto", abi) == "plain"
+    return (WARN if plain else OK), kernels.kernels_line({"python3": python3}, "auto", abi)
 
 
 def checks(state_dir: Path, port: int) -> list[dict[str, Any]]:

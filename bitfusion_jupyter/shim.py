@@ -41,7 +41,6 @@ class LocalPorts:
     """The sockets a Jupyter client connects to, bound where the connection file says."""
 
     def __init__(self, ctx: zmq.Context, info: dict) -> None:
-
         # A frontend that provisions CurveZMQ keys (jupyter_client's transport_encryption,
         # for kernelspecs that declare it, as ours do) gets encrypted channels, as from
         # ipykernel: other users of this machine cannot listen on its loopback.

@@ -7,10 +7,11 @@ forwarded between the client's shim and the kernel without being re-signed or re
 shell, control and stdin (with the frontend's own identity, so the kernel routes replies and
 input requests exactly as it would locally), and a SUB on iopub.
 
-Code in any share can connect to the server's loopback, so where the kernel can take them
-(ipykernel 7.3 and later) its connection file carries a fresh CurveZMQ key pair: its
-channels are then encrypted, and only a holder of the file (the gateway, and the kernel in
-its confined share) can connect at all.
+Code in every share runs as the same user on the same machine, so a kernel's channels are
+kept from the other shares (`channel_kind`): unix sockets in the abstract namespace, which
+Landlock lets only the kernel's own share and the gateway connect to; else loopback TCP with
+a fresh CurveZMQ key pair in the connection file, which only the gateway and the kernel's
+confined share can read; else, by the admin's choice or for lack of both, plain TCP.
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ DEFAULT_PORT = 56001
 DASHBOARD_PORT = 54000  # each gateway's web dashboard and /metrics, as in Bitfusion
 # A kernel's channels that a frontend writes to (kernel_in); iopub only comes out.
 KERNEL_REQUEST_CHANNELS = ("shell", "control", "stdin")
-
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 256 * 1024 * 1024  # a Jupyter output or comm buffer can be large
 # A larger payload travels as frames of this size. CurveZMQ seals each frame on its own, so
