@@ -2,11 +2,14 @@
 
 Both are measured in the same run on the same machine: the baseline is a local `python3`
 ipykernel (`sys.executable -m ipykernel_launcher`), the shared kernel is the shim's kernelspec
-against a gateway on loopback with a simulated 2 x 16 GiB pool. Each kernel runs alone while
-it is measured (the machine may have few cores).
+against a gateway on loopback with a simulated 2 x 16 GiB pool. The two take turns, start by
+start, cell by cell and output by output, so both see the same machine: a small shared
+machine's speed drifts by tens of percent within a minute, which measuring one kernel after
+the other would count as overhead (or as none). Only one of them works at a time; the other
+waits idle, and the gateway runs throughout.
 
-    python bench/kernels.py [--starts 5] [--executes 300] [--mib 64] [--profile-shim DIR]
-                            [--encrypted-frontend]
+    python bench/kernels.py [--starts 5] [--executes 300] [--mib 64] [--outputs 5]
+                            [--profile-shim DIR] [--encrypted-frontend]
 
 `--profile-shim DIR` runs every shim under cProfile and leaves one .prof file a shim in DIR.
 `--encrypted-frontend` gives both kernels CurveZMQ keys for their frontend channels, as a
@@ -130,59 +133,75 @@ def shell_reply(kc: BlockingKernelClient, msg_id: str, timeout: float = 30.0) ->
             return reply
 
 
-def measure_starts(flavour: Flavour, n: int) -> list[float]:
-    times = []
-    for i in range(n):
-        progress(f"measuring {flavour.name} kernel starts {i + 1}/{n}...")
-        km, kc, seconds = start(flavour)
-        times.append(seconds * 1000)
-        stop(km, kc)
-    return times
+def timed_start(flavour: Flavour) -> float:
+    """Milliseconds from start_kernel to ready, for a kernel that is then stopped."""
+    km, kc, seconds = start(flavour)
+    stop(km, kc)
+    return seconds * 1000
 
 
-def measure_executes(kc: BlockingKernelClient, name: str, n: int, warmup: int = 20) -> list[float]:
-    times = []
-    for i in range(warmup + n):
-        if i >= warmup and (i - warmup + 1) % 100 == 0:
-            progress(f"measuring {name} execute round trips {i - warmup + 1}/{n}...")
-        t0 = time.perf_counter()
-        msg_id = kc.execute("pass")
-        reply = shell_reply(kc, msg_id)
-        elapsed = time.perf_counter() - t0
-        assert reply["content"]["status"] == "ok", reply["content"]
-        drain_until_idle(kc, msg_id)  # not timed: the kernel is idle before the next
-        if i >= warmup:
-            times.append(elapsed * 1000)
-    return times
+def timed_execute(kc: BlockingKernelClient) -> float:
+    """Milliseconds from sending a `pass` cell to its reply; then waits for idle, untimed."""
+    t0 = time.perf_counter()
+    msg_id = kc.execute("pass")
+    reply = shell_reply(kc, msg_id)
+    elapsed = time.perf_counter() - t0
+    assert reply["content"]["status"] == "ok", reply["content"]
+    drain_until_idle(kc, msg_id)  # the kernel is idle before the next cell
+    return elapsed * 1000
 
 
-def measure_output(kc: BlockingKernelClient, name: str, mib: int, runs: int = 3) -> list[float]:
+def timed_output(kc: BlockingKernelClient, name: str, mib: int) -> float:
     """MiB/s for a cell writing ``mib`` MiB to stdout, until all of it and idle arrived."""
     size = mib * 1024 * 1024
-    code = f"import sys; sys.stdout.write('x' * ({mib} * 1024 * 1024))"
-    rates = []
-    for i in range(runs + 1):  # the first is a warm-up
-        progress(f"measuring {name} {mib} MiB output {i}/{runs}{' (warm-up)' if i == 0 else ''}...")
-        t0 = time.perf_counter()
-        msg_id = kc.execute(code)
-        received = drain_until_idle(kc, msg_id, timeout=120)
-        elapsed = time.perf_counter() - t0
-        if received != size:
-            raise RuntimeError(f"{name}: received {received} of {size} characters")
-        shell_reply(kc, msg_id)
-        if i > 0:
-            rates.append(mib / elapsed)
-    return rates
+    t0 = time.perf_counter()
+    msg_id = kc.execute(f"import sys; sys.stdout.write('x' * ({mib} * 1024 * 1024))")
+    received = drain_until_idle(kc, msg_id, timeout=120)
+    elapsed = time.perf_counter() - t0
+    if received != size:
+        raise RuntimeError(f"{name}: received {received} of {size} characters")
+    shell_reply(kc, msg_id)
+    return mib / elapsed
 
 
-def measure(flavour: Flavour, args: argparse.Namespace) -> dict[str, list[float]]:
-    out = {"start": measure_starts(flavour, args.starts)}
-    km, kc, _ = start(flavour)
+def in_turns(
+    what: str, rounds: int, flavours: list[Flavour], one: Callable[[Flavour], float]
+) -> dict[str, list[float]]:
+    """``one(flavour)`` for each flavour in turn, ``rounds`` times, who goes first alternating
+    (so neither always runs just after the other); the results by flavour name."""
+    out: dict[str, list[float]] = {f.name: [] for f in flavours}
+    step = max(1, rounds // 4)
+    for i in range(rounds):
+        if (i + 1) % step == 0 or i + 1 == rounds:
+            progress(f"measuring {what} {i + 1}/{rounds}...")
+        for flavour in flavours if i % 2 == 0 else flavours[::-1]:
+            out[flavour.name].append(one(flavour))
+    return out
+
+
+def measure(flavours: list[Flavour], args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """Every metric for every flavour, measured in turns: metric -> flavour -> values."""
+    out = {"start": in_turns("kernel starts", args.starts, flavours, timed_start)}
+    running = {f.name: start(f) for f in flavours}
     try:
-        out["execute"] = measure_executes(kc, flavour.name, args.executes)
-        out["output"] = measure_output(kc, flavour.name, args.mib)
+        clients = {name: kc for name, (_, kc, _) in running.items()}
+        for kc in clients.values():
+            for _ in range(20):  # warm-up: imports, caches, the first history writes
+                timed_execute(kc)
+        out["execute"] = in_turns(
+            "`pass` round trips", args.executes, flavours, lambda f: timed_execute(clients[f.name])
+        )
+        for f in flavours:  # warm-up: the first big output pays for its allocations
+            timed_output(clients[f.name], f.name, args.mib)
+        out["output"] = in_turns(
+            f"{args.mib} MiB outputs",
+            args.outputs,
+            flavours,
+            lambda f: timed_output(clients[f.name], f.name, args.mib),
+        )
     finally:
-        stop(km, kc)
+        for km, kc, _ in running.values():
+            stop(km, kc)
     return out
 
 
@@ -190,7 +209,9 @@ def p99(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=100)[98] if len(xs) > 1 else xs[0]
 
 
-def table(local: dict[str, list[float]], shared: dict[str, list[float]], args) -> str:
+def table(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> str:
+    local = {metric: by["local"] for metric, by in results.items()}
+    shared = {metric: by["shared"] for metric, by in results.items()}
     med = statistics.median
     rows: list[tuple[str, str, str, str, str, str]] = []
 
@@ -210,7 +231,8 @@ def table(local: dict[str, list[float]], shared: dict[str, list[float]], args) -
     add(f"start to ready, median ms ({args.starts})", *medians("start"), ",.0f", "≤ 1.25")
     add(f"`pass` round trip, median ms ({args.executes})", *medians("execute"), ".2f", "≤ 1.10")
     add("`pass` round trip, p99 ms", p99(local["execute"]), p99(shared["execute"]), ".2f")
-    add(f"{args.mib} MiB stdout, median MiB/s (3)", *medians("output"), ",.1f", "≥ 0.80")
+    add(f"{args.mib} MiB stdout, median MiB/s ({args.outputs})", *medians("output"), ",.1f",
+        "≥ 0.80")  # fmt: skip
 
     head = ("metric", "local", "shared", "ratio", "goal", "")
     widths = [max(len(r[i]) for r in (head, *rows)) for i in range(6)]
@@ -233,6 +255,7 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=5)
     parser.add_argument("--executes", type=int, default=300)
     parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--outputs", type=int, default=5, help="big outputs per kernel")
     parser.add_argument("--profile-shim", type=Path, default=None, metavar="DIR")
     parser.add_argument("--encrypted-frontend", action="store_true")
     args = parser.parse_args()
@@ -242,11 +265,6 @@ def main() -> None:
 
     base = {k: v for k, v in os.environ.items() if not k.startswith("BITFUSION_")}
     with tempfile.TemporaryDirectory(prefix="bench-kernels-") as tmp:
-        local = Flavour(
-            "local", local_spec, base, Path(tmp) / "local-kernels.log", args.encrypted_frontend
-        )
-        progress("local kernel (baseline) first")
-        local_results = measure(local, args)
         gw = SpawnedGateway(
             Path(tmp) / "state",
             free_port(),
@@ -265,22 +283,26 @@ def main() -> None:
                 "BITFUSION_SESSION": "bench",
                 "BITFUSION_SYSTEM_SERVERS_CONF": str(Path(tmp) / "no-system-servers.conf"),
             }
-            shared = Flavour(
-                "shared",
-                shim_spec(args.profile_shim),
-                env,
-                Path(tmp) / "shim-kernels.log",
-                args.encrypted_frontend,
-            )
-            shared_results = measure(shared, args)
+            flavours = [
+                Flavour(
+                    "local", local_spec, base, Path(tmp) / "local-kernels.log",
+                    args.encrypted_frontend,
+                ),
+                Flavour(
+                    "shared", shim_spec(args.profile_shim), env, Path(tmp) / "shim-kernels.log",
+                    args.encrypted_frontend,
+                ),
+            ]  # fmt: skip
+            results = measure(flavours, args)
         finally:
             gw.stop()
             stop_leftovers(gw.state_dir)
 
     print()
-    print(table(local_results, shared_results, args))
+    print(table(results, args))
+    executes = results["execute"]
     print(
-        f"\n`pass` p99 ratio {p99(shared_results['execute']) / p99(local_results['execute']):.2f}; "
+        f"\n`pass` p99 ratio {p99(executes['shared']) / p99(executes['local']):.2f}; "
         "ratios are shared / local."
     )
 
