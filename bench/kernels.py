@@ -11,6 +11,7 @@ waits idle, and the gateway runs throughout.
     python bench/kernels.py [--starts 5] [--executes 300] [--mib 64] [--outputs 5]
                             [--profile-shim DIR] [--encrypted-frontend]
 
+A second table says where a `pass` cell's CPU goes, process by process (Linux).
 `--profile-shim DIR` runs every shim under cProfile and leaves one .prof file a shim in DIR.
 `--encrypted-frontend` gives both kernels CurveZMQ keys for their frontend channels, as a
 Jupyter server with `transport_encryption=auto` does (`bitfusion up` turns it on): the local
@@ -52,6 +53,8 @@ class Flavour:
     env: dict[str, str]
     log: Path  # the kernels' stdout and stderr
     encrypted: bool = False  # CurveZMQ keys on the frontend's channels
+    # The processes whose CPU time a cell costs, by role, given the kernel's manager.
+    processes: Callable[[KernelManager], dict[str, int]] = lambda km: {}
 
 
 # What a kernelspec says so that a kernel manager with transport_encryption=auto gives keys.
@@ -179,8 +182,32 @@ def in_turns(
     return out
 
 
-def measure(flavours: list[Flavour], args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
-    """Every metric for every flavour, measured in turns: metric -> flavour -> values."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def pid_running(*words: str) -> int:
+    """The pid of a process whose command line holds every word (0 if none)."""
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if all(w in cmdline for w in words):
+            return int(entry.name)
+    return 0
+
+
+def measure(
+    flavours: list[Flavour], args: argparse.Namespace
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, float]]:
+    """Every metric for every flavour, measured in turns: metric -> flavour -> values; and
+    each process's CPU milliseconds a `pass` cell, by "flavour/role"."""
     out = {"start": in_turns("kernel starts", args.starts, flavours, timed_start)}
     running = {f.name: start(f) for f in flavours}
     try:
@@ -188,9 +215,21 @@ def measure(flavours: list[Flavour], args: argparse.Namespace) -> dict[str, dict
         for kc in clients.values():
             for _ in range(20):  # warm-up: imports, caches, the first history writes
                 timed_execute(kc)
-        out["execute"] = in_turns(
-            "`pass` round trips", args.executes, flavours, lambda f: timed_execute(clients[f.name])
-        )
+        pids = {
+            f.name: {**f.processes(running[f.name][0]), "frontend": os.getpid()} for f in flavours
+        }
+        used: dict[str, float] = {}
+
+        def execute(f: Flavour) -> float:
+            before = {role: cpu_seconds(pid) for role, pid in pids[f.name].items()}
+            ms = timed_execute(clients[f.name])
+            for role, pid in pids[f.name].items():
+                key = f"{f.name}/{role}"
+                used[key] = used.get(key, 0.0) + cpu_seconds(pid) - before[role]
+            return ms
+
+        out["execute"] = in_turns("`pass` round trips", args.executes, flavours, execute)
+        cpu = {key: seconds * 1000 / args.executes for key, seconds in used.items()}
         for f in flavours:  # warm-up: the first big output pays for its allocations
             timed_output(clients[f.name], f.name, args.mib)
         out["output"] = in_turns(
@@ -202,7 +241,7 @@ def measure(flavours: list[Flavour], args: argparse.Namespace) -> dict[str, dict
     finally:
         for km, kc, _ in running.values():
             stop(km, kc)
-    return out
+    return out, cpu
 
 
 def p99(xs: list[float]) -> float:
@@ -250,6 +289,32 @@ def table(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) 
     return "\n".join([line(head), rule + "|", *(line(r) for r in rows)])
 
 
+def cpu_table(cpu: dict[str, float]) -> str:
+    """Where a `pass` cell's CPU goes, by process: the added processes of a shared kernel,
+    and what each costs, next to the kernel's own work (a far steadier figure than time on a
+    small machine, where that CPU is taken from the kernel the user waits for)."""
+    roles = [("kernel", "the kernel"), ("shim", "the shim"), ("gateway", "the gateway"),
+             ("frontend", "the frontend (this script)")]  # fmt: skip
+
+    def cell(flavour: str, role: str) -> str:
+        found = cpu.get(f"{flavour}/{role}")
+        return "-" if found is None else f"{found:.2f}"
+
+    total = {
+        f: sum(v for k, v in cpu.items() if k.startswith(f + "/")) for f in ("local", "shared")
+    }
+    lines = [
+        "| CPU ms a `pass` cell (all threads) | local | shared |",
+        "|------------------------------------|------:|-------:|",
+        *(
+            f"| {label:<34} | {cell('local', r):>5} | {cell('shared', r):>6} |"
+            for r, label in roles
+        ),
+        f"| {'all of them':<34} | {total['local']:>5.2f} | {total['shared']:>6.2f} |",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--starts", type=int, default=5)
@@ -287,13 +352,19 @@ def main() -> None:
                 Flavour(
                     "local", local_spec, base, Path(tmp) / "local-kernels.log",
                     args.encrypted_frontend,
+                    lambda km: {"kernel": km.provisioner.process.pid},
                 ),
                 Flavour(
                     "shared", shim_spec(args.profile_shim), env, Path(tmp) / "shim-kernels.log",
                     args.encrypted_frontend,
+                    lambda km: {
+                        "kernel": pid_running("ipykernel_launcher", str(gw.state_dir)),
+                        "shim": km.provisioner.process.pid,
+                        "gateway": gw.proc.pid,
+                    },
                 ),
             ]  # fmt: skip
-            results = measure(flavours, args)
+            results, cpu = measure(flavours, args)
         finally:
             gw.stop()
             stop_leftovers(gw.state_dir)
@@ -303,8 +374,9 @@ def main() -> None:
     executes = results["execute"]
     print(
         f"\n`pass` p99 ratio {p99(executes['shared']) / p99(executes['local']):.2f}; "
-        "ratios are shared / local."
+        "ratios are shared / local.\n"
     )
+    print(cpu_table(cpu))
 
 
 if __name__ == "__main__":
