@@ -17,6 +17,7 @@ because the gateway authenticates every message, not a connection.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Mapping, Sequence
@@ -167,11 +168,20 @@ _PY_KINDS: dict[str, tuple[type, ...]] = {
 @dataclass(frozen=True)
 class Message:
     """A decoded message: its type, its header fields, and its payload frames (bytes, or
-    zmq.Frame where received without copying or joined from pieces: see :func:`as_bytes`)."""
+    zmq.Frame where received without copying or joined from pieces: see :func:`as_bytes`).
+
+    Payloads that came in pieces are joined when first read, not when decoded: the gateway
+    reads them only once the sender's token is checked, so a peer without a valid token
+    cannot make it copy hundreds of MiB."""
 
     type: str
     header: dict[str, Any]
-    payloads: tuple[Any, ...] = ()
+    frames: tuple[Any, ...] = ()  # the payload frames as they came
+    split: tuple[int, ...] | None = None  # how many frames each payload took, if cut
+
+    @functools.cached_property
+    def payloads(self) -> tuple[Any, ...]:
+        return self.frames if self.split is None else _joined(list(self.split), self.frames)
 
     def __getitem__(self, key: str) -> Any:
         return self.header[key]
@@ -275,17 +285,17 @@ def decode(frames: Sequence[Any]) -> Message:
     if (b"\\u" in raw or b"\xed" in raw) and not _unicode(header):
         raise ProtocolError("message header holds a string that is not Unicode text.")
     split = header.pop("split", None)
+    payloads = tuple(frames[2:])
     if split is None:
-        payloads = tuple(frames[2:])
         for p in payloads:
             if len(p) > MAX_PAYLOAD_BYTES:
                 raise ProtocolError(f"payload of {len(p)} bytes is over {MAX_PAYLOAD_BYTES}.")
         validate(header, len(payloads))
-    else:  # all checked first (sizes by _joined): a malformed message is not joined at all
-        _check_split(split, len(frames) - 2)
-        validate(header, len(split))
-        payloads = _joined(split, frames[2:])
-    return Message(header["type"], header, payloads)
+        return Message(header["type"], header, payloads)
+    _check_split(split, len(payloads))  # all checked here; the join waits for a reader
+    validate(header, len(split))
+    _check_sizes(split, payloads)
+    return Message(header["type"], header, payloads, tuple(split))
 
 
 def _check_split(split: Any, n_frames: int) -> None:
@@ -297,18 +307,26 @@ def _check_split(split: Any, n_frames: int) -> None:
         raise ProtocolError("message header's 'split' does not match its payload frames.")
 
 
-def _joined(split: list[int], frames: Sequence[Any]) -> tuple[Any, ...]:
-    """Join the frames that :func:`encode` cut into the payloads they were."""
+def _groups(split: list[int], frames: Sequence[Any]) -> list[Sequence[Any]]:
+    """The frames of each payload, as the header's ``split`` counts them."""
     bounds = [0, *itertools.accumulate(split)]
-    groups = [frames[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
-    for group in groups:  # every size checked before any bytes are joined
+    return [frames[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def _check_sizes(split: list[int], frames: Sequence[Any]) -> None:
+    for group in _groups(split, frames):
         size = sum(len(f) for f in group)
         if size > MAX_PAYLOAD_BYTES:
             raise ProtocolError(f"payload of {size} bytes is over {MAX_PAYLOAD_BYTES}.")
-    # Joined into a Frame, so that it is forwarded (shim to frontend) without another copy.
+
+
+def _joined(split: list[int], frames: Sequence[Any]) -> tuple[Any, ...]:
+    """Join the frames that :func:`encode` cut into the payloads they were (checked by
+    :func:`decode` already). Joined into a Frame, so that it is forwarded (shim to
+    frontend) without another copy."""
     return tuple(
         group[0] if len(group) == 1 else zmq.Frame(b"".join(map(memoryview, group)), copy=False)
-        for group in groups
+        for group in _groups(split, frames)
     )
 
 

@@ -1,6 +1,7 @@
 """The wire protocol: what one end encodes the other decodes, and junk never crashes it."""
 
 import json
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings
@@ -131,3 +132,23 @@ def test_pieces_adding_up_to_more_than_the_limit_are_refused_before_joining():
     header = {"type": "out", "proc_id": "p", "seq": 1, "stream": 1, "split": [count]}
     with pytest.raises(ProtocolError, match="over"):
         protocol.decode([protocol.MAGIC, json.dumps(header).encode(), *[piece] * count])
+
+
+def test_pieces_are_joined_only_when_read():
+    """The gateway decodes a message before it checks the sender's token: had decoding
+    joined 64 MiB of pieces, anyone able to connect could make it copy that much for
+    nothing. Read, the payload is whole."""
+    mib = 1024 * 1024
+    fields = {"token": "not checked yet", "kernel_id": "k", "channel": "shell"}
+    wire = [bytes(f) for f in protocol.encode("kernel_in", [b"x" * (64 * mib)], **fields)]
+    tracemalloc.start()
+    try:
+        msg = protocol.decode(wire)
+        decoded = tracemalloc.get_traced_memory()[1]
+        payload = protocol.as_bytes(msg.payloads[0])
+        read = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert decoded < 4 * mib, f"decoding alone allocated {decoded // mib} MiB"
+    assert read >= 64 * mib
+    assert payload == b"x" * (64 * mib)
