@@ -12,13 +12,14 @@ import json
 import re
 import sys
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bitfusion_jupyter import config, share_request, tables
 from bitfusion_jupyter.share_request import ShareRequest, UsageError
+from gateway.placement import Slot, Want, never_fits
 from remoting import filters as share_filters
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ LOGOS = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg")
 _FRACTIONS = {0.25: "¼", 0.5: "½", 0.75: "¾"}
 _NAME_RE = re.compile(r"[a-z0-9._-]+")  # what jupyter_client accepts (after lowercasing)
 _TABLE = ("NAME", "DISPLAY NAME", "SHARE", "LOCATION")
-ASK_TIMEOUT_S = 3.0  # for asking the servers which kernels they offer
+ASK_TIMEOUT_S = 3.0  # for asking the servers what they offer
 
 
 def _manager() -> KernelSpecManager:
@@ -359,9 +360,16 @@ def _cmd_install(args: argparse.Namespace) -> int:
         "sys_prefix": args.sys_prefix,
         "prefix": args.prefix,
     }
+    pool = _ask_pool(args.server_list)
     if args.kernel.strip() != DEFAULT_KERNEL:  # every gateway offers python3 by default
-        _check_offered(args.kernel.strip(), args.server_list)
+        _check_offered(args.kernel.strip(), pool)
     if not args.presets:
+        why = _never_held(request, pool)
+        if why:
+            raise UsageError(
+                f"No server could ever hold {request.describe()}: {why}. Change -n, -m, -p "
+                "or --filter ('bitfusion list_gpus' shows the GPUs)."
+            )
         path = install(request, name=args.name, display_name=args.display_name, **where)
         spec = json.loads((path / "kernel.json").read_text(encoding="utf-8"))
         print(f"Installed kernelspec {path.name} ({spec['display_name']}) in {path}.")
@@ -371,33 +379,99 @@ def _cmd_install(args: argparse.Namespace) -> int:
     for name, preset in presets():
         # --filter, --wait, -l and --kernel apply to every preset.
         full = replace(preset, filters=request.filters, wait_s=request.wait_s)
+        why = _never_held(full, pool)
+        if why:  # a launcher tile whose kernel can never start helps nobody
+            print(f"Left out {name}: no server could ever hold {full.describe()}: {why}.")
+            continue
         path = install(full, name=name, display_name=None, **where)
         spec = json.loads((path / "kernel.json").read_text(encoding="utf-8"))
         share = _share_text(spec["metadata"][METADATA_KEY])
         rows.append([name, spec["display_name"], share, str(path)])
+    if not rows:
+        raise UsageError(
+            "No server could ever hold any of the presets (above); change --filter, or see "
+            "'bitfusion list_gpus'."
+        )
     print(tables.render(_TABLE, rows))
     _say_if_hidden(Path(rows[0][3]))
     return 0
 
 
-def _check_offered(kernel: str, server_list: str | None) -> None:
-    """Refuse a --kernel that no server offers: a typo would otherwise show only when a
-    notebook's kernel fails to start. Where no server can be asked, install and say so."""
-    from bitfusion_jupyter.pool import Pool  # imports pyzmq: only when there is a --kernel
+@dataclass
+class _PoolAnswers:
+    """What the configured servers said to `list_gpus`, asked once for every check."""
+
+    answered: dict[str, dict[str, Any]] = field(default_factory=dict)
+    silent: list[str] = field(default_factory=list)  # unreachable, or refused our token
+
+
+def _ask_pool(server_list: str | None) -> _PoolAnswers:
+    """Ask every configured server at once (nothing where none is configured)."""
+    from bitfusion_jupyter.pool import Pool  # imports pyzmq: only when installing
 
     try:
         pool = Pool.from_config(server_list, timeout=ASK_TIMEOUT_S)
     except config.ConfigError:
-        answers = []
-    else:
-        try:
-            answers = pool.ask_all("hello")
-        finally:
-            pool.close()
-    offered = {server: data["kernels"] for server, data in answers if isinstance(data, dict)}
+        return _PoolAnswers()
+    try:
+        answers = pool.ask_all("list_gpus")
+    except config.ConfigError:  # servers, but no token yet: an admin installing for users
+        return _PoolAnswers()
+    finally:
+        pool.close()
+    found = _PoolAnswers()
+    for server, data in answers:
+        if isinstance(data, dict):
+            found.answered[server] = data
+        else:
+            found.silent.append(server)
+    return found
+
+
+def _never_held(request: ShareRequest, pool: _PoolAnswers) -> str | None:
+    """Why no server could ever hold ``request``, by each server's own rule (the gateway's
+    never_fits over the GPUs it listed); None if one could, or if a server that did not
+    answer might (then this says so and lets it be installed)."""
+    want = Want(request.gpus, request.mib, request.fraction)
+    whys = {}
+    for server, data in pool.answered.items():
+        slots = [
+            Slot(
+                g["index"],
+                g["memory_total_mib"],
+                g["memory_total_mib"],  # as on an empty server
+                share_filters.matches(
+                    request.filters,
+                    share_filters.gpu_attrs(
+                        g["name"], g["memory_total_mib"], g["index"], data.get("server", "")
+                    ),
+                ),
+            )
+            for g in data.get("gpus", [])
+        ]
+        why = never_fits(want, slots)
+        if why is None:
+            return None
+        whys[server] = why
+    if not whys:
+        return None  # nobody to ask: the kernel's start will say
+    if pool.silent:
+        print(
+            f"Note: no server that answered could ever hold {request.describe()}, and "
+            f"{', '.join(pool.silent)} did not answer; installed anyway.",
+            file=sys.stderr,
+        )
+        return None
+    return "; ".join(f"on {server}, {why}" for server, why in whys.items())
+
+
+def _check_offered(kernel: str, pool: _PoolAnswers) -> None:
+    """Refuse a --kernel that no server offers: a typo would otherwise show only when a
+    notebook's kernel fails to start. Where no server can be asked, install and say so."""
+    offered = {server: data["kernels"] for server, data in pool.answered.items()}
     if any(kernel in names for names in offered.values()):
         return
-    silent = [server for server, data in answers if not isinstance(data, dict)]
+    silent = pool.silent
     if not offered or silent:
         asked = "no server could be asked" if not offered else f"{', '.join(silent)} did not answer"
         print(

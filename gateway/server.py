@@ -580,13 +580,7 @@ class Gateway:
             g.index
             for g in self.gpus
             if filters.matches(
-                flt,
-                {
-                    "device.name": g.name,
-                    "device.memory": g.memory_total_mib,
-                    "device.index": g.index,
-                    "server.hostname": self.cfg.hostname,
-                },
+                flt, filters.gpu_attrs(g.name, g.memory_total_mib, g.index, self.cfg.hostname)
             )
         ]
         return Want(n, mib, frac), eligible

@@ -82,6 +82,17 @@ def _compare(actual: Any, op: str, wanted: Any) -> bool:
     }[op]
 
 
+def gpu_attrs(name: str, memory_mib: int, index: int, hostname: str) -> dict[str, Any]:
+    """What a filter tests of one GPU: the gateway matches its own GPUs so, and a client the
+    rows of a server's `list_gpus` answer."""
+    return {
+        "device.name": name,
+        "device.memory": memory_mib,
+        "device.index": index,
+        "server.hostname": hostname,
+    }
+
+
 def matches(filters: Sequence[Sequence[Any]], attrs: Mapping[str, Any]) -> bool:
     """True when every filter whose key is in ``attrs`` holds."""
     return all(_compare(attrs[k], op, v) for k, op, v in filters if k in attrs)

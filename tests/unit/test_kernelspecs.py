@@ -272,3 +272,13 @@ def test_help_says_where_it_installs_by_default(capsys) -> None:
     assert "system-wide unless --user, --sys-prefix or --prefix" in " ".join(
         capsys.readouterr().out.split()
     )
+
+
+def test_servers_but_no_token_yet_install_with_a_note(jupyter: Path, capsys) -> None:
+    # An admin installing kernelspecs for the users of a Jupyter server holds no user token:
+    # the servers cannot be asked, which is no reason to refuse (it was a traceback).
+    assert bf("install", "--user", "-m", "1024", "--kernel", "julia", "-l", "gpu1") == 0
+    assert "Note: no server could be asked, so --kernel julia was not checked" in (
+        capsys.readouterr().err
+    )
+    assert (jupyter / "kernels" / "bitfusion-1gpu-1024mib" / "kernel.json").exists()
