@@ -41,6 +41,13 @@ class TokenError(ValueError):
     """A token that cannot be read or is not valid here; the text is one sentence."""
 
 
+def _damaged(part: str) -> str:
+    return (
+        f"this bitfusion token is damaged (its {part} part is unreadable): copy it again whole, "
+        "or ask your admin for a new one."
+    )
+
+
 def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
@@ -136,18 +143,18 @@ def parse(text: str) -> Token:
         )
     _, role, user, nonce, *expiry, mac, server_key = parts
     if role not in ROLES or not USER_RE.match(user):
-        raise TokenError("this bitfusion token is damaged (bad role or user part).")
+        raise TokenError(_damaged("role or user"))
     expires = None
     if expiry:
         m = EXPIRY_RE.match(expiry[0])
         if m is None:
-            raise TokenError("this bitfusion token is damaged (bad expiry part).")
+            raise TokenError(_damaged("expiry"))
         expires = int(m.group(1))
     try:
         if len(_unb64(server_key)) != 32:
             raise ValueError
     except ValueError:
-        raise TokenError("this bitfusion token is damaged (bad server key part).") from None
+        raise TokenError(_damaged("server key")) from None
     return Token(role, user, nonce, mac, server_key, expires)
 
 
