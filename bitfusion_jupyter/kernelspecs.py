@@ -360,11 +360,11 @@ def _cmd_install(args: argparse.Namespace) -> int:
         "sys_prefix": args.sys_prefix,
         "prefix": args.prefix,
     }
-    pool = _ask_pool(args.server_list)
+    pool = ask_pool(args.server_list)
     if args.kernel.strip() != DEFAULT_KERNEL:  # every gateway offers python3 by default
         _check_offered(args.kernel.strip(), pool)
     if not args.presets:
-        why = _never_held(request, pool)
+        why = _never_held_said(request, pool)
         if why:
             raise UsageError(
                 f"No server could ever hold {request.describe()}: {why}. Change -n, -m, -p "
@@ -379,7 +379,7 @@ def _cmd_install(args: argparse.Namespace) -> int:
     for name, preset in presets():
         # --filter, --wait, -l and --kernel apply to every preset.
         full = replace(preset, filters=request.filters, wait_s=request.wait_s)
-        why = _never_held(full, pool)
+        why = _never_held_said(full, pool)
         if why:  # a launcher tile whose kernel can never start helps nobody
             print(f"Left out {name}: no server could ever hold {full.describe()}: {why}.")
             continue
@@ -398,28 +398,28 @@ def _cmd_install(args: argparse.Namespace) -> int:
 
 
 @dataclass
-class _PoolAnswers:
+class PoolAnswers:
     """What the configured servers said to `list_gpus`, asked once for every check."""
 
     answered: dict[str, dict[str, Any]] = field(default_factory=dict)
     silent: list[str] = field(default_factory=list)  # unreachable, or refused our token
 
 
-def _ask_pool(server_list: str | None) -> _PoolAnswers:
+def ask_pool(server_list: str | None) -> PoolAnswers:
     """Ask every configured server at once (nothing where none is configured)."""
     from bitfusion_jupyter.pool import Pool  # imports pyzmq: only when installing
 
     try:
         pool = Pool.from_config(server_list, timeout=ASK_TIMEOUT_S)
     except config.ConfigError:
-        return _PoolAnswers()
+        return PoolAnswers()
     try:
         answers = pool.ask_all("list_gpus")
     except config.ConfigError:  # servers, but no token yet: an admin installing for users
-        return _PoolAnswers()
+        return PoolAnswers()
     finally:
         pool.close()
-    found = _PoolAnswers()
+    found = PoolAnswers()
     for server, data in answers:
         if isinstance(data, dict):
             found.answered[server] = data
@@ -428,10 +428,29 @@ def _ask_pool(server_list: str | None) -> _PoolAnswers:
     return found
 
 
-def _never_held(request: ShareRequest, pool: _PoolAnswers) -> str | None:
+def never_held(request: ShareRequest, pool: PoolAnswers) -> str | None:
     """Why no server could ever hold ``request``, by each server's own rule (the gateway's
-    never_fits over the GPUs it listed); None if one could, or if a server that did not
-    answer might (then this says so and lets it be installed)."""
+    never_fits over the GPUs it listed); None if one could, if none answered, or if one that
+    did not answer might."""
+    whys = _whys(request, pool)
+    if not whys or pool.silent:
+        return None
+    return "; ".join(f"on {server}, {why}" for server, why in whys.items())
+
+
+def _never_held_said(request: ShareRequest, pool: PoolAnswers) -> str | None:
+    """never_held, saying so where only a server that did not answer might hold it."""
+    if pool.silent and _whys(request, pool):
+        print(
+            f"Note: no server that answered could ever hold {request.describe()}, and "
+            f"{', '.join(pool.silent)} did not answer; installed anyway.",
+            file=sys.stderr,
+        )
+    return never_held(request, pool)
+
+
+def _whys(request: ShareRequest, pool: PoolAnswers) -> dict[str, str]:
+    """Each answering server's reason it could never hold ``request``; {} if one could."""
     want = Want(request.gpus, request.mib, request.fraction)
     whys = {}
     for server, data in pool.answered.items():
@@ -451,21 +470,12 @@ def _never_held(request: ShareRequest, pool: _PoolAnswers) -> str | None:
         ]
         why = never_fits(want, slots)
         if why is None:
-            return None
+            return {}
         whys[server] = why
-    if not whys:
-        return None  # nobody to ask: the kernel's start will say
-    if pool.silent:
-        print(
-            f"Note: no server that answered could ever hold {request.describe()}, and "
-            f"{', '.join(pool.silent)} did not answer; installed anyway.",
-            file=sys.stderr,
-        )
-        return None
-    return "; ".join(f"on {server}, {why}" for server, why in whys.items())
+    return whys
 
 
-def _check_offered(kernel: str, pool: _PoolAnswers) -> None:
+def _check_offered(kernel: str, pool: PoolAnswers) -> None:
     """Refuse a --kernel that no server offers: a typo would otherwise show only when a
     notebook's kernel fails to start. Where no server can be asked, install and say so."""
     offered = {server: data["kernels"] for server, data in pool.answered.items()}

@@ -88,6 +88,13 @@ def ensure(request: ShareRequest) -> dict[str, str]:
     for spec in kernelspecs.installed():
         if _same(spec[kernelspecs.METADATA_KEY], request):
             return {"name": spec["name"], "display_name": spec["display_name"]}
+    # As `bitfusion kernelspec install` does: a kernel that could never start is no choice.
+    why = kernelspecs.never_held(request, kernelspecs.ask_pool(None))
+    if why:
+        raise SpecError(
+            f"No server could ever hold {request.describe()}: {why}. Ask for less, or see "
+            "the GPUs in the pool above."
+        )
     try:
         path = kernelspecs.install(
             request,

@@ -149,6 +149,27 @@ def test_kernelspecs_are_made_once_and_bad_requests_refused(jp_fetch, jp_asyncio
     run(jp_asyncio_loop, scenario())
 
 
+def test_a_share_no_server_could_ever_hold_gets_no_kernelspec(
+    gateway, client_of, jp_fetch, jp_asyncio_loop
+):
+    client_of(gateway)  # two 16 GiB GPUs
+
+    async def scenario() -> None:
+        code, reply = await post(jp_fetch, "kernelspecs", body={"gpus": 1, "mib": 40000})
+        assert code == 400, reply
+        assert reply["message"].startswith(
+            f"No server could ever hold 1 GPU × 40000 MiB: on {gateway.address}, it asks for "
+            "40000 MiB per GPU and the largest GPU here has 16384 MiB."
+        )
+        code, reply = await post(jp_fetch, "kernelspecs", body={"gpus": 3})
+        assert code == 400 and "this server has 2 that qualify" in reply["message"], reply
+        assert (await get(jp_fetch, "presets"))["presets"] == []  # nothing was installed
+        code, made = await post(jp_fetch, "kernelspecs", body={"gpus": 2, "mib": 16384})
+        assert code == 200 and made["name"] == "bitfusion-2gpu-16384mib"
+
+    run(jp_asyncio_loop, scenario())
+
+
 async def _wait_for_share(jp_fetch, timeout: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
