@@ -1150,6 +1150,14 @@ class Gateway:
                         self.ledger.event(
                             "lease_expired", share.owner, share.id, "the holder stopped renewing"
                         )
+                        # A client that died or lost its network: admins read this in the log.
+                        log.info(
+                            "the lease of share %s (%s) expired: its holder stopped renewing "
+                            "it for %g s; ending the share and its processes",
+                            share.id,
+                            share.owner,
+                            self.cfg.lease_grace_s,
+                        )
                         self._spawn_task(self.end_share(share, "lease expired"))
                 await self._serve_queue()
                 for proc in list(self.ledger.processes.values()):

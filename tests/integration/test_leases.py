@@ -36,6 +36,10 @@ def test_killed_client_frees_the_share_and_stops_its_process(gateway):
     assert wait_for(lambda: not _alive(remote_pid), 10, step=0.1), "process left running"
     events = json.loads(gateway.bf("list_shares", "--json").stdout)[0]["data"]["events"]
     assert any(e["kind"] == "lease_expired" for e in events)
+    [share_id] = {e["share_id"] for e in events if e["kind"] == "lease_expired"}
+    assert f"the lease of share {share_id} (alice) expired: its holder stopped renewing" in (
+        gateway.log()
+    )  # the admin reads why a share ended in the gateway's log, not only in the ledger
 
 
 def test_a_restarted_gateway_adopts_running_commands(tmp_path):
