@@ -364,7 +364,7 @@ def _cmd_install(args: argparse.Namespace) -> int:
     if args.kernel.strip() != DEFAULT_KERNEL:  # every gateway offers python3 by default
         _check_offered(args.kernel.strip(), pool)
     if not args.presets:
-        why = _never_held_said(request, pool)
+        why = never_held(request, pool, say_unchecked=True)
         if why:
             raise UsageError(
                 f"No server could ever hold {request.describe()}: {why}. Change -n, -m, -p "
@@ -379,7 +379,7 @@ def _cmd_install(args: argparse.Namespace) -> int:
     for name, preset in presets():
         # --filter, --wait, -l and --kernel apply to every preset.
         full = replace(preset, filters=request.filters, wait_s=request.wait_s)
-        why = _never_held_said(full, pool)
+        why = never_held(full, pool, say_unchecked=True)
         if why:  # a launcher tile whose kernel can never start helps nobody
             print(f"Left out {name}: no server could ever hold {full.describe()}: {why}.")
             continue
@@ -428,25 +428,20 @@ def ask_pool(server_list: str | None) -> PoolAnswers:
     return found
 
 
-def never_held(request: ShareRequest, pool: PoolAnswers) -> str | None:
+def never_held(request: ShareRequest, pool: PoolAnswers, say_unchecked: bool = False) -> str | None:
     """Why no server could ever hold ``request``, by each server's own rule (the gateway's
     never_fits over the GPUs it listed); None if one could, if none answered, or if one that
-    did not answer might."""
+    did not answer might (``say_unchecked``: then say so on stderr)."""
     whys = _whys(request, pool)
-    if not whys or pool.silent:
+    if whys and pool.silent:
+        if say_unchecked:
+            print(
+                f"Note: no server that answered could ever hold {request.describe()}, and "
+                f"{', '.join(pool.silent)} did not answer; installed anyway.",
+                file=sys.stderr,
+            )
         return None
-    return "; ".join(f"on {server}, {why}" for server, why in whys.items())
-
-
-def _never_held_said(request: ShareRequest, pool: PoolAnswers) -> str | None:
-    """never_held, saying so where only a server that did not answer might hold it."""
-    if pool.silent and _whys(request, pool):
-        print(
-            f"Note: no server that answered could ever hold {request.describe()}, and "
-            f"{', '.join(pool.silent)} did not answer; installed anyway.",
-            file=sys.stderr,
-        )
-    return never_held(request, pool)
+    return "; ".join(f"on {server}, {why}" for server, why in whys.items()) or None
 
 
 def _whys(request: ShareRequest, pool: PoolAnswers) -> dict[str, str]:
@@ -481,9 +476,12 @@ def _check_offered(kernel: str, pool: PoolAnswers) -> None:
     offered = {server: data["kernels"] for server, data in pool.answered.items()}
     if any(kernel in names for names in offered.values()):
         return
-    silent = pool.silent
-    if not offered or silent:
-        asked = "no server could be asked" if not offered else f"{', '.join(silent)} did not answer"
+    if not offered or pool.silent:
+        asked = (
+            "no server could be asked"
+            if not offered
+            else f"{', '.join(pool.silent)} did not answer"
+        )
         print(
             f"Note: {asked}, so --kernel {kernel} was not checked; a kernel start will say "
             "if no server offers it ('bitfusion list_gpus' shows which servers answer).",
