@@ -181,7 +181,7 @@ class Message:
 
     @functools.cached_property
     def payloads(self) -> tuple[Any, ...]:
-        return self.frames if self.split is None else _joined(list(self.split), self.frames)
+        return self.frames if self.split is None else _joined(self.split, self.frames)
 
     def __getitem__(self, key: str) -> Any:
         return self.header[key]
@@ -307,20 +307,20 @@ def _check_split(split: Any, n_frames: int) -> None:
         raise ProtocolError("message header's 'split' does not match its payload frames.")
 
 
-def _groups(split: list[int], frames: Sequence[Any]) -> list[Sequence[Any]]:
+def _groups(split: Sequence[int], frames: Sequence[Any]) -> list[Sequence[Any]]:
     """The frames of each payload, as the header's ``split`` counts them."""
     bounds = [0, *itertools.accumulate(split)]
     return [frames[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
-def _check_sizes(split: list[int], frames: Sequence[Any]) -> None:
+def _check_sizes(split: Sequence[int], frames: Sequence[Any]) -> None:
     for group in _groups(split, frames):
         size = sum(len(f) for f in group)
         if size > MAX_PAYLOAD_BYTES:
             raise ProtocolError(f"payload of {size} bytes is over {MAX_PAYLOAD_BYTES}.")
 
 
-def _joined(split: list[int], frames: Sequence[Any]) -> tuple[Any, ...]:
+def _joined(split: Sequence[int], frames: Sequence[Any]) -> tuple[Any, ...]:
     """Join the frames that :func:`encode` cut into the payloads they were (checked by
     :func:`decode` already). Joined into a Frame, so that it is forwarded (shim to
     frontend) without another copy."""
