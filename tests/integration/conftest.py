@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,6 +54,16 @@ def start_shim_kernel(*share_args: str) -> tuple[KernelManager, object]:
 def start_local_kernel() -> tuple[KernelManager, object]:
     """A plain local python3 kernel (what a notebook has before `%bitfusion`), and its client."""
     return start_kernel(KernelManager(kernel_name="python3"))
+
+
+def reply_to(kc, msg_id: str, timeout: float = 30.0) -> dict[str, Any]:
+    """The shell reply to ``msg_id``, skipping any other: ``wait_for_ready`` sends another
+    kernel_info each second it waits, and the late replies stay queued, as in any client."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return reply
 
 
 @contextlib.contextmanager

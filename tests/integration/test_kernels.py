@@ -17,6 +17,7 @@ from bitfusion_jupyter import share_sidecar
 from tests.integration.conftest import (
     point_client_at,
     ready,
+    reply_to,
     shim_spec,
     start_local_kernel,
     start_shim_kernel,
@@ -121,13 +122,10 @@ def test_interrupt_stops_a_long_sleep(kernel):
     km, kc = kernel
     msg_id = kc.execute("import time; time.sleep(60)")
     time.sleep(1.5)
-    start = time.monotonic()
     km.interrupt_kernel()
-    reply = kc.get_shell_msg(timeout=20)
-    assert reply["parent_header"]["msg_id"] == msg_id
+    reply = reply_to(kc, msg_id, timeout=20)  # well before the sleep would end by itself
     assert reply["content"]["status"] == "error"
     assert reply["content"]["ename"] == "KeyboardInterrupt"
-    assert time.monotonic() - start < 10
     assert run_cell(kc, "1 + 1")[0]["status"] == "ok"  # the kernel lives on
 
 
@@ -641,8 +639,7 @@ def test_after_moving_back_to_local_the_kernel_keeps_input_interrupt_and_shutdow
         msg_id = kc.execute("import time; time.sleep(60)")
         time.sleep(1.5)
         km.interrupt_kernel()
-        reply = kc.get_shell_msg(timeout=20)
-        assert reply["parent_header"]["msg_id"] == msg_id
+        reply = reply_to(kc, msg_id, timeout=20)
         assert reply["content"]["ename"] == "KeyboardInterrupt"
         assert _next_cell_output(kc, "print(1 + 1)") == "2\n"  # it lives on
 

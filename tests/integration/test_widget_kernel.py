@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import point_client_at, start_local_kernel
+from tests.integration.conftest import point_client_at, reply_to, start_local_kernel
 
 pytest.importorskip("ipywidgets")
 
@@ -46,13 +46,6 @@ def _update(msg: dict[str, Any]) -> dict[str, Any] | None:
     return data.get("state") if msg["msg_type"] == "comm_msg" else None
 
 
-def _reply(kc, msg_id: str) -> dict[str, Any]:
-    while True:
-        reply = kc.get_shell_msg(timeout=30)
-        if reply["parent_header"].get("msg_id") == msg_id:
-            return reply["content"]
-
-
 def test_the_widget_shows_the_share_and_its_usage_while_the_kernel_is_busy(kernel):
     km, kc = kernel
     first = kc.execute("import bitfusion_jupyter\nw = bitfusion_jupyter.widget()")
@@ -74,7 +67,7 @@ def test_the_widget_shows_the_share_and_its_usage_while_the_kernel_is_busy(kerne
     assert len(displays) == 1  # `w = widget()` displays one view, not one per reference
     assert "application/vnd.jupyter.widget-view+json" in displays[0]["content"]["data"]
 
-    assert _reply(kc, first)["status"] == "ok"
+    assert reply_to(kc, first)["content"]["status"] == "ok"
 
     # Busy for 5 s while a process in the share holds 700 simulated MiB: the bar follows.
     busy = kc.execute(
@@ -93,7 +86,7 @@ def test_the_widget_shows_the_share_and_its_usage_while_the_kernel_is_busy(kerne
         and m["parent_header"].get("msg_id") == busy
     ]
     assert finished == []  # the update came while the cell still ran
-    assert _reply(kc, busy)["status"] == "ok"
+    assert reply_to(kc, busy)["content"]["status"] == "ok"
 
     reply = kc.execute_interactive(
         "p.terminate(); p.wait(); w.close(); time.sleep(1.5)\n"
