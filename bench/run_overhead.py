@@ -1,9 +1,11 @@
-"""What `bitfusion run -- true` adds to a local `true`, median over repeated runs.
+"""What `bitfusion run -- true` adds to a local `true`, median over repeated runs; and how
+fast stdin streams into a remote `wc -c` against a local one.
 
 Both are timed in the same run on the same machine, from process start to exit, against a
-gateway on loopback with a simulated pool (the network is not what is measured here).
+gateway on loopback with a simulated pool (the network is not what is measured here). The
+stdin runs take turns, local and remote, so both see the same machine.
 
-    python bench/run_overhead.py [--runs 30]
+    python bench/run_overhead.py [--runs 30] [--stdin-mib 256] [--stdin-runs 3]
 """
 
 from __future__ import annotations
@@ -31,9 +33,26 @@ def timed(argv: list[str], env: dict[str, str], runs: int) -> list[float]:
     return out
 
 
+def piped_seconds(argv: list[str], env: dict[str, str], mib: int) -> float:
+    """Seconds for ``argv`` to read ``mib`` MiB on its stdin and exit (checked by its count)."""
+    chunk = b"x" * (1024 * 1024)
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    for _ in range(mib):
+        proc.stdin.write(chunk)
+    proc.stdin.close()
+    counted = int(proc.stdout.read())
+    if proc.wait() != 0 or counted != mib * len(chunk):
+        raise SystemExit(f"{argv[0]} read {counted} bytes of {mib} MiB")
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--stdin-mib", type=int, default=256, help="MiB piped into wc -c")
+    parser.add_argument("--stdin-runs", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         gw = SpawnedGateway(
@@ -56,6 +75,11 @@ def main() -> None:
             local = timed(["true"], env, args.runs)
             python = timed([sys.executable, "-c", "import bitfusion_jupyter.cli"], env, args.runs)
             remote = timed([*cli, "run", "-m", "256", "--", "true"], env, args.runs)
+            piped: dict[str, list[float]] = {"local": [], "remote": []}
+            for _ in range(args.stdin_runs):
+                piped["local"].append(piped_seconds(["wc", "-c"], env, args.stdin_mib))
+                remote_wc = [*cli, "run", "-m", "256", "--", "wc", "-c"]
+                piped["remote"].append(piped_seconds(remote_wc, env, args.stdin_mib))
         finally:
             gw.stop()
 
@@ -73,6 +97,10 @@ def main() -> None:
         f"({statistics.median(remote) / statistics.median(local):.0f}x a local true); "
         f"goal < 150 ms: {'met' if added < 150 else 'NOT met'}"
     )
+    rate = {k: args.stdin_mib / statistics.median(v) for k, v in piped.items()}
+    print(f"\nstdin piped into wc -c, {args.stdin_mib} MiB, median of {args.stdin_runs}:")
+    print(f"  local {rate['local']:8.1f} MiB/s")
+    print(f"  run   {rate['remote']:8.1f} MiB/s   ratio {rate['remote'] / rate['local']:.2f}")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,16 @@ and when it sees a gap (a message dropped while the link or the gateway was down
 output again from the first missing number; the process's nanny keeps everything not yet
 acked, so nothing is lost or written twice. Each renewal also re-attaches, so after a gateway
 restart the stream resumes by itself.
+
+Stdin goes the other way the same way: the client keeps each chunk until the nanny says it
+has written it, and on every re-attach sends again what the nanny does not have (a chunk can
+die in a gateway's socket); the nanny drops what it already wrote. At most STDIN_WINDOW bytes
+are kept, so a command that does not read its stdin stops the client reading it too.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import sys
@@ -24,6 +30,7 @@ from remoting.protocol import Message, renew_every
 STDIN_CHUNK = 64 * 1024
 ACK_EVERY_BYTES = 256 * 1024
 ACK_EVERY_S = 0.05
+STDIN_WINDOW = 8 * 1024 * 1024  # stdin bytes sent but not yet written to the command, at most
 
 
 class ProcessStream:
@@ -40,6 +47,9 @@ class ProcessStream:
         self.last_ack = time.monotonic()
         self.stdin_seq = 0
         self.stdin_open = True
+        # Sent and not yet written by the nanny: (seq, chunk, or None for the close).
+        self.stdin_kept: collections.deque[tuple[int, bytes | None]] = collections.deque()
+        self.stdin_kept_bytes = 0
         self.signals: list[int] = []
         self.lost_since: float | None = None
         self.lease_gone = False  # the link was down past the lease: the gateway ended the share
@@ -64,9 +74,14 @@ class ProcessStream:
             self.close_stdin()
         poller = zmq.Poller()
         poller.register(self.conn.sock, zmq.POLLIN)
-        if stdin_fd is not None:
-            poller.register(stdin_fd, zmq.POLLIN)
+        reading = False
         while True:
+            if (stdin_fd is not None and self.stdin_kept_bytes < STDIN_WINDOW) != reading:
+                reading = not reading
+                if reading:
+                    poller.register(stdin_fd, zmq.POLLIN)
+                else:
+                    poller.unregister(stdin_fd)
             self.conn.flush()
             while self.signals:
                 self.conn.send("signal", proc_id=self.proc_id, signum=self.signals.pop(0))
@@ -75,9 +90,9 @@ class ProcessStream:
                 ready = dict(poller.poll(int(timeout * 1000)))
             except zmq.ZMQError:  # EINTR from a forwarded signal
                 continue
-            if stdin_fd is not None and ready.get(stdin_fd) and not self._pump_stdin(stdin_fd):
+            if reading and ready.get(stdin_fd) and not self._pump_stdin(stdin_fd):
                 poller.unregister(stdin_fd)
-                stdin_fd = None
+                stdin_fd, reading = None, False
             if ready.get(self.conn.sock) or self.conn.has_pending():
                 while True:
                     msg = self.conn.receive(0)
@@ -102,6 +117,9 @@ class ProcessStream:
             say(msg["message"])
             return None
         if msg.get("proc_id") != self.proc_id:
+            return None
+        if msg.type == "stdin_seq":
+            self._stdin_written(msg["seq"], msg["resend"])
             return None
         seq = msg["seq"]
         if msg.type == "exit" and seq == 0:  # the gateway lost the process's supervisor
@@ -172,15 +190,33 @@ class ProcessStream:
         if not data:
             self.close_stdin()
             return False
-        self.stdin_seq += 1
-        self.conn.send("stdin", [data], proc_id=self.proc_id, seq=self.stdin_seq)
+        self._send_stdin(data)
         return True
 
     def close_stdin(self) -> None:
         if self.stdin_open:
             self.stdin_open = False
-            self.stdin_seq += 1
-            self.conn.send("stdin_close", proc_id=self.proc_id, seq=self.stdin_seq)
+            self._send_stdin(None)
+
+    def _send_stdin(self, data: bytes | None) -> None:
+        self.stdin_seq += 1
+        self.stdin_kept.append((self.stdin_seq, data))
+        self.stdin_kept_bytes += len(data or b"")
+        self._stdin_out(self.stdin_seq, data)
+
+    def _stdin_out(self, seq: int, data: bytes | None) -> None:
+        if data is None:
+            self.conn.send("stdin_close", proc_id=self.proc_id, seq=seq)
+        else:
+            self.conn.send("stdin", [data], proc_id=self.proc_id, seq=seq)
+
+    def _stdin_written(self, seq: int, resend: bool) -> None:
+        """The nanny has stdin up to ``seq``: forget that; after a re-attach, send the rest."""
+        while self.stdin_kept and self.stdin_kept[0][0] <= seq:
+            self.stdin_kept_bytes -= len(self.stdin_kept.popleft()[1] or b"")
+        if resend:
+            for kept_seq, data in self.stdin_kept:
+                self._stdin_out(kept_seq, data)
 
 
 def _stdin_fd() -> int | None:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 READ_CHUNK = 64 * 1024
 MAX_UNACKED = 8 * 1024 * 1024  # stop reading the child's pipes beyond this much unacked output
+STDIN_TELL_EVERY = 1024 * 1024  # well under the 8 MiB the client sends ahead (STDIN_WINDOW)
 DEFAULT_LINGER_S = 300.0
 
 
@@ -132,6 +133,8 @@ class Nanny:
         # Stdin: written in seq order; stdin and stdin_close share one seq space.
         self.stdin_fd: int | None = child.stdin.fileno()
         self.stdin_seq = 0  # highest seq accepted (written or queued to write)
+        self.stdin_told = 0  # highest seq told to the gateway as written
+        self.stdin_untold_bytes = 0  # written since then
         self.stdin_box = Outbox()
         self.stdin_early: dict[int, bytes | None] = {}  # seqs that arrived ahead of a gap
         self.stdin_closing = False
@@ -448,8 +451,25 @@ class Nanny:
             self.stdin_closing = True
         elif self.stdin_fd is not None and not self.stdin_closing:
             self.stdin_box.push(data)
+            self.stdin_untold_bytes += len(data)
 
     def _flush_stdin(self) -> None:
+        self._write_stdin()
+        # Tell the client once what it sent is written (not merely queued here): it keeps what
+        # is not yet told, to send again after a gateway restart, and sends no more than a
+        # window ahead, so a child that reads slowly holds back the client's reading. Told a
+        # MiB at a time (the window is larger): a message a chunk would slow a fast pipe.
+        if (
+            not self.stdin_box
+            and self.stdin_untold_bytes >= STDIN_TELL_EVERY
+            and self.stdin_seq > self.stdin_told
+            and self.attached
+        ):
+            self.stdin_told, self.stdin_untold_bytes = self.stdin_seq, 0
+            self.conn_box.push(wire.encode_frame({"type": wire.STDIN_SEQ, "seq": self.stdin_seq}))
+            self._flush_conn()
+
+    def _write_stdin(self) -> None:
         fd = self.stdin_fd
         if fd is None:
             return

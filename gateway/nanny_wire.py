@@ -27,6 +27,7 @@ TERMINATE = "terminate"  # {grace_s}: SIGTERM the group, SIGKILL after grace
 
 # nanny -> gateway
 ATTACHED = "attached"  # {child_pid, stdin_seq, running, exit_code}
+STDIN_SEQ = "stdin_seq"  # {seq}: stdin up to seq is written to the child (or moot): forget it
 OUT = "out"  # {seq, stream: 1|2} + bytes
 EXIT = "exit"  # {seq, code}: always the last seq
 

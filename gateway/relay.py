@@ -69,6 +69,13 @@ class Relay:
         if self.exit_seq is not None and seq >= self.exit_seq:
             await self.close()  # everything delivered; the nanny exits on this ack
 
+    async def _stdin_seq(self, seq: int, resend: bool) -> None:
+        """Tell the client how far the nanny has its stdin; after an attach, it sends again
+        whatever came later (the nanny drops what it already has)."""
+        if self.subscriber is not None:
+            fields = {"proc_id": self.proc_id, "seq": seq, "resend": resend}
+            await self.deliver(self.subscriber, "stdin_seq", fields, None)
+
     async def _pump(self) -> None:
         assert self.link is not None
         try:
@@ -77,6 +84,9 @@ class Relay:
                 kind = header.get("type")
                 if kind == "attached":
                     self.on_pid(int(header["child_pid"]))
+                    await self._stdin_seq(int(header.get("stdin_seq", 0)), resend=True)
+                elif kind == "stdin_seq":
+                    await self._stdin_seq(int(header["seq"]), resend=False)
                 elif kind == "out" and self.subscriber is not None:
                     await self.deliver(
                         self.subscriber,

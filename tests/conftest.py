@@ -65,14 +65,18 @@ class GatewayProcess(SpawnedGateway):
         )
 
     def bf_background(
-        self, *args: str, user: str = "alice", env: dict[str, str] | None = None
+        self,
+        *args: str,
+        user: str = "alice",
+        env: dict[str, str] | None = None,
+        stdin: int = subprocess.DEVNULL,
     ) -> subprocess.Popen:
         """Start the real `bitfusion` CLI as ``user`` and return at once (output piped)."""
         return subprocess.Popen(
             [*CLI, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             env=env or self.env(user),
             text=True,
         )

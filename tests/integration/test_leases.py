@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -66,6 +67,43 @@ def test_a_restarted_gateway_adopts_running_commands(tmp_path):
         assert numbers == list(range(60)), "output lost or duplicated across the restart"
         assert gw.no_shares_within(15)
     finally:
+        gw.kill()
+        stop_leftovers(gw.state_dir)
+
+
+ECHOES_ITS_STDIN = (
+    "import sys\nfor line in sys.stdin:\n    print('got', line.strip(), flush=True)\n"
+)
+
+
+def test_stdin_sent_as_the_gateway_dies_still_reaches_the_command(tmp_path):
+    # A line typed just before the gateway is killed is in the dead gateway's socket, not yet
+    # with the command's nanny: the client keeps each line until the nanny confirms it, and
+    # sends it again to the restarted gateway.
+    gw = start_gateway(tmp_path, "--simulate-gpus", "1x16GiB", "--lease-grace", "10")
+    client = None
+    try:
+        args = ("run", "-m", "1024", "--", sys.executable, "-u", "-c", ECHOES_ITS_STDIN)
+        client = gw.bf_background(*args, stdin=subprocess.PIPE)
+        client.stdin.write("one\n")
+        client.stdin.flush()
+        assert client.stdout.readline() == "got one\n"
+        os.kill(gw.proc.pid, signal.SIGSTOP)  # frozen: it takes the line in and passes nothing on
+        client.stdin.write("two\n")
+        client.stdin.flush()
+        time.sleep(0.5)
+        gw.kill(signal.SIGKILL)
+        gw.start()
+        client.stdin.write("three\n")
+        client.stdin.close()
+        out = client.stdout.read()
+        client.wait(60)
+        assert client.returncode == 0, client.stderr.read()
+        assert out == "got two\ngot three\n", "stdin lost or repeated across the restart"
+        assert gw.no_shares_within(15)
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
         gw.kill()
         stop_leftovers(gw.state_dir)
 

@@ -1,9 +1,11 @@
 """`bitfusion run` against a real gateway: output, exit codes, stdin, signals, the share's env."""
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -53,6 +55,41 @@ def test_stdin_streams_to_the_command(gateway):
     r = gateway.bf("run", "-m", "1024", "--", "sort", "-r", input=data)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == sorted(data.splitlines(), reverse=True)
+
+
+def test_a_command_that_is_not_reading_holds_back_the_clients_stdin(gateway):
+    # `producer | bitfusion run -- consumer`: while the consumer is busy, the client reads no
+    # more than a window ahead (it keeps what it sent until the nanny has written it), so a
+    # big pipe does not pile up in the client's memory; then every byte arrives.
+    total, mib = 64 * 1024 * 1024, 1024 * 1024
+    waits = "import sys, time\nprint('ready', flush=True)\ntime.sleep(3)\n"
+    reads = "print(len(sys.stdin.buffer.read()))\n"
+    client = gateway.bf_background(
+        "run", "-m", "1024", "--", sys.executable, "-c", waits + reads, stdin=subprocess.PIPE
+    )
+    written = [0]
+
+    def produce():
+        chunk = b"x" * (64 * 1024)
+        with contextlib.suppress(BrokenPipeError):
+            while written[0] < total:
+                written[0] += os.write(client.stdin.fileno(), chunk)
+            client.stdin.close()
+
+    producer = threading.Thread(target=produce, daemon=True)
+    try:
+        assert client.stdout.readline() == "ready\n"
+        producer.start()
+        time.sleep(1.5)  # the consumer sleeps on
+        taken = written[0]
+        producer.join(60)
+        out = client.stdout.read()  # (communicate() would flush the stdin closed above)
+        assert client.wait(60) == 0, client.stderr.read()
+        assert int(out) == total  # all of it, once the consumer reads
+        assert taken < 16 * mib, f"the client took {taken / mib:.0f} MiB ahead of the command"
+    finally:
+        if client.poll() is None:
+            client.kill()
 
 
 def test_the_share_is_freed_when_the_command_ends(gateway):
