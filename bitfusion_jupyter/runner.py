@@ -119,7 +119,7 @@ class ProcessStream:
         if msg.get("proc_id") != self.proc_id:
             return None
         if msg.type == "stdin_seq":
-            self._stdin_written(msg["seq"], msg["resend"])
+            self._stdin_news(msg["seq"], msg["resend"])
             return None
         seq = msg["seq"]
         if msg.type == "exit" and seq == 0:  # the gateway lost the process's supervisor
@@ -210,13 +210,17 @@ class ProcessStream:
         else:
             self.conn.send("stdin", [data], proc_id=self.proc_id, seq=seq)
 
-    def _stdin_written(self, seq: int, resend: bool) -> None:
-        """The nanny has stdin up to ``seq``: forget that; after a re-attach, send the rest."""
-        while self.stdin_kept and self.stdin_kept[0][0] <= seq:
-            self.stdin_kept_bytes -= len(self.stdin_kept.popleft()[1] or b"")
+    def _stdin_news(self, seq: int, resend: bool) -> None:
+        """News of the nanny's stdin. After a (re)attach (``resend``) it has every chunk up to
+        ``seq``, written or queued: send the later ones again. Otherwise it has written every
+        chunk up to ``seq``: forget those, which opens the window again."""
         if resend:
             for kept_seq, data in self.stdin_kept:
-                self._stdin_out(kept_seq, data)
+                if kept_seq > seq:
+                    self._stdin_out(kept_seq, data)
+            return
+        while self.stdin_kept and self.stdin_kept[0][0] <= seq:
+            self.stdin_kept_bytes -= len(self.stdin_kept.popleft()[1] or b"")
 
 
 def _stdin_fd() -> int | None:

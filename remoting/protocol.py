@@ -137,8 +137,9 @@ MESSAGES: dict[str, Spec] = {
     ),
     "out": Spec({"proc_id": STR, "seq": INT, "stream": INT}, authenticated=False, payloads=(1, 1)),
     "exit": Spec({"proc_id": STR, "seq": INT, "code": INT}, authenticated=False),
-    # The process's nanny has its stdin up to ``seq``; ``resend``: it has just (re)attached,
-    # so the client sends again every later chunk (one may have died with a gateway).
+    # News of a process's stdin from its nanny. ``resend``: it has just (re)attached and holds
+    # every chunk up to ``seq``, so the client sends the later ones again (one may have died
+    # with a gateway); else it has written every chunk up to ``seq``, which the client forgets.
     "stdin_seq": Spec({"proc_id": STR, "seq": INT, "resend": BOOL}, authenticated=False),
     "kernel_out": Spec(
         {"kernel_id": STR, "channel": STR}, {"ident": STR}, authenticated=False, payloads=(1, 4096)
