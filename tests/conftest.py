@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import site
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,17 @@ def start_web_gateway(tmp_path: Path, *args: str, **kw: Any) -> tuple[GatewayPro
             if time.monotonic() > deadline:
                 raise AssertionError(f"the dashboard did not start:\n{gw.log()}") from None
             time.sleep(0.1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_user_site_kernelspecs(tmp_path_factory) -> Iterator[None]:
+    """Jupyter also searches the user site's share/jupyter (~/.local/share/jupyter), beside
+    JUPYTER_DATA_DIR, and `bitfusion up` installs its presets there: the tests that count
+    kernelspecs in this process must see only their own."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(site, "USER_BASE", str(tmp_path_factory.mktemp("user-base")))
+    yield
+    patch.undo()
 
 
 @pytest.fixture
