@@ -21,6 +21,10 @@ from gateway.spawned import SpawnedGateway, free_port, stop_leftovers
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "bitfusion_jupyter"]
+# Python code that echoes each line of its stdin as it comes, for the stdin tests.
+ECHOES_ITS_STDIN = (
+    "import sys\nfor line in sys.stdin:\n    print('got', line.strip(), flush=True)\n"
+)
 
 
 @dataclass

@@ -193,21 +193,26 @@ class Cluster:
             stdin=subprocess.DEVNULL,
         )
 
-    def bf_background(self, *args: str, user: str = "alice") -> subprocess.Popen:
+    def bf_background(
+        self, *args: str, user: str = "alice", stdin: int = subprocess.DEVNULL
+    ) -> subprocess.Popen:
         proc = subprocess.Popen(
             self.client.command([*CLI, *args]),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             text=True,
             env=self.env(user),
         )
         self._clients.append(proc)
         return proc
 
-    def run_python(self, code: str, *share_args: str) -> subprocess.Popen:
+    def run_python(
+        self, code: str, *share_args: str, stdin: int = subprocess.DEVNULL
+    ) -> subprocess.Popen:
         """`bitfusion run SHARE_ARGS -- python -u -c CODE` on the client host, in the background."""
-        return self.bf_background("run", *share_args, "--", sys.executable, "-u", "-c", code)
+        argv = ("run", *share_args, "--", sys.executable, "-u", "-c", code)
+        return self.bf_background(*argv, stdin=stdin)
 
     def frontend(self, user: str = "alice") -> Frontend:
         fe = Frontend(self.client, {**self.env(user), "PYTHONPATH": str(REPO)})

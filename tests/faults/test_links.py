@@ -7,8 +7,10 @@ server ends it and its processes, and the client says so in one sentence.
 
 from __future__ import annotations
 
+import subprocess
 import time
 
+from tests.conftest import ECHOES_ITS_STDIN
 from tests.faults.conftest import PRINTS_ITS_PID_AND_WAITS, wait_for
 
 PRINTS_FOR_10_S = (
@@ -73,6 +75,25 @@ def test_a_command_rides_out_a_5_s_cut(cluster):
     out, err = client.communicate(timeout=60)
     assert client.returncode == 0, err
     assert [int(x) for x in ("0\n" + out).split()] == list(range(80)), "lost or duplicated"
+    assert wait_for(lambda: not cluster.shares(), 15), "share not given back"
+
+
+def test_lines_typed_during_a_5_s_cut_reach_the_command_once(cluster):
+    client = cluster.run_python(ECHOES_ITS_STDIN, "-m", "1024", stdin=subprocess.PIPE)
+    client.stdin.write("one\n")
+    client.stdin.flush()
+    assert client.stdout.readline() == "got one\n"
+    cluster.client.cut()
+    for word in ("two", "three"):
+        client.stdin.write(f"{word}\n")
+        client.stdin.flush()
+        time.sleep(2)
+    cluster.client.restore()
+    client.stdin.write("four\n")
+    client.stdin.close()
+    out = client.stdout.read()
+    assert client.wait(60) == 0, client.stderr.read()
+    assert out == "got two\ngot three\ngot four\n", "stdin lost or repeated across the cut"
     assert wait_for(lambda: not cluster.shares(), 15), "share not given back"
 
 

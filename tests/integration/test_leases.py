@@ -8,7 +8,7 @@ import sys
 import time
 
 from gateway.spawned import SpawnedGateway, SpawnError, free_port
-from tests.conftest import start_gateway, stop_leftovers, wait_for
+from tests.conftest import ECHOES_ITS_STDIN, start_gateway, stop_leftovers, wait_for
 
 
 def _alive(pid):
@@ -69,11 +69,6 @@ def test_a_restarted_gateway_adopts_running_commands(tmp_path):
     finally:
         gw.kill()
         stop_leftovers(gw.state_dir)
-
-
-ECHOES_ITS_STDIN = (
-    "import sys\nfor line in sys.stdin:\n    print('got', line.strip(), flush=True)\n"
-)
 
 
 def test_stdin_sent_as_the_gateway_dies_still_reaches_the_command(tmp_path):
