@@ -133,8 +133,7 @@ class Nanny:
         # Stdin: written in seq order; stdin and stdin_close share one seq space.
         self.stdin_fd: int | None = child.stdin.fileno()
         self.stdin_seq = 0  # highest seq accepted (written or queued to write)
-        self.stdin_told = 0  # highest seq told to the gateway as written
-        self.stdin_untold_bytes = 0  # written since then
+        self.stdin_untold_bytes = 0  # accepted since the gateway was last told how far
         self.stdin_box = Outbox()
         self.stdin_early: dict[int, bytes | None] = {}  # seqs that arrived ahead of a gap
         self.stdin_closing = False
@@ -459,13 +458,8 @@ class Nanny:
         # is not yet told, to send again after a gateway restart, and sends no more than a
         # window ahead, so a child that reads slowly holds back the client's reading. Told a
         # MiB at a time (the window is larger): a message a chunk would slow a fast pipe.
-        if (
-            not self.stdin_box
-            and self.stdin_untold_bytes >= STDIN_TELL_EVERY
-            and self.stdin_seq > self.stdin_told
-            and self.attached
-        ):
-            self.stdin_told, self.stdin_untold_bytes = self.stdin_seq, 0
+        if not self.stdin_box and self.stdin_untold_bytes >= STDIN_TELL_EVERY and self.attached:
+            self.stdin_untold_bytes = 0
             self.conn_box.push(wire.encode_frame({"type": wire.STDIN_SEQ, "seq": self.stdin_seq}))
             self._flush_conn()
 
