@@ -58,22 +58,25 @@ def _gateway_answers(state_dir: Path, port: int) -> tuple[tuple[str, str], dict[
     return (OK, f"{info['server']} answers, version {info['version']}, {pool}"), info
 
 
-def _confinement(state_dir: Path, told: dict[str, Any] | None) -> tuple[str, str]:
-    """The running gateway's own verdict (made with its --workdir); else a guess from here."""
+def _confinement(told: dict[str, Any] | None) -> tuple[str, str]:
+    """The running gateway's own verdict; else whether a sandbox could be made here."""
     from gateway import sandbox
 
     if told:
-        return (OK if told["abi"] else WARN), told["line"]
-    abi, line = sandbox.plan(state_dir, [Path.home()])
-    return (OK if abi else WARN), f"{line} (judged from here: the gateway did not say)"
+        return (OK if told.get("sandboxed") else FAIL if told.get("refused") else WARN), told[
+            "line"
+        ]
+    verdict = sandbox.check(True)
+    status = OK if verdict.sandboxed else FAIL
+    return status, f"{verdict.line} (judged from here: the gateway did not say)"
 
 
 def _kernel_channels() -> tuple[str, str]:
     """How a python3 kernel's channels are kept from other shares, by the default mode, in
     the words of the gateway's banner."""
-    from gateway import kernels, sandbox
+    from gateway import kernels, landlock
 
-    python3, abi = kernels.DEFAULT_KERNELS["python3"], sandbox.abi()
+    python3, abi = kernels.DEFAULT_KERNELS["python3"], landlock.abi()
     plain = kernels.channel_kind(python3, "auto", abi) == "plain"
     return (WARN if plain else OK), kernels.kernels_line({"python3": python3}, "auto", abi)
 
@@ -117,7 +120,7 @@ def checks(state_dir: Path, port: int) -> list[dict[str, Any]]:
     if listening and state_dir.is_dir():
         verdict, told = _gateway_answers(state_dir, port)
         add("gateway", verdict)
-    add("share confinement", _confinement(state_dir, told.get("confinement")))
+    add("share sandbox", _confinement(told.get("confinement")))
     return out
 
 

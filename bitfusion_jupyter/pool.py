@@ -167,6 +167,11 @@ class Pool:
         return grant if grant is not None else errors
 
     def _grant(self, server: str, data: dict[str, Any]) -> Grant:
+        if data.get("unconfined"):
+            say(
+                f"{server} runs shares UNCONFINED, by its admin's choice: other users' code "
+                "there can read this share's files and processes."
+            )
         return Grant(self.connect(server), data["share"], data["lease_s"], data.get("env", {}))
 
     def close(self) -> None:

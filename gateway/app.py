@@ -79,13 +79,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long a process may stay over its share after the warning",
     )
     parser.add_argument(
-        "--workdir", default=None, help="working directory of commands run in shares"
+        "--homes",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where users' homes on this server live, one folder per user, each the $HOME "
+        "of that user's shares (default: STATE_DIR/homes)",
     )
+    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)  # gone: see run()
     parser.add_argument(
         "--unconfined",
         dest="confine",
         action="store_false",
-        help="let code in shares reach the state directory (by default Landlock keeps it out)",
+        help="run shares WITHOUT their bubblewrap sandbox, on purpose (containers that forbid "
+        "user namespaces): code in a share can then read the state directory and every "
+        "other user's files; every view says UNCONFINED",
     )
     parser.add_argument(
         "--kernel-channels",
@@ -241,6 +249,11 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
     from gateway.kernels import KernelConfigError, load_kernels
     from gateway.server import Gateway, GatewayConfig
 
+    if args.workdir is not None:
+        raise UsageError(
+            "--workdir is gone: each user's shares now work in that user's own home on this "
+            "server; --homes DIR sets where those homes live."
+        )
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
@@ -276,7 +289,7 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
         lease_grace_s=args.lease_grace,
         police_mode=args.police,
         police_grace_s=args.police_grace,
-        workdir=args.workdir,
+        homes_dir=args.homes.resolve() if args.homes else None,
         confine=args.confine,
         web_port=args.web_port,
         peers=_peers(args.peers, state_dir),
@@ -348,6 +361,7 @@ def _banner(gateway: Any, token_path: Path) -> None:
         lines.append(f"  {g.index:<4}{g.name:<28}{g.memory_total_mib:>8} MiB{tag}")
     lines += [
         f"  shares: {gateway.sandbox_line}",
+        f"  users' homes on this server: {gateway.layout.homes_dir}/USER",
         f"  kernels: {kernels_line(cfg.kernels, cfg.kernel_channels, gateway.sandbox_abi)}",
         f"  state dir {cfg.state_dir}; admin token in {token_path}",
         f"  user tokens: bitfusion gateway token create --state-dir {cfg.state_dir} --user NAME",

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway import simulated_claims
+
 MIB = 1024 * 1024
 # More simulated GPUs than any real server holds is a typo, not a pool.
 MAX_SIMULATED_GPUS = 64
@@ -31,6 +33,7 @@ class GpuInfo:
     name: str
     memory_total_mib: int
     simulated: bool
+    minor: int | None = None  # its /dev/nvidiaN, which a share's sandbox shows; None: unknown
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class NvmlInventory(GpuInventory):
             name=_text(nv.nvmlDeviceGetName(handle)),
             memory_total_mib=nv.nvmlDeviceGetMemoryInfo(handle).total // MIB,
             simulated=False,
+            minor=self._optional(nv.nvmlDeviceGetMinorNumber, handle),
         )
 
     def _optional(self, read: Any, *args: Any) -> Any:
@@ -207,13 +211,13 @@ class SimulatedInventory(GpuInventory):
         return [GpuState(g.index, used[g.index], 0, None, None) for g in self._gpus]
 
     def process_memory(self) -> dict[int, dict[int, int]]:
+        # Host pids, as NVML gives them: a claim names its writer as its sandbox sees it.
         usage: dict[int, dict[int, int]] = {}
-        for path in self.usage_dir.glob("*.json"):
-            if not path.stem.isdigit():
-                continue  # a writer's temporary file, or something that is not ours
-            pid = int(path.stem)
-            if not _alive(pid):
-                path.unlink(missing_ok=True)  # killed before it could clean up
+        for path in self.usage_dir.glob("*/*.json"):
+            pid = simulated_claims.host_pid(path.stem)
+            if pid is None or not _alive(pid):
+                if pid is not None or simulated_claims.is_claim_name(path.stem):
+                    path.unlink(missing_ok=True)  # killed before it could clean up
                 continue
             per_gpu = self._read_claim(path)
             if per_gpu:

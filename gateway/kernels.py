@@ -99,6 +99,7 @@ DEFAULT_KERNELS: dict[str, KernelEnv] = {
     "python3": KernelEnv(
         [
             sys.executable,
+            "-P",  # the kernel's modules come from its environment, never its working folder
             "-m",
             "ipykernel_launcher",
             "-f",

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.sandbox import Confinement
-
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 10.0
 # sockaddr_un holds 108 bytes with the NUL; keep a margin for other platforms.
@@ -106,7 +104,7 @@ def _request(
     run_dir: Path,
     proc_id: str,
     linger_s: float,
-    confinement: Confinement | None = None,
+    nanny_flags: Sequence[str] = (),
 ) -> tuple[bytes, Path, Path]:
     """The line a spare nanny reads to become ``argv``'s nanny, and its two paths."""
     if not argv:
@@ -126,8 +124,7 @@ def _request(
     ]
     if cwd:
         args += ["--cwd", cwd]
-    if confinement is not None:
-        args += confinement.args()
+    args += nanny_flags
     args += ["--", *argv]
     return (json.dumps({"args": args, "env": dict(env)}) + "\n").encode(), socket_path, status_path
 
@@ -144,7 +141,7 @@ async def launch_async(
     run_dir: Path,
     proc_id: str,
     linger_s: float = 300,
-    confinement: Confinement | None = None,
+    nanny_flags: Sequence[str] = (),
 ) -> Launched:
     """Start ``argv`` under a new nanny; return once the nanny's socket is listening.
 
@@ -153,7 +150,7 @@ async def launch_async(
     its turn, which under load made starts several times slower.
     """
     line, socket_path, status_path = _request(
-        argv, env, cwd, run_dir, proc_id, linger_s, confinement
+        argv, env, cwd, run_dir, proc_id, linger_s, nanny_flags
     )
     try:
         spare = _take_spare()

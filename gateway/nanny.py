@@ -17,7 +17,6 @@ start fast, and it must never take its child down with it.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import selectors
@@ -29,8 +28,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from gateway import landlock
 from gateway import nanny_wire as wire
-from gateway import sandbox
 
 # typing costs milliseconds at every start; annotations are strings here and only need it when
 # a type checker reads them.
@@ -514,10 +513,10 @@ def parse_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--cwd", help="working directory of the command")
     parser.add_argument("--linger", type=float, default=DEFAULT_LINGER_S, help="seconds to wait")
     parser.add_argument("--log", help="file to append the nanny's own log to (else stderr)")
-    # Landlock: the command never sees --hide, but for --read and --write inside it.
-    parser.add_argument("--hide", help="a directory the command may not reach")
-    parser.add_argument("--read", action="append", default=[], help="but may read this")
-    parser.add_argument("--write", action="append", default=[], help="and may write here")
+    # The command is a sandbox's (gateway.sandbox): --shield keeps the group's signals from
+    # its monitor, --scope adds Landlock's signal and abstract-socket scopes.
+    parser.add_argument("--shield", action="store_true", help="child ignores INT/TERM/HUP/QUIT")
+    parser.add_argument("--scope", action="store_true", help="child is scoped by Landlock")
     opts = parser.parse_args(args)
     if not argv:
         parser.error("give the command to run after '--'")
@@ -611,10 +610,18 @@ def serve(opts: argparse.Namespace, argv: list[str], report_w: int) -> int:
 
 
 def _confiner(opts: argparse.Namespace) -> Callable[[], None] | None:
-    """What the child runs just before exec: confined, or it does not start at all."""
-    if not opts.hide:
+    """What the child runs just before exec: confined as asked, or it does not start at all."""
+    if not (opts.shield or opts.scope):
         return None
-    return functools.partial(sandbox.confine, sandbox.Confinement(opts.hide, opts.read, opts.write))
+
+    def confine() -> None:
+        if opts.shield:  # bwrap's monitor; `env --default-signal` resets them for the command
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+                signal.signal(signum, signal.SIG_IGN)
+        if opts.scope:
+            landlock.scope()
+
+    return confine
 
 
 def cannot_run(program: str, cwd: str | None, exc: BaseException) -> str:

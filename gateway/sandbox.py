@@ -1,208 +1,305 @@
-"""Keep what runs in a share out of the gateway's state directory, with Linux Landlock.
+"""A share's sandbox: the view of the server that a share's processes get, made by bubblewrap.
 
-Every command and kernel runs as the gateway's Unix user, so without this a user could read
-``STATE_DIR`` from inside a share: the admin token, the pool's keys (and so mint any token),
-the ledger, and other users' kernel connection files with their HMAC keys. Landlock lets an
-unprivileged process give up access for itself and its children; the nanny does so in the
-child just before ``exec``. It also scopes signals and abstract unix sockets (ABI 6): a share
-cannot signal the gateway or another share's processes, nor connect to a socket that another
-share's process made in the abstract namespace (a kernel's channels). Landlock already
-forbids ptrace (``/proc/PID/mem``, ``environ``, ``root``) of processes outside the sandbox.
+Every command and kernel runs as the gateway's Unix user, so the view is what walls shares off
+from each other and from the pool's secrets. It is built for the share, not carved out of
+everything: the system read-only (``/usr``, ``/etc``, ``/opt``, the interpreters the gateway
+offers), the user's own home on this server read-write (``$HOME``, kept across shares), a
+private ``/tmp`` and ``/dev/shm``, a minimal ``/dev`` with the share's GPU nodes, a private PID
+namespace, and the few files of the gateway's that the share needs (its kernel's connection
+file, its usage figures). The state directory and other users' homes are simply not there.
 
-Landlock only grants, it never subtracts, so "everything but STATE_DIR" is written as: every
-entry of every directory on the way down to STATE_DIR, except the next step. Entries made in
-those directories later are out of reach of a share started before them; everything below
-the entries is untouched. Inside STATE_DIR the share gets only what it needs (its kernel's
-connection file, the usage files, the simulated pool's usage directory).
+bubblewrap (Debian's ``bubblewrap``, Flatpak's sandbox) does the namespaces and mounts,
+unprivileged through user namespaces. Landlock (``gateway.landlock``) adds what a mount view
+cannot: scoped signals and abstract unix sockets.
+
+The nanny starts ``bwrap`` as its child. bwrap's outer process stays on the host to report
+the exit status (128+N for a command killed by signal N, as shells do); the nanny starts it
+with INT, TERM, HUP and QUIT ignored, so a signal to the group (an interrupt, a terminate)
+reaches the command and not that monitor, and ``env --default-signal`` gives the command the
+default dispositions back. Processes in the sandbox keep bwrap's session, so policing still
+finds a share's GPU processes by session, in host PIDs.
 """
 
 from __future__ import annotations
 
-import ctypes
+import glob
+import hashlib
 import os
-from collections.abc import Sequence
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446  # same on x86-64, arm64
-_CREATE_RULESET_VERSION = 1
-_RULE_PATH_BENEATH = 1
-_PR_SET_NO_NEW_PRIVS = 38
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+PRELUDE = Path(__file__).resolve().parent / "share_prelude.sh"
+HOMES_IN = Path("/home")  # where a user's home appears in their shares
+RUN_IN = Path("/run/bitfusion")  # where the gateway's files for the share appear
+# Signals the nanny keeps from bwrap's monitor (see the module docstring).
+SHIELDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+_SYSTEM = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt")
+_SYS = ("/sys/block", "/sys/bus", "/sys/class", "/sys/dev", "/sys/devices")
+# Host secrets that sit in the read-only system tree: covered, since a gateway run by root
+# would otherwise read them (the documented service user cannot anyway).
+_MASKED = ("/etc/shadow", "/etc/gshadow", "/etc/bitfusion", "/etc/ssh/ssh_host_*_key")
+_GPU_NODES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset", "nvidia-caps")
+# What reaches a share of the gateway's own environment: the locale and where programs and
+# libraries are. Nothing else: the gateway's variables are not the users' to read.
+_PASSED = ("PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", "PYTHONPATH")
+_PASSED_PREFIXES = ("LC_", "NVIDIA_")
 
-# Filesystem rights by the ABI that brought them.
-_EXECUTE, _WRITE_FILE, _READ_FILE, _READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
-_ABI1 = (1 << 13) - 1  # execute ... make_sym
-_REFER, _TRUNCATE, _IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
-_SCOPE_ABSTRACT_UNIX, _SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6
-_FILE_ONLY = _EXECUTE | _WRITE_FILE | _READ_FILE | _TRUNCATE | _IOCTL_DEV  # valid on a file
+
+class SandboxUnavailable(Exception):
+    """bubblewrap cannot make a sandbox here; the message says why and what to do."""
 
 
-class SandboxError(OSError):
-    """Landlock refused a step; the share must not start unconfined by accident."""
+@dataclass(frozen=True)
+class Verdict:
+    """Whether shares are sandboxed, and the one line every view shows about it."""
+
+    sandboxed: bool  # False: shares are refused, or run UNCONFINED by the admin's choice
+    refuse: bool  # True: no sandbox and no --unconfined, so shares are refused
+    line: str
+    landlock_abi: int = 0
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host path shown in the sandbox at ``inside`` (the same path when None)."""
+
+    host: str
+    inside: str | None = None
+    writable: bool = False
 
 
 @dataclass
-class Confinement:
-    """What a share may not see, and the few paths inside it that it still needs."""
+class Layout:
+    """What every share of this gateway sees; one per gateway, computed once at start."""
 
-    hide: str
-    read: list[str] = field(default_factory=list)  # files or directories, read only
-    write: list[str] = field(default_factory=list)  # files or directories, read and write
+    state_dir: Path
+    homes_dir: Path
+    offered: list[str] = field(default_factory=list)  # read-only trees with the interpreters
+    hidden: list[str] = field(default_factory=list)  # trees under those that must not be seen
 
-    def args(self) -> list[str]:
-        """The nanny's options that carry it."""
-        out = ["--hide", self.hide]
-        for path in self.read:
-            out += ["--read", path]
-        for path in self.write:
-            out += ["--write", path]
-        return out
+    @classmethod
+    def for_gateway(
+        cls, state_dir: Path, homes_dir: Path, interpreters: Iterable[str] = ()
+    ) -> Layout:
+        hidden = [_real(state_dir), _real(homes_dir)]
+        trees = [sys.prefix, sys.base_prefix, sys.exec_prefix, str(PACKAGE_ROOT)]
+        trees += [p for p in sys.path[1:] if p and os.path.isdir(p)]
+        for program in interpreters:
+            if os.path.isabs(program):  # an environment's bin/python: its whole environment
+                trees.append(str(Path(_real(program)).parent.parent))
+                trees.append(str(Path(program).parent.parent))
+        offered = _outermost(t for t in map(_real, trees) if not _under_system(t))
+        # A tree that holds a hidden one would show it: such a tree cannot be offered.
+        offered = [t for t in offered if not any(_within(h, t) for h in hidden)]
+        return cls(_real_path(state_dir), _real_path(homes_dir), offered, hidden)
 
+    def home_of(self, user: str) -> Path:
+        """``user``'s home on this server (made on first use, 0700): their shares' $HOME."""
+        home = self.homes_dir / user
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return home
 
-class _RulesetAttr(ctypes.Structure):
-    _fields_ = [
-        ("handled_access_fs", ctypes.c_uint64),
-        ("handled_access_net", ctypes.c_uint64),
-        ("scoped", ctypes.c_uint64),
-    ]
+    def argv(
+        self,
+        command: Sequence[str],
+        *,
+        user: str,
+        binds: Sequence[Bind] = (),
+        gpu_minors: Sequence[int] | None = (),
+        mps_dirs: Sequence[str] = (),
+        chdir: str | None = None,
+    ) -> list[str]:
+        """The bwrap command line that runs ``command`` in a sandbox of ``user``'s.
 
-
-class _PathBeneathAttr(ctypes.Structure):
-    _pack_ = 1
-    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _syscall(number: int, *args: object) -> int:
-    result = _libc.syscall(number, *args)
-    if result < 0:
-        errno = ctypes.get_errno()
-        raise SandboxError(errno, os.strerror(errno))
-    return result
-
-
-def abi() -> int:
-    """The kernel's Landlock ABI version; 0 where Landlock is missing or turned off."""
-    try:
-        return _syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0), _CREATE_RULESET_VERSION)
-    except (SandboxError, AttributeError):
-        return 0
-
-
-def _handled(version: int) -> int:
-    rights = _ABI1
-    if version >= 2:
-        rights |= _REFER
-    if version >= 3:
-        rights |= _TRUNCATE
-    if version >= 5:
-        rights |= _IOCTL_DEV
-    return rights
-
-
-def _allow(ruleset: int, path: str, rights: int, is_dir: bool | None = None) -> None:
-    try:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except OSError:
-        return  # gone meanwhile, or a dangling link: nothing to grant
-    try:
-        if is_dir is None:
-            is_dir = os.path.isdir(f"/proc/self/fd/{fd}")
-        attr = _PathBeneathAttr(rights if is_dir else rights & _FILE_ONLY, fd)
-        _syscall(_SYS_ADD_RULE, ruleset, _RULE_PATH_BENEATH, ctypes.byref(attr), 0)
-    finally:
-        os.close(fd)
-
-
-def _around(hidden: Path) -> tuple[list[str], list[tuple[str, bool]]]:
-    """The directories on the way down to ``hidden``, and every entry beside that way (with
-    whether it is a directory)."""
-    way: list[str] = []
-    beside: list[tuple[str, bool]] = []
-    parent = Path(hidden.anchor)
-    for step in hidden.parts[1:]:
-        way.append(str(parent))
-        try:
-            with os.scandir(parent) as entries:
-                for entry in entries:
-                    if entry.name == step:
-                        continue
-                    # A link may lead back onto the way (pytest's "pytest-current" does):
-                    # granting it would grant STATE_DIR itself. Only links need the look.
-                    if entry.is_symlink() and _leads_to(entry.path, hidden):
-                        continue
-                    try:
-                        beside.append((entry.path, entry.is_dir()))
-                    except OSError:
-                        continue
-        except OSError:
-            pass
-        parent = parent / step
-    return way, beside
+        ``gpu_minors``: the /dev/nvidiaN of the share's GPUs (None: every one there is)."""
+        home_in = str(HOMES_IN / user)
+        out = [
+            "bwrap",
+            "--unshare-user",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--die-with-parent",  # bwrap's init: nothing outlives the share's process
+            "--cap-drop",
+            "ALL",
+        ]
+        for top in _SYSTEM:
+            host = f"/{top}"
+            if os.path.islink(host):
+                out += ["--symlink", os.readlink(host), host]
+            elif os.path.isdir(host):
+                out += ["--ro-bind", host, host]
+        for path in (p for pattern in _MASKED for p in glob.glob(pattern)):
+            if os.path.isdir(path):
+                out += ["--tmpfs", path]
+            elif os.path.exists(path):
+                out += ["--ro-bind", "/dev/null", path]
+        for path in _SYS:
+            out += ["--ro-bind-try", path, path]
+        out += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]
+        for node in _gpu_nodes(gpu_minors):
+            out += ["--dev-bind-try", node, node]
+        # Hidden trees are covered before the offered ones are bound, so that an interpreter
+        # kept inside one (a venv in the service user's home) is still there.
+        for path in self.hidden:
+            if any(_within(path, f"/{top}") for top in _SYSTEM):
+                out += ["--tmpfs", path]
+        for tree in self.offered:
+            out += ["--ro-bind", tree, tree]
+        for path in mps_dirs:
+            out += ["--bind-try", path, path]
+        out += ["--dir", str(RUN_IN), "--bind", str(self.home_of(user)), home_in]
+        for bind in binds:
+            out += ["--bind" if bind.writable else "--ro-bind", bind.host, bind.inside or bind.host]
+        # The root itself (bwrap's tmpfs) read-only: nothing to write but home, /tmp, /dev/shm.
+        out += ["--remount-ro", "/", "--chdir", chdir or home_in, "--", "env", "--default-signal"]
+        return [*out, "/bin/sh", str(PRELUDE), *command]
 
 
-def _leads_to(path: str, hidden: Path) -> bool:
-    target = Path(os.path.realpath(path))
-    return target == hidden or hidden in target.parents or target in hidden.parents
+def environment(
+    share_env: dict[str, str], base: dict[str, str], user: str, user_env: str | None
+) -> dict[str, str]:
+    """A sandboxed process's environment: what ``_PASSED`` lets through of the gateway's own
+    (``base``), then the share's variables, then the user's home and Python layer."""
+    env = {k: v for k, v in base.items() if k in _PASSED or k.startswith(_PASSED_PREFIXES)}
+    env.update(share_env)
+    home = str(HOMES_IN / user)
+    env.update({"HOME": home, "USER": user, "LOGNAME": user, "SHELL": "/bin/sh"})
+    env.pop("TMPDIR", None)
+    if user_env:
+        env["BITFUSION_USER_ENV"] = user_env
+        env["BITFUSION_OFFERED_PYTHON"] = sys.executable
+        env["VIRTUAL_ENV"] = user_env
+        env["PATH"] = os.pathsep.join([f"{user_env}/bin", env.get("PATH") or os.defpath])
+    return env
 
 
-def confine(rules: Confinement) -> None:
-    """Give up ``rules.hide`` for this process and its future children.
-
-    Raises SandboxError where Landlock is missing or refuses, so the caller decides whether
-    to run unconfined (and says so)."""
-    version = abi()
-    if version < 1:
-        raise SandboxError(0, "Landlock is not available in this kernel")
-    rights = _handled(version)
-    # Scoped abstract sockets keep other shares off a kernel's channels (gateway.kernels).
-    scoped = _SCOPE_SIGNAL | _SCOPE_ABSTRACT_UNIX if version >= 6 else 0
-    attr = _RulesetAttr(rights, 0, scoped)
-    ruleset = _syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.sizeof(attr), 0)
-    try:
-        way, beside = _around(Path(os.path.realpath(rules.hide)))
-        for path in way:
-            # The directories on the way down may be listed (their names, as `ls` shows them),
-            # which also lists STATE_DIR's names; never its files' contents.
-            _allow(ruleset, path, _READ_DIR, is_dir=True)
-        for path, is_dir in beside:
-            _allow(ruleset, path, rights, is_dir)
-        for path in rules.read:
-            _allow(ruleset, path, _READ_FILE | _READ_DIR)
-        for path in rules.write:
-            _allow(ruleset, path, rights)
-        _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-        _syscall(_SYS_RESTRICT_SELF, ruleset, 0)
-    finally:
-        os.close(ruleset)
+def user_env_dir(user: str) -> str:
+    """Where ``user``'s own Python layer over the offered environment lives, in the sandbox:
+    a venv in their home, one per offered interpreter (see share_prelude.sh)."""
+    tag = f"py{sys.version_info.major}.{sys.version_info.minor}"
+    tag += "-" + hashlib.sha256(os.fsencode(sys.prefix)).hexdigest()[:8]
+    return str(HOMES_IN / user / ".local" / "share" / "bitfusion" / "envs" / tag)
 
 
-def plan(state_dir: Path, workdirs: Sequence[Path], wanted: bool = True) -> tuple[int, str]:
-    """The Landlock ABI to confine shares with (0: none), and one line that says so.
+def plain_environment(share_env: dict[str, str], base: dict[str, str]) -> dict[str, str]:
+    """An unconfined process's environment: the same filter, with the gateway's HOME."""
+    env = {k: v for k, v in base.items() if k in _PASSED or k.startswith(_PASSED_PREFIXES)}
+    env.update(share_env)
+    for name in ("HOME", "USER", "LOGNAME"):
+        if name in base:
+            env[name] = base[name]
+    return env
 
-    Landlock cannot grant a directory but for one of its subdirectories, so the directories
-    on the way down to STATE_DIR only stay listable: nothing new can be made in them. Where
-    the shares' working directory or the gateway user's home is one of them, shares could
-    not even save a file there, so they are not confined and the line says what to change.
-    """
+
+def check(wanted: bool) -> Verdict:
+    """Can shares be sandboxed here? Tried for real, once, at the gateway's start."""
+    from gateway import landlock
+
+    version = landlock.abi()
+    scoped = version >= landlock.SCOPED_ABI
     if not wanted:
-        return 0, "NOT confined (--unconfined): code in a share can read the state directory"
-    version = abi()
-    if version < 1:
-        return 0, (
-            "NOT confined: this kernel has no Landlock, so code in a share can read the state "
-            "directory (keys, admin token); use Linux 5.13 or newer with Landlock enabled"
+        return Verdict(
+            False,
+            False,
+            "UNCONFINED (--unconfined): code in a share can read the state directory, other "
+            "users' homes and their processes",
         )
-    hidden = Path(os.path.realpath(state_dir))
-    for place in workdirs:
-        real = Path(os.path.realpath(place))
-        if real in hidden.parents:
-            return 0, (
-                f"NOT confined: the state directory {state_dir} is inside {place}, where "
-                "shares could then not make new files; give the gateway a --state-dir "
-                "outside it (as /var/lib/bitfusion) to keep shares out of it"
-            )
-    signals = ", signals and abstract unix sockets scoped" if version >= 6 else ""
-    return version, f"confined by Landlock ABI {version}: no access to {state_dir}{signals}"
+    try:
+        probe()
+    except SandboxUnavailable as exc:
+        return Verdict(False, True, f"REFUSED: {exc}")
+    extra = (
+        f"; Landlock ABI {version} scopes signals and abstract sockets"
+        if scoped
+        else "; no Landlock scopes (Linux 6.12+): kernels use CurveZMQ channels"
+    )
+    return Verdict(
+        True,
+        False,
+        "sandboxed by bubblewrap: a private view per share (its user's home, a private /tmp, "
+        f"its own processes), no state directory, no other users{extra}",
+        version if scoped else 0,
+    )
+
+
+def probe() -> None:
+    """Start one empty sandbox; raise SandboxUnavailable with the fix when it fails."""
+    if shutil.which("bwrap") is None:
+        raise SandboxUnavailable(
+            "bubblewrap is not installed, so shares cannot be sandboxed; install it "
+            "(apt-get install bubblewrap) or start the gateway with --unconfined on purpose"
+        )
+    # The namespaces and mounts of a real share: a host that masks /proc (some container
+    # runtimes, systemd's ProtectKernelTunables=) fails here, not at every share.
+    argv = [
+        "bwrap",
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--ro-bind",
+        "/",
+        "/",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--",
+        "true",
+    ]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SandboxUnavailable(f"bubblewrap does not start ({exc})") from None
+    if done.returncode != 0:
+        said = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise SandboxUnavailable(
+            f"bubblewrap cannot make a sandbox here ({said}): user namespaces are blocked; "
+            "allow them (sysctl kernel.unprivileged_userns_clone=1, or an AppArmor profile "
+            "for bwrap) or start the gateway with --unconfined on purpose"
+        )
+
+
+def _gpu_nodes(minors: Sequence[int] | None) -> list[str]:
+    nodes = [f"/dev/{name}" for name in _GPU_NODES]
+    if minors is None:
+        try:
+            names = os.listdir("/dev")
+        except OSError:
+            names = []
+        nodes += sorted(f"/dev/{n}" for n in names if n.startswith("nvidia") and n[6:].isdigit())
+    else:
+        nodes += [f"/dev/nvidia{m}" for m in minors]
+    return nodes
+
+
+def _real(path: str | Path) -> str:
+    return os.path.realpath(path)
+
+
+def _real_path(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _within(path: str, tree: str) -> bool:
+    return path == tree or path.startswith(tree.rstrip("/") + "/")
+
+
+def _under_system(path: str) -> bool:
+    return any(_within(path, f"/{top}") for top in _SYSTEM) or path == "/"
+
+
+def _outermost(paths: Iterable[str]) -> list[str]:
+    """The paths that are not inside another of them, in order, once each."""
+    unique = sorted(set(paths), key=len)
+    kept: list[str] = []
+    for path in unique:
+        if not any(_within(path, k) for k in kept):
+            kept.append(path)
+    return kept

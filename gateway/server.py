@@ -14,8 +14,10 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from gateway import handshakes, launcher, sandbox, usage_files
+from gateway import handshakes, launcher, sandbox, simulated_claims, usage_files
 from gateway.cluster_keys import ClusterKeys
 from gateway.gpus import GpuInventory, GpuState
 from gateway.history import RANGES, History
@@ -40,7 +42,7 @@ from gateway.kernels import (
 )
 from gateway.ledger import Ledger, Process, Share
 from gateway.log_limit import LogLimit
-from gateway.mps import mps_running
+from gateway.mps import mps_pipe_dir, mps_running
 from gateway.nanny_link import NannyGone
 from gateway.placement import Want, never_fits, place
 from gateway.police import Police, PolicedShare, Verdict
@@ -65,8 +67,8 @@ class GatewayConfig:
     police_grace_s: float = 5.0
     police_interval_s: float = 1.0
     terminate_grace_s: float = 5.0
-    workdir: str | None = None
-    confine: bool = True  # keep shares out of state_dir with Landlock, where the kernel has it
+    homes_dir: Path | None = None  # users' homes on this server; None: STATE_DIR/homes
+    confine: bool = True  # a bubblewrap sandbox per share; False: --unconfined, said everywhere
     kernels: dict[str, KernelEnv] = field(default_factory=lambda: dict(DEFAULT_KERNELS))
     kernel_channels: str = "auto"  # see gateway.kernels.CHANNEL_MODES
     web_port: int = 0  # the dashboard's HTTP port; 0: none
@@ -124,16 +126,15 @@ class Gateway:
         run_dir = config.state_dir / "run"
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.run_dir = run_dir
-        # The Landlock ABI that confines what runs in shares; 0: not confined (said at start).
-        workdirs = [Path(config.workdir or os.getcwd()), Path.home()]
-        self.sandbox_abi, self.sandbox_line = sandbox.plan(
-            config.state_dir, workdirs, config.confine
+        # How shares are walled off (said at start, in localhealth, on the dashboard).
+        self.sandbox = sandbox.check(config.confine)
+        self.sandbox_abi = self.sandbox.landlock_abi  # 0: no Landlock scopes for kernels
+        self.sandbox_line = self.sandbox.line
+        self.layout = sandbox.Layout.for_gateway(
+            config.state_dir,
+            config.homes_dir or config.state_dir / "homes",
+            [k.argv[0] for k in config.kernels.values()],
         )
-        if self.sandbox_abi:
-            # Made once here: a confined share cannot make them in STATE_DIR itself.
-            (config.state_dir / "usage").mkdir(exist_ok=True)
-            if inventory.simulated:
-                (config.state_dir / "simulated-usage").mkdir(exist_ok=True)
         self.ledger = Ledger(config.state_dir / "ledger.sqlite3", self.gpus)
         self.police = Police(config.police_mode, config.police_grace_s)  # type: ignore[arg-type]
         self.relays: dict[str, Relay] = {}
@@ -495,8 +496,12 @@ class Gateway:
             "admin": tok.admin,
             "uptime_s": round(time.time() - self.started, 1),
         }
-        if tok.admin:  # for localhealth: the verdict made with the gateway's own workdir
-            answer["confinement"] = {"abi": self.sandbox_abi, "line": self.sandbox_line}
+        # Every user is told how their shares are walled off (localhealth shows it).
+        answer["confinement"] = {
+            "sandboxed": self.sandbox.sandboxed,
+            "refused": self.sandbox.refuse,
+            "line": self.sandbox_line,
+        }
         return answer
 
     async def _on_list_gpus(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
@@ -620,9 +625,12 @@ class Gateway:
             "lease_s": self.cfg.lease_grace_s,
             "server": self.cfg.hostname,
             "env": self.share_env(share, {}),
+            # Only present when true: the admin turned the sandbox off, and the user is told.
+            **({"unconfined": self.sandbox_line} if not self.sandbox.sandboxed else {}),
         }
 
     async def _on_allocate(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict | None:
+        self._refuse_unsandboxed(tok)
         want, eligible = self._read_want(msg)
         slots = self.ledger.slots(eligible)
         # Draining ends; a request that only a draining GPU could hold gets "no room now".
@@ -816,6 +824,7 @@ class Gateway:
             self.usage.pop(share.id, None)
             self.idle.forget(share.id)
             usage_files.remove(usage_files.path_for(self.cfg.state_dir, share.id))
+            simulated_claims.remove(self.cfg.state_dir, share.id)
             log.debug("released %s (%s)", share.id, reason)
         finally:
             self.ending.pop(share.id).set()
@@ -830,11 +839,8 @@ class Gateway:
         env_extra = msg.get("env") or {}
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in env_extra.items()):
             raise RequestError(protocol.E_BAD_REQUEST, "Environment entries must be strings.")
-        env = self.share_env(share, {**os.environ, **env_extra})
-        cwd = msg.get("cwd")
-        if cwd is not None and not os.path.isdir(cwd):
-            cwd = None
-        proc = await self._launch(tok, share, list(argv), env, cwd or self.cfg.workdir, ident)
+        env = self.share_env(share, env_extra)
+        proc = await self._launch(tok, share, list(argv), env, msg.get("cwd"), ident)
         self.ledger.event("spawn", tok.user, share.id, " ".join(argv)[:200])
         return {"proc_id": proc.id}
 
@@ -849,8 +855,10 @@ class Gateway:
         kernel: dict[str, str] | None = None,
     ) -> Process:
         """Start ``argv`` in ``share`` under a nanny, record it, and stream it to ``subscriber``."""
+        self._refuse_unsandboxed(tok)
         async with self._starting_in(share):
             proc_id = self.ledger.new_id("p-", "processes")
+            argv, env, cwd, flags = self._sandboxed(share, argv, env, cwd, kernel)
             try:
                 launched = await launcher.launch_async(
                     argv,
@@ -859,7 +867,7 @@ class Gateway:
                     self.run_dir,
                     proc_id,
                     max(60.0, self.cfg.lease_grace_s * 2),
-                    self._confinement(env, cwd, kernel),
+                    flags,
                 )
             except launcher.LaunchError as exc:
                 self.ledger.event("spawn_failed", tok.user, share.id, str(exc))
@@ -880,23 +888,69 @@ class Gateway:
                 self._open_kernel(proc, subscriber)  # inside the start, which end_share awaits
             return proc
 
-    def _confinement(
-        self, env: dict[str, str], cwd: str | None, kernel: dict[str, str] | None
-    ) -> sandbox.Confinement | None:
-        """The state directory is out of reach of a share, but for what it reads there."""
-        if not self.sandbox_abi:
-            return None
-        state = self.cfg.state_dir.resolve()
-        rules = sandbox.Confinement(str(state), read=[str(state / "usage")])
+    def _refuse_unsandboxed(self, tok: tokens.Token) -> None:
+        if self.sandbox.refuse:
+            self.refusals.info("unsandboxed", "refused user %s: no sandbox", tok.user)
+            raise RequestError(
+                protocol.E_SPAWN,
+                f"{self.cfg.hostname} refuses shares: "
+                f"{self.sandbox_line.removeprefix('REFUSED: ')}.",
+            )
+
+    def _sandboxed(
+        self,
+        share: Share,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str | None,
+        kernel: dict[str, str] | None,
+    ) -> tuple[list[str], dict[str, str], str | None, list[str]]:
+        """``argv`` as it runs in ``share``'s sandbox: the bwrap command line, its environment,
+        the nanny's working directory and flags. Unchanged (but for the environment) when the
+        admin chose --unconfined.
+
+        The sandbox shows the share's own files of the gateway's at fixed places under
+        /run/bitfusion, so no path of the state directory ever reaches the share."""
+        share_dir = usage_files.path_for(self.cfg.state_dir, share.id).parent
+        share_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        env = dict(env)
+        binds = [sandbox.Bind(str(share_dir), f"{sandbox.RUN_IN}/usage")]
+        env["BITFUSION_USAGE_FILE"] = f"{sandbox.RUN_IN}/usage/{usage_files.FILE_NAME}"
+        if self.inventory.simulated:
+            claims = simulated_claims.dir_for(self.cfg.state_dir, share.id)
+            claims.mkdir(parents=True, exist_ok=True, mode=0o700)
+            binds.append(sandbox.Bind(str(claims), f"{sandbox.RUN_IN}/simulated-usage", True))
+            env["BITFUSION_SIMULATED_USAGE_DIR"] = f"{sandbox.RUN_IN}/simulated-usage"
         if kernel is not None:
-            # Its own connection file, which ipykernel 7 rewrites (unchanged) when it holds
-            # CurveZMQ keys; the gateway reads it no more after the start.
-            rules.write.append(kernel["connection_file"])
-        if "BITFUSION_SIMULATED_USAGE_DIR" in env:
-            rules.write.append(env["BITFUSION_SIMULATED_USAGE_DIR"])
-        if cwd and Path(cwd).resolve().is_relative_to(state):
-            rules.write.append(cwd)  # an admin chose a --workdir inside it
-        return rules
+            # Its own folder, which ipykernel rewrites its connection file in.
+            folder = Path(kernel["connection_file"]).parent
+            binds.append(sandbox.Bind(str(folder), f"{sandbox.RUN_IN}/kernel", True))
+            inside = f"{sandbox.RUN_IN}/kernel/{Path(kernel['connection_file']).name}"
+            argv = [a.replace(kernel["connection_file"], inside) for a in argv]
+        if not self.sandbox.sandboxed:  # --unconfined: the host's paths, said at start
+            env.update(BITFUSION_USAGE_FILE=str(usage_files.path_for(self.cfg.state_dir, share.id)))
+            if self.inventory.simulated:
+                env["BITFUSION_SIMULATED_USAGE_DIR"] = str(binds[1].host)
+            return argv, sandbox.plain_environment(env, dict(os.environ)), None, []
+        user = share.owner
+        user_env = sandbox.user_env_dir(user)
+        if argv and argv[0] == sys.executable:  # the offered Python: the user's layer over it
+            argv = [f"{user_env}/bin/python", *argv[1:]]
+        by_index = {g.index: g for g in self.gpus}
+        minors = [by_index[i].minor for i in share.gpus]
+        home_in = str(sandbox.HOMES_IN / user)
+        # A client's path is only ever a place in the user's own home: it widens nothing.
+        chdir = cwd if cwd and (cwd == home_in or cwd.startswith(home_in + "/")) else None
+        full = self.layout.argv(
+            argv,
+            user=user,
+            binds=binds,
+            gpu_minors=None if None in minors else [m for m in minors if m is not None],
+            mps_dirs=[mps_pipe_dir(), "/var/log/nvidia-mps"] if self.mps else [],
+            chdir=chdir,
+        )
+        flags = ["--shield", *(["--scope"] if self.sandbox_abi else [])]
+        return full, sandbox.environment(env, dict(os.environ), user, user_env), None, flags
 
     @contextlib.asynccontextmanager
     async def _starting_in(self, share: Share) -> AsyncIterator[None]:
@@ -917,6 +971,7 @@ class Gateway:
                 self.launched.notify_all()
 
     def share_env(self, share: Share, base: dict[str, str]) -> dict[str, str]:
+        """The share's variables over ``base`` (the user's own, for a command they run)."""
         by_index = {g.index: g for g in self.gpus}
         return share_environment(
             server=self.cfg.hostname,
@@ -926,7 +981,9 @@ class Gateway:
                 for i, mib in share.gpus.items()
             ],
             simulated_usage_dir=(
-                self.cfg.state_dir / "simulated-usage" if self.inventory.simulated else None
+                simulated_claims.dir_for(self.cfg.state_dir, share.id)
+                if self.inventory.simulated
+                else None
             ),
             mps=self.mps,
             usage_file=usage_files.path_for(self.cfg.state_dir, share.id),
@@ -984,11 +1041,15 @@ class Gateway:
         env_of = self.cfg.kernels[name]
         kind = channel_kind(env_of, self.cfg.kernel_channels, self.sandbox_abi)
         conn_file, channels = write_connection_file(
-            self.run_dir / "kernels", kernel_id, msg["key"], msg["signature_scheme"], kind
+            self.run_dir / "kernels" / kernel_id,
+            kernel_id,
+            msg["key"],
+            msg["signature_scheme"],
+            kind,
         )
         argv = [a.replace("{connection_file}", str(conn_file)) for a in env_of.argv]
         # BITFUSION_KERNEL_ID tells the %bitfusion magic that its kernel has a shim to ask.
-        env = self.share_env(share, {**os.environ, "BITFUSION_KERNEL_ID": kernel_id})
+        env = self.share_env(share, {"BITFUSION_KERNEL_ID": kernel_id})
         kernel = {
             "kernel_id": kernel_id,
             "connection_file": str(conn_file),
@@ -996,9 +1057,9 @@ class Gateway:
             "channels": channels,
         }
         try:
-            proc = await self._launch(tok, share, argv, env, self.cfg.workdir, ident, kernel)
+            proc = await self._launch(tok, share, argv, env, None, ident, kernel)
         except RequestError:
-            conn_file.unlink(missing_ok=True)
+            shutil.rmtree(conn_file.parent, ignore_errors=True)
             raise
         self.ledger.event("kernel_start", tok.user, share.id, f"{name} kernel {kernel_id}")
         return {"kernel_id": kernel_id, "proc_id": proc.id, "kernel": name}
@@ -1041,7 +1102,7 @@ class Gateway:
                 del self.kernels[kernel_id]
                 proc = self.ledger.processes.get(proc_id)
                 if proc and proc.kernel:
-                    Path(proc.kernel["connection_file"]).unlink(missing_ok=True)
+                    _remove_connection_file(Path(proc.kernel["connection_file"]))
 
     async def _on_kernel_in(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
         state = self.kernels.get(msg["kernel_id"])
@@ -1378,3 +1439,10 @@ def _salvage_id(body: Sequence[bytes]) -> int | None:
         return value if isinstance(value, int) and not isinstance(value, bool) else None
     except Exception:
         return None
+
+
+def _remove_connection_file(path: Path) -> None:
+    """A kernel's connection file and the folder of its own that its sandbox saw."""
+    path.unlink(missing_ok=True)
+    if path.parent.name == path.stem.removeprefix("kernel-"):
+        shutil.rmtree(path.parent, ignore_errors=True)

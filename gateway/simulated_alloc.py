@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from gateway import simulated_claims
 from remoting.json_file import write_json
 
 EXIT_USAGE = 2
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _on_signal)
-    claim = Path(usage_dir) / f"{os.getpid()}.json"
+    claim = Path(usage_dir) / f"{simulated_claims.claim_name()}.json"
     try:
         write_json(claim, {u.strip(): args.mib for u in uuids})  # never read half-written
         print(f"allocated {args.mib} MiB on {', '.join(uuids)} (simulated)", flush=True)

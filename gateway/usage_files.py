@@ -9,6 +9,7 @@ the share ends.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,8 +20,12 @@ from remoting.json_file import write_json
 ENV = "BITFUSION_USAGE_FILE"
 
 
+FILE_NAME = "usage.json"
+
+
 def path_for(state_dir: Path, share_id: str) -> Path:
-    return state_dir / "usage" / f"{share_id}.json"
+    """In a folder of the share's own, which its sandbox shows (read-only) and nothing else."""
+    return state_dir / "usage" / share_id / FILE_NAME
 
 
 def lease_state(lease_expires: float, lease_grace_s: float, now: float | None = None) -> str:
@@ -68,20 +73,23 @@ def record(
 def write_all(state_dir: Path, records: Mapping[str, dict[str, Any]]) -> None:
     """Write each share's file, and remove those of shares not among them (ended)."""
     remove_all_but(state_dir, set(records))
-    if records:
-        (state_dir / "usage").mkdir(parents=True, exist_ok=True)
     for share_id, content in records.items():
-        write_json(path_for(state_dir, share_id), content)
+        path = path_for(state_dir, share_id)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_json(path, content)
 
 
 def remove(path: Path) -> None:
+    """A share's file and its folder."""
     path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
 
 
 def remove_all_but(state_dir: Path, share_ids: set[str]) -> None:
     """Remove the files of shares that ended, say while the gateway was down."""
     folder = state_dir / "usage"
     if folder.is_dir():
-        for path in folder.glob("*.json"):
-            if path.stem not in share_ids:
-                remove(path)
+        for path in folder.iterdir():
+            if path.name not in share_ids and path.is_dir():
+                remove(path / FILE_NAME)

@@ -115,9 +115,14 @@ def base_env(home: Path) -> dict[str, str]:
 
 
 def start_gateway(
-    tmp_path: Path, *args: str, name: str = "gpuhost", keys_from: Path | None = None
+    tmp_path: Path,
+    *args: str,
+    name: str = "gpuhost",
+    keys_from: Path | None = None,
+    env_extra: dict[str, str] | None = None,
 ) -> GatewayProcess:
-    """A gateway in ``tmp_path``; ``keys_from`` copies another's cluster keys (one pool)."""
+    """A gateway in ``tmp_path``; ``keys_from`` copies another's cluster keys (one pool);
+    ``env_extra`` is added to the gateway process's environment."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     if keys_from is not None:
         import shutil
@@ -127,7 +132,7 @@ def start_gateway(
         tmp_path / "state",
         free_port(),
         list(args),
-        process_env=base_env(tmp_path),
+        process_env={**base_env(tmp_path), **(env_extra or {})},
         log_path=tmp_path / "gateway.log",
         name=name,
         home=tmp_path,

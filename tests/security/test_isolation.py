@@ -11,7 +11,7 @@ import uuid
 import pytest
 from jupyter_client.session import Session
 
-from gateway import kernels, sandbox
+from gateway import kernels, landlock
 from remoting import protocol
 from remoting.client import GatewayConnection, GatewayError
 from tests.security.conftest import (
@@ -225,7 +225,7 @@ EAVESDROP = (
 def channels_gateway(request, tmp_path):
     """A gateway per way of keeping kernels' channels from other shares: "auto" gives
     ipykernel unix sockets that Landlock scopes to the share, "curve" CurveZMQ on TCP."""
-    if request.param == "auto" and sandbox.abi() < kernels.SCOPED_UNIX_ABI:
+    if request.param == "auto" and landlock.abi() < kernels.SCOPED_UNIX_ABI:
         pytest.skip(f"this Linux has no Landlock ABI {kernels.SCOPED_UNIX_ABI} to scope sockets")
     yield from long_lease_gateway(tmp_path, "--kernel-channels", request.param)
 
@@ -259,7 +259,8 @@ def test_code_in_another_share_cannot_listen_to_a_kernel(channels_gateway):
             ident=frontend,
         )
         assert _kernel_reply(alice) == "kernel_info_reply"
-        conn_file = gateway.state_dir / "run" / "kernels" / f"kernel-{started['kernel_id']}.json"
+        kernel_id = started["kernel_id"]
+        conn_file = gateway.state_dir / "run" / "kernels" / kernel_id / f"kernel-{kernel_id}.json"
         info = json.loads(conn_file.read_text())
         assert info["transport"] == ("ipc" if gateway.args[-1] == "auto" else "tcp")
         if "curve_publickey" in info:

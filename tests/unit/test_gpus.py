@@ -74,25 +74,38 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+def _claim(pid: int) -> str:
+    """The claim name of host ``pid``, as it would write it (its namespace, its own pid)."""
+    return f"{os.stat(f'/proc/{pid}/ns/pid').st_ino}-{pid}"
+
+
 def test_simulated_usage_counts_live_claims_and_drops_dead_ones(tmp_path):
     inv = SimulatedInventory([16384, 16384], tmp_path / "usage", "gpuhost")
     g0, g1 = (g.uuid for g in inv.gpus())
-    usage_dir = tmp_path / "usage"
-    # pid 1 (init) is alive wherever the tests run.
-    (usage_dir / "1.json").write_text(json.dumps({g0: 1000, g1: 3000, "GPU-not-here": 99}))
-    dead = usage_dir / f"{_dead_pid()}.json"
+    usage_dir = tmp_path / "usage" / "s-share"  # a share's own folder
+    usage_dir.mkdir()
+    live = subprocess.Popen(["sleep", "60"])
+    (usage_dir / f"{_claim(live.pid)}.json").write_text(
+        json.dumps({g0: 1000, g1: 3000, "GPU-not-here": 99})
+    )
+    ns = os.stat("/proc/self/ns/pid").st_ino
+    dead = usage_dir / f"{ns}-{_dead_pid()}.json"
     dead.write_text(json.dumps({g0: 5000}))
     (usage_dir / "garbage.json").write_text("{}")
-    own = usage_dir / f"{os.getpid()}.json"
+    own = usage_dir / f"{_claim(os.getpid())}.json"
     own.write_text("{not json")
 
-    assert inv.process_memory() == {1: {0: 1000, 1: 3000}}
-    assert not dead.exists()  # a claim of a process that is gone is cleaned up
-    assert own.exists()  # a malformed claim of a live process is only ignored
+    try:
+        assert inv.process_memory() == {live.pid: {0: 1000, 1: 3000}}
+        assert not dead.exists()  # a claim of a process that is gone is cleaned up
+        assert own.exists()  # a malformed claim of a live process is only ignored
 
-    states = {s.index: s for s in inv.states()}
-    assert states[0].memory_used_mib == 1000 and states[1].memory_used_mib == 3000
-    assert states[0].temperature_c is None and states[0].power_w is None
+        states = {s.index: s for s in inv.states()}
+        assert states[0].memory_used_mib == 1000 and states[1].memory_used_mib == 3000
+        assert states[0].temperature_c is None and states[0].power_w is None
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_open_inventory_with_simulate_serves_the_simulated_pool(tmp_path):

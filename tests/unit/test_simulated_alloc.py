@@ -2,6 +2,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,10 +22,17 @@ def share_env(pool: SimulatedInventory) -> dict[str, str]:
         server="gpuhost",
         share_id="s-1",
         gpus=[ShareGpu(g.index, g.uuid, g.name, 8192, g.memory_total_mib) for g in pool.gpus()],
-        simulated_usage_dir=pool.usage_dir,
+        simulated_usage_dir=share_dir(pool),
         mps=False,
         base=base,
     )
+
+
+def share_dir(pool: SimulatedInventory) -> Path:
+    """The share's own claims folder, as the gateway makes it."""
+    folder = pool.usage_dir / "s-1"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def alloc(env: dict[str, str], *args: str) -> subprocess.Popen:
@@ -52,7 +60,7 @@ def test_allocation_is_seen_by_the_gateway_and_gone_after_sigterm(pool):
         proc.wait()
     assert pool.process_memory() == {}
     assert [s.memory_used_mib for s in pool.states()] == [0, 0]
-    assert list(pool.usage_dir.iterdir()) == []  # it cleaned up after itself
+    assert list(share_dir(pool).iterdir()) == []  # it cleaned up after itself
 
 
 def test_allocation_for_a_while_ends_by_itself(pool):
@@ -68,7 +76,7 @@ def test_a_killed_allocator_stops_counting(pool):
     proc.kill()  # SIGKILL: no chance to clean up
     proc.wait()
     assert pool.process_memory() == {}
-    assert list(pool.usage_dir.iterdir()) == []
+    assert list(share_dir(pool).iterdir()) == []
 
 
 def test_outside_a_simulated_share_it_says_so(pool):
