@@ -120,7 +120,7 @@ def checks(state_dir: Path, port: int) -> list[dict[str, Any]]:
     if listening and state_dir.is_dir():
         verdict, told = _gateway_answers(state_dir, port)
         add("gateway", verdict)
-    add("share sandbox", _confinement(told.get("confinement")))
+    add("share sandbox", _confinement(told.get("sandbox")))
     return out
 
 

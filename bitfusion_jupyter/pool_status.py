@@ -116,6 +116,7 @@ def server_view(
         "error": answer.error,
         "hostname": None,
         "simulated": False,
+        "sandbox": None,  # how it walls shares off, once it has answered
         "dashboard_url": None,  # known once the gateway has answered
         "gpus": [],
     }
@@ -123,6 +124,7 @@ def server_view(
         return row
     row["hostname"] = answer.gpus.get("server")
     row["simulated"] = bool(answer.gpus.get("simulated"))
+    row["sandbox"] = answer.gpus.get("sandbox")
     # A gateway older than the "web_port" field serves it on the default port.
     row["dashboard_url"] = dashboard_url(
         answer.address, answer.gpus.get("web_port", DASHBOARD_PORT)

@@ -70,6 +70,10 @@ def list_gpus(pool: Pool, as_json: bool) -> int:
         )
     if any(not isinstance(a, GatewayError) and a["simulated"] for _, a in answers):
         print("(SIMULATED GPUs are a stand-in pool for machines without a GPU.)")
+    for server, ans in answers:  # a server whose shares are not sandboxed says so, always
+        sandbox = {} if isinstance(ans, GatewayError) else ans.get("sandbox") or {}
+        if sandbox and not sandbox.get("sandboxed"):
+            print(f"{server}: shares {sandbox['line']}")
     return _finish(answers)
 
 
@@ -185,10 +189,11 @@ def list_shares(pool: Pool, as_json: bool) -> int:
     if as_json:
         _emit_json(answers)
         return 1 if _errors(answers) else 0
-    rows, events = [], []
+    rows, events, packages = [], [], []
     for server, ans in answers:
         if isinstance(ans, GatewayError):
             continue
+        packages += [[server, p["name"], p["version"]] for p in ans.get("packages", [])]
         for s in ans["shares"]:
             usage = s["usage_mib"]
             for g in s["gpus"]:
@@ -239,4 +244,10 @@ def list_shares(pool: Pool, as_json: bool) -> int:
             for server, e in events[:15]
         ]
         print(tables.render(["TIME", "SERVER", "EVENT", "SHARE", "DETAIL"], erows))
+    if packages:
+        print(
+            "\nPackages you installed (pip in a share; for you alone, in your home on that "
+            "server; reset: bitfusion run -- sh -c 'rm -rf ~/.local/share/bitfusion/envs'):"
+        )
+        print(tables.render(["SERVER", "PACKAGE", "VERSION"], packages))
     return _finish(answers)

@@ -231,7 +231,12 @@ def run(
         except SpawnError as exc:
             raise UsageError(str(exc)) from None
         time.sleep(0.2)  # let the banner reach the log
-        print(gateway.start_log().rstrip(), flush=True)  # this run's banner, not the history
+        banner = gateway.start_log().rstrip()
+        print(banner, flush=True)  # this run's banner, not the history
+        refused = [ln for ln in banner.splitlines() if "shares: REFUSED: " in ln]
+        if refused:  # a quick start that could only fail at its first share: say why now
+            why = refused[0].split("shares: REFUSED: ", 1)[1]
+            raise UsageError(f"this machine cannot sandbox shares: {why}.")
         _say(f"The gateway logs to {gateway.log_path}.")
         _say(
             f"The cluster dashboard is at http://127.0.0.1:{web_port}/ (log in with the admin "

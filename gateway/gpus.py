@@ -111,8 +111,16 @@ class NvmlInventory(GpuInventory):
             name=_text(nv.nvmlDeviceGetName(handle)),
             memory_total_mib=nv.nvmlDeviceGetMemoryInfo(handle).total // MIB,
             simulated=False,
-            minor=self._optional(nv.nvmlDeviceGetMinorNumber, handle),
+            minor=self._minor(handle),
         )
+
+    def _minor(self, handle: Any) -> int | None:
+        # Unknown (some MIG and virtual GPUs): a share's sandbox then shows every GPU node,
+        # and CUDA_VISIBLE_DEVICES still names only the share's GPUs.
+        try:
+            return int(self._nv.nvmlDeviceGetMinorNumber(handle))
+        except (self._nv.NVMLError, AttributeError):
+            return None
 
     def _optional(self, read: Any, *args: Any) -> Any:
         # Consumer GPUs and some drivers lack a field; that field is then unknown, not an error.

@@ -28,7 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +36,6 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 PRELUDE = Path(__file__).resolve().parent / "share_prelude.sh"
 HOMES_IN = Path("/home")  # where a user's home appears in their shares
 RUN_IN = Path("/run/bitfusion")  # where the gateway's files for the share appear
-# Signals the nanny keeps from bwrap's monitor (see the module docstring).
-SHIELDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
 _SYSTEM = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt")
 _SYS = ("/sys/block", "/sys/bus", "/sys/class", "/sys/dev", "/sys/devices")
 # Host secrets that sit in the read-only system tree: covered, since a gateway run by root
@@ -86,7 +84,7 @@ class Layout:
     def for_gateway(
         cls, state_dir: Path, homes_dir: Path, interpreters: Iterable[str] = ()
     ) -> Layout:
-        hidden = [_real(state_dir), _real(homes_dir)]
+        hidden = _outermost([_real(state_dir), _real(homes_dir)])
         trees = [sys.prefix, sys.base_prefix, sys.exec_prefix, str(PACKAGE_ROOT)]
         trees += [p for p in sys.path[1:] if p and os.path.isdir(p)]
         for program in interpreters:
@@ -94,8 +92,6 @@ class Layout:
                 trees.append(str(Path(_real(program)).parent.parent))
                 trees.append(str(Path(program).parent.parent))
         offered = _outermost(t for t in map(_real, trees) if not _under_system(t))
-        # A tree that holds a hidden one would show it: such a tree cannot be offered.
-        offered = [t for t in offered if not any(_within(h, t) for h in hidden)]
         return cls(_real_path(state_dir), _real_path(homes_dir), offered, hidden)
 
     def home_of(self, user: str) -> Path:
@@ -145,12 +141,18 @@ class Layout:
         out += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]
         for node in _gpu_nodes(gpu_minors):
             out += ["--dev-bind-try", node, node]
-        # Hidden trees are covered before the offered ones are bound, so that an interpreter
-        # kept inside one (a venv in the service user's home) is still there.
-        for path in self.hidden:
-            if any(_within(path, f"/{top}") for top in _SYSTEM):
-                out += ["--tmpfs", path]
+        # A hidden tree is covered wherever a bound tree would show it (a state dir in /opt,
+        # or in the checkout the gateway runs from); an offered tree inside a hidden one (a
+        # venv in the service user's home, which is the state dir) is bound after the cover.
+        inside = [t for t in self.offered if any(_within(t, h) for h in self.hidden)]
         for tree in self.offered:
+            if tree not in inside:
+                out += ["--ro-bind", tree, tree]
+        shown = [f"/{top}" for top in _SYSTEM] + [t for t in self.offered if t not in inside]
+        for path in self.hidden:
+            if any(_within(path, tree) for tree in shown):
+                out += ["--tmpfs", path]
+        for tree in inside:
             out += ["--ro-bind", tree, tree]
         for path in mps_dirs:
             out += ["--bind-try", path, path]
@@ -162,13 +164,17 @@ class Layout:
         return [*out, "/bin/sh", str(PRELUDE), *command]
 
 
-def environment(
-    share_env: dict[str, str], base: dict[str, str], user: str, user_env: str | None
-) -> dict[str, str]:
-    """A sandboxed process's environment: what ``_PASSED`` lets through of the gateway's own
-    (``base``), then the share's variables, then the user's home and Python layer."""
-    env = {k: v for k, v in base.items() if k in _PASSED or k.startswith(_PASSED_PREFIXES)}
-    env.update(share_env)
+def passed(gateway_env: Mapping[str, str], sandboxed: bool) -> dict[str, str]:
+    """What of the gateway's own environment a share's process gets (see ``_PASSED``); an
+    unconfined one also keeps the gateway's HOME and user, as it runs in them."""
+    names = _PASSED if sandboxed else (*_PASSED, "HOME", "USER", "LOGNAME")
+    return {k: v for k, v in gateway_env.items() if k in names or k.startswith(_PASSED_PREFIXES)}
+
+
+def environment(share_env: dict[str, str], user: str, user_env: str | None) -> dict[str, str]:
+    """A sandboxed process's environment: the share's (``passed`` and the share's variables),
+    with the user's home and their Python layer."""
+    env = dict(share_env)
     home = str(HOMES_IN / user)
     env.update({"HOME": home, "USER": user, "LOGNAME": user, "SHELL": "/bin/sh"})
     env.pop("TMPDIR", None)
@@ -188,14 +194,26 @@ def user_env_dir(user: str) -> str:
     return str(HOMES_IN / user / ".local" / "share" / "bitfusion" / "envs" / tag)
 
 
-def plain_environment(share_env: dict[str, str], base: dict[str, str]) -> dict[str, str]:
-    """An unconfined process's environment: the same filter, with the gateway's HOME."""
-    env = {k: v for k, v in base.items() if k in _PASSED or k.startswith(_PASSED_PREFIXES)}
-    env.update(share_env)
-    for name in ("HOME", "USER", "LOGNAME"):
-        if name in base:
-            env[name] = base[name]
-    return env
+def installed_packages(layout: Layout, user: str) -> list[dict[str, str]]:
+    """The packages ``user`` installed on this server (name and version), for list_shares.
+
+    Read on the host from a folder the user controls: a link anywhere on the way is not
+    followed, so the answer can only ever name what is really in their environment."""
+    home = layout.homes_dir / user
+    env = home / Path(user_env_dir(user)).relative_to(HOMES_IN / user)
+    site = env / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site = site / "site-packages"
+    path = home
+    for part in site.relative_to(home).parts:
+        path = path / part
+        if not path.is_dir() or path.is_symlink():
+            return []
+    out = []
+    for entry in sorted(os.listdir(site)):
+        name, _, rest = entry.partition("-")
+        if entry.endswith(".dist-info") and rest:
+            out.append({"name": name, "version": rest.removesuffix(".dist-info")})
+    return out
 
 
 def check(wanted: bool) -> Verdict:

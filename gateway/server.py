@@ -480,6 +480,12 @@ class Gateway:
             "server": self.cfg.hostname,
             "version": protocol.VERSION,
             "simulated": self.inventory.simulated,
+            # How shares are walled off, for every view (CLI, panel, dashboard).
+            "sandbox": {
+                "sandboxed": self.sandbox.sandboxed,
+                "refused": self.sandbox.refuse,
+                "line": self.sandbox_line,
+            },
             "driver": self.inventory.driver_version(),
             "cuda": self.inventory.cuda_version(),
             "mps": self.mps,
@@ -495,12 +501,6 @@ class Gateway:
             "user": tok.user,
             "admin": tok.admin,
             "uptime_s": round(time.time() - self.started, 1),
-        }
-        # Every user is told how their shares are walled off (localhealth shows it).
-        answer["confinement"] = {
-            "sandboxed": self.sandbox.sandboxed,
-            "refused": self.sandbox.refuse,
-            "line": self.sandbox_line,
         }
         return answer
 
@@ -560,7 +560,13 @@ class Gateway:
             if tok.admin or s.owner == tok.user
         ]
         events = self.ledger.events(None if tok.admin else tok.user, limit=20)
-        return {"server": self.cfg.hostname, "shares": shares, "events": events}
+        return {
+            "server": self.cfg.hostname,
+            "shares": shares,
+            "events": events,
+            # What this user pip-installed here, in their own environment (user_env.py).
+            "packages": await asyncio.to_thread(sandbox.installed_packages, self.layout, tok.user),
+        }
 
     # --- handlers: shares ----------------------------------------------------------------
     def _read_want(self, msg: Message) -> tuple[Want, list[int]]:
@@ -839,7 +845,7 @@ class Gateway:
         env_extra = msg.get("env") or {}
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in env_extra.items()):
             raise RequestError(protocol.E_BAD_REQUEST, "Environment entries must be strings.")
-        env = self.share_env(share, env_extra)
+        env = self.share_env(share, {**self._passed_env(), **env_extra})
         proc = await self._launch(tok, share, list(argv), env, msg.get("cwd"), ident)
         self.ledger.event("spawn", tok.user, share.id, " ".join(argv)[:200])
         return {"proc_id": proc.id}
@@ -858,10 +864,10 @@ class Gateway:
         self._refuse_unsandboxed(tok)
         async with self._starting_in(share):
             proc_id = self.ledger.new_id("p-", "processes")
-            argv, env, cwd, flags = self._sandboxed(share, argv, env, cwd, kernel)
+            full, env, cwd, flags = self._sandboxed(share, argv, env, cwd, kernel)
             try:
                 launched = await launcher.launch_async(
-                    argv,
+                    full,
                     env,
                     cwd,
                     self.run_dir,
@@ -888,6 +894,11 @@ class Gateway:
                 self._open_kernel(proc, subscriber)  # inside the start, which end_share awaits
             return proc
 
+    def _passed_env(self) -> dict[str, str]:
+        """What of the gateway's own environment reaches a share: locale and search paths,
+        never its other variables (they are not the users' to read)."""
+        return sandbox.passed(os.environ, self.sandbox.sandboxed)
+
     def _refuse_unsandboxed(self, tok: tokens.Token) -> None:
         if self.sandbox.refuse:
             self.refusals.info("unsandboxed", "refused user %s: no sandbox", tok.user)
@@ -907,31 +918,31 @@ class Gateway:
     ) -> tuple[list[str], dict[str, str], str | None, list[str]]:
         """``argv`` as it runs in ``share``'s sandbox: the bwrap command line, its environment,
         the nanny's working directory and flags. Unchanged (but for the environment) when the
-        admin chose --unconfined.
-
-        The sandbox shows the share's own files of the gateway's at fixed places under
-        /run/bitfusion, so no path of the state directory ever reaches the share."""
-        share_dir = usage_files.path_for(self.cfg.state_dir, share.id).parent
-        share_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        env = dict(env)
-        binds = [sandbox.Bind(str(share_dir), f"{sandbox.RUN_IN}/usage")]
-        env["BITFUSION_USAGE_FILE"] = f"{sandbox.RUN_IN}/usage/{usage_files.FILE_NAME}"
-        if self.inventory.simulated:
-            claims = simulated_claims.dir_for(self.cfg.state_dir, share.id)
-            claims.mkdir(parents=True, exist_ok=True, mode=0o700)
-            binds.append(sandbox.Bind(str(claims), f"{sandbox.RUN_IN}/simulated-usage", True))
-            env["BITFUSION_SIMULATED_USAGE_DIR"] = f"{sandbox.RUN_IN}/simulated-usage"
+        admin chose --unconfined."""
+        usage_dir = usage_files.path_for(self.cfg.state_dir, share.id).parent
+        claims = (
+            simulated_claims.dir_for(self.cfg.state_dir, share.id)
+            if self.inventory.simulated
+            else None
+        )
+        for folder in (usage_dir, claims):
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.sandbox.sandboxed:  # --unconfined, said everywhere: the host's own paths
+            return argv, env, None, []
+        # The gateway's files that the share needs appear at fixed places under /run/bitfusion,
+        # so no path of the state directory ever reaches it.
+        run_in = sandbox.RUN_IN
+        env = {**env, "BITFUSION_USAGE_FILE": f"{run_in}/usage/{usage_files.FILE_NAME}"}
+        binds = [sandbox.Bind(str(usage_dir), f"{run_in}/usage")]
+        if claims is not None:
+            binds.append(sandbox.Bind(str(claims), f"{run_in}/simulated-usage", True))
+            env["BITFUSION_SIMULATED_USAGE_DIR"] = f"{run_in}/simulated-usage"
         if kernel is not None:
-            # Its own folder, which ipykernel rewrites its connection file in.
-            folder = Path(kernel["connection_file"]).parent
-            binds.append(sandbox.Bind(str(folder), f"{sandbox.RUN_IN}/kernel", True))
-            inside = f"{sandbox.RUN_IN}/kernel/{Path(kernel['connection_file']).name}"
-            argv = [a.replace(kernel["connection_file"], inside) for a in argv]
-        if not self.sandbox.sandboxed:  # --unconfined: the host's paths, said at start
-            env.update(BITFUSION_USAGE_FILE=str(usage_files.path_for(self.cfg.state_dir, share.id)))
-            if self.inventory.simulated:
-                env["BITFUSION_SIMULATED_USAGE_DIR"] = str(binds[1].host)
-            return argv, sandbox.plain_environment(env, dict(os.environ)), None, []
+            # A folder of its own, in which ipykernel rewrites its connection file.
+            conn_file = Path(kernel["connection_file"])
+            binds.append(sandbox.Bind(str(conn_file.parent), f"{run_in}/kernel", True))
+            argv = [a.replace(str(conn_file), f"{run_in}/kernel/{conn_file.name}") for a in argv]
         user = share.owner
         user_env = sandbox.user_env_dir(user)
         if argv and argv[0] == sys.executable:  # the offered Python: the user's layer over it
@@ -950,7 +961,7 @@ class Gateway:
             chdir=chdir,
         )
         flags = ["--shield", *(["--scope"] if self.sandbox_abi else [])]
-        return full, sandbox.environment(env, dict(os.environ), user, user_env), None, flags
+        return full, sandbox.environment(env, user, user_env), None, flags
 
     @contextlib.asynccontextmanager
     async def _starting_in(self, share: Share) -> AsyncIterator[None]:
@@ -1011,7 +1022,9 @@ class Gateway:
         self._close_kernel_of(proc_id)
         proc = self.ledger.finish_process(proc_id, code)
         if proc is not None:
-            log.info("process %s of share %s exited with %s", proc_id, proc.share_id, code)
+            # A sandboxed command killed by signal N exits 128+N (bwrap says it as shells do).
+            how = f"{code} (128+{signal.Signals(code - 128).name})" if _by_signal(code) else code
+            log.info("process %s of share %s exited with %s", proc_id, proc.share_id, how)
         relay = self.relays.get(proc_id)
         if relay is not None and code is None:
             # The nanny vanished without a word: tell the watcher the process is gone.
@@ -1049,7 +1062,7 @@ class Gateway:
         )
         argv = [a.replace("{connection_file}", str(conn_file)) for a in env_of.argv]
         # BITFUSION_KERNEL_ID tells the %bitfusion magic that its kernel has a shim to ask.
-        env = self.share_env(share, {"BITFUSION_KERNEL_ID": kernel_id})
+        env = self.share_env(share, {**self._passed_env(), "BITFUSION_KERNEL_ID": kernel_id})
         kernel = {
             "kernel_id": kernel_id,
             "connection_file": str(conn_file),
@@ -1446,3 +1459,10 @@ def _remove_connection_file(path: Path) -> None:
     path.unlink(missing_ok=True)
     if path.parent.name == path.stem.removeprefix("kernel-"):
         shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def _by_signal(code: int | None) -> bool:
+    try:
+        return code is not None and code > 128 and bool(signal.Signals(code - 128))
+    except ValueError:
+        return False

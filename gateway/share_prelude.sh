@@ -10,4 +10,10 @@ if [ -n "$env_dir" ] && [ ! -e "$env_dir/pyvenv.cfg" ]; then
         echo "bitfusion: could not make your Python environment in $env_dir;" \
             "packages you install here will not be kept." >&2
 fi
+# A program that is not there gets the sentence `bitfusion run` used to give, not sh's own.
+if ! command -v -- "$1" >/dev/null 2>&1; then
+    echo "bitfusion: cannot run '$1' in the share on ${BITFUSION_SERVER:-this server}:" \
+        "no such program there (its commands run on the GPU server, in $PWD)." >&2
+    exit 127
+fi
 exec "$@"

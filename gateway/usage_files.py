@@ -75,8 +75,11 @@ def write_all(state_dir: Path, records: Mapping[str, dict[str, Any]]) -> None:
     remove_all_but(state_dir, set(records))
     for share_id, content in records.items():
         path = path_for(state_dir, share_id)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_json(path, content)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_json(path, content)
+        except FileNotFoundError:
+            continue  # the share ended meanwhile, and its folder went with it
 
 
 def remove(path: Path) -> None:

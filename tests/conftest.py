@@ -21,6 +21,11 @@ from gateway.spawned import SpawnedGateway, free_port, stop_leftovers
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "bitfusion_jupyter"]
+# Python code that prints its pid so the host can find it: in a share's sandbox a process has
+# a pid of its own namespace, so it prints that namespace too (see host_pid).
+PRINTS_ITS_PID = (
+    "import os; print(f\"{os.stat('/proc/self/ns/pid').st_ino}-{os.getpid()}\", flush=True)"
+)
 # Python code that echoes each line of its stdin as it comes, for the stdin tests.
 ECHOES_ITS_STDIN = (
     "import sys\nfor line in sys.stdin:\n    print('got', line.strip(), flush=True)\n"
@@ -94,6 +99,15 @@ class GatewayProcess(SpawnedGateway):
     def no_shares_within(self, timeout: float) -> bool:
         """True once the gateway holds no share; False if that takes longer than ``timeout``."""
         return wait_for(lambda: not self.shares(), timeout)
+
+
+def host_pid(printed: str) -> int:
+    """The host pid of a process in a share that printed PRINTS_ITS_PID (while it runs)."""
+    from gateway import simulated_claims
+
+    pid = simulated_claims.host_pid(printed.strip())
+    assert pid is not None, f"no running process printed {printed!r}"
+    return pid
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, step: float = 0.2) -> bool:

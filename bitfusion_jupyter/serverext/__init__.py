@@ -8,7 +8,8 @@ the package). The contract, under the server's base URL:
 ``GET /bitfusion/api/pool``
     ``{"configured": bool, "message": str|null, "servers": [{"address": "host:port",
     "state": "ok"|"unreachable"|"unauthorized"|"error", "error": str|null,
-    "hostname": str|null, "simulated": bool, "dashboard_url": "http://HOST:PORT/"|null,
+    "hostname": str|null, "simulated": bool, "sandbox": {"sandboxed": bool, "refused": bool,
+    "line": str}|null, "dashboard_url": "http://HOST:PORT/"|null,
     "gpus": [{"index", "uuid", "name", "memory_total_mib", "memory_granted_mib",
     "memory_free_mib", "memory_used_mib", "utilization_pct", "simulated": bool,
     "shares": int, "mine": [{"share_id", "mib", "used_mib", "kernel_id": str|null}],

@@ -61,6 +61,13 @@ SCHEMAS: dict[str, Any] = {
             "hostname": NULL_STR,
             "version": NULL_STR,
             "simulated": BOOL,
+            # How the server walls shares off; null while it cannot be asked.
+            "sandbox": {
+                "oneOf": [
+                    {"type": "null"},
+                    _obj({"sandboxed": BOOL, "refused": BOOL, "line": STR}),
+                ]
+            },
             "idle_timeout_s": NULL_NUM,
             "queued": INT,
             "counters": {"type": "object", "additionalProperties": INT},

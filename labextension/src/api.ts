@@ -35,6 +35,8 @@ export interface IPoolServer {
   error: string | null;
   hostname: string | null;
   simulated: boolean;
+  /** How the gateway walls shares off; null until it answers. */
+  sandbox: { sandboxed: boolean; refused: boolean; line: string } | null;
   dashboard_url: string | null;
   gpus: IPoolGpu[];
 }

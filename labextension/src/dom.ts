@@ -36,6 +36,20 @@ export function simulatedBadge(): HTMLElement {
   );
 }
 
+/** What a server says of its shares' sandbox, shown only when they are NOT sandboxed. */
+export function sandboxBadge(
+  sandbox: { sandboxed: boolean; refused: boolean; line: string } | null
+): HTMLElement | null {
+  if (!sandbox || sandbox.sandboxed) {
+    return null;
+  }
+  return h(
+    'span',
+    { class: 'bf-badge bf-badge-unconfined', 'data-testid': 'bf-unconfined', title: sandbox.line },
+    sandbox.refused ? 'SHARES REFUSED' : 'UNCONFINED'
+  );
+}
+
 /** A horizontal bar of segments, each a share of `total`. */
 export function bar(
   total: number,

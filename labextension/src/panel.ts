@@ -15,7 +15,7 @@ import {
   request,
   shareSize
 } from './api';
-import { bar, h, simulatedBadge } from './dom';
+import { bar, h, sandboxBadge, simulatedBadge } from './dom';
 
 /** What the panel needs from JupyterLab, kept narrow so the panel stays plain DOM. */
 export interface IPanelHost {
@@ -142,6 +142,7 @@ export class GpuPanel extends Widget {
         h('strong', {}, name),
         server.hostname ? h('span', { class: 'bf-dim' }, server.address) : null,
         server.simulated ? simulatedBadge() : null,
+        sandboxBadge(server.sandbox),
         server.dashboard_url
           ? h(
               'a',

@@ -23,14 +23,14 @@ import pytest
 
 from gateway.spawned import stop_leftovers
 from remoting.protocol import DEFAULT_PORT
-from tests.conftest import CLI, REPO, GatewayProcess, base_env, wait_for
+from tests.conftest import CLI, PRINTS_ITS_PID, REPO, GatewayProcess, base_env, wait_for
 from tests.faults.hosts import Host, Network, NetworkUnavailable
 
 LEASE_GRACE_S = 12.0  # longer than the 5 s cut the kernel must ride out
 SHORT_LEASE_GRACE_S = 3.0
 
 
-PRINTS_ITS_PID_AND_WAITS = "import os, time\nprint(os.getpid())\ntime.sleep(300)\n"
+PRINTS_ITS_PID_AND_WAITS = f"{PRINTS_ITS_PID}\nimport time\ntime.sleep(300)\n"
 FIGURES = REPO / "test-output" / "faults.json"
 
 

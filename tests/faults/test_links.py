@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from tests.conftest import ECHOES_ITS_STDIN
+from tests.conftest import ECHOES_ITS_STDIN, PRINTS_ITS_PID, host_pid
 from tests.faults.conftest import PRINTS_ITS_PID_AND_WAITS, wait_for
 
 PRINTS_FOR_10_S = (
@@ -100,7 +100,7 @@ def test_lines_typed_during_a_5_s_cut_reach_the_command_once(cluster):
 def test_a_cut_longer_than_the_lease_ends_the_command_and_says_so(short_lease_cluster, figures):
     cluster = short_lease_cluster
     client = cluster.run_python(PRINTS_ITS_PID_AND_WAITS, "-m", "1024")
-    remote_pid = int(client.stdout.readline())
+    remote_pid = host_pid(client.stdout.readline())
     assert len(cluster.shares()) == 1
     cluster.client.cut()
     cut_at = time.monotonic()
@@ -128,7 +128,7 @@ def test_a_cut_longer_than_the_lease_ends_the_kernel_and_frees_its_share(
     cluster = short_lease_cluster
     fe = cluster.frontend()
     fe.call("start", args=["-m", "1024"])
-    remote_pid = int(fe.run_cell("import os; print(os.getpid())")["stdout"])
+    remote_pid = host_pid(fe.run_cell(PRINTS_ITS_PID)["stdout"])
     cluster.client.cut()
     cut_at = time.monotonic()
     try:

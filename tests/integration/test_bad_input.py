@@ -11,6 +11,7 @@ import zmq
 
 from gateway.spawned import free_port
 from remoting import protocol
+from tests.conftest import PRINTS_ITS_PID, host_pid
 
 
 def _clean(r, code=None):
@@ -221,9 +222,9 @@ def test_a_user_cannot_claim_another_shares_process(gateway):
         "--",
         sys.executable,
         "-c",
-        "import os, time; print(os.getpid(), flush=True); time.sleep(60)",
+        f"{PRINTS_ITS_PID}\nimport time; time.sleep(60)",
     )
-    victim = int(alice.stdout.readline())
+    victim = host_pid(alice.stdout.readline())
     conn = GatewayConnection(gateway.address, tokens.parse(gateway.token("bob")))
     try:
         share = conn.request("allocate", gpus=1, mib=512)["share"]["share_id"]

@@ -45,7 +45,10 @@ class Web:
 @pytest.fixture
 def cluster(tmp_path):
     """Two gateways of one pool; the first lists the second as its peer and serves the web."""
-    second = start_gateway(tmp_path / "b", "--simulate-gpus", "1x8GiB", name="second")
+    # The second runs shares unconfined, which the dashboard must show on its server.
+    second = start_gateway(
+        tmp_path / "b", "--simulate-gpus", "1x8GiB", "--unconfined", name="second"
+    )
     peers = tmp_path / "peers.conf"
     peers.write_text(f"# the rest of the cluster\n{second.address}\n")
     first, base = start_web_gateway(
@@ -108,6 +111,11 @@ def test_a_plain_user_sees_the_cluster_and_only_their_own_shares(cluster):
         assert all(s["state"] == "ok" and s["simulated"] for s in view["servers"])
         for s in view["servers"]:  # health, as `bitfusion health` gives it
             assert s["reachable"] and 0 < s["rtt_ms"] < 2000 and s["uptime_s"] >= 0
+        sandboxes = [s["sandbox"] for s in view["servers"]]
+        assert [(b["sandboxed"], b["line"].split(":")[0]) for b in sandboxes] == [
+            (True, "sandboxed by bubblewrap"),
+            (False, "UNCONFINED (--unconfined)"),
+        ]
         gpus = [g for s in view["servers"] for g in s["gpus"]]
         assert sorted(m for g in gpus for m in g["share_sizes_mib"]) == [2048, 4096]
         detailed = [sh for g in gpus for sh in g["shares"]]

@@ -8,7 +8,14 @@ import sys
 import time
 
 from gateway.spawned import SpawnedGateway, SpawnError, free_port
-from tests.conftest import ECHOES_ITS_STDIN, start_gateway, stop_leftovers, wait_for
+from tests.conftest import (
+    ECHOES_ITS_STDIN,
+    PRINTS_ITS_PID,
+    host_pid,
+    start_gateway,
+    stop_leftovers,
+    wait_for,
+)
 
 
 def _alive(pid):
@@ -27,9 +34,9 @@ def test_killed_client_frees_the_share_and_stops_its_process(gateway):
         "--",
         sys.executable,
         "-c",
-        "import os, time; print(os.getpid(), flush=True); time.sleep(120)",
+        f"{PRINTS_ITS_PID}\nimport time; time.sleep(120)",
     )
-    remote_pid = int(client.stdout.readline())
+    remote_pid = host_pid(client.stdout.readline())
     assert len(gateway.shares()) == 1
     client.kill()  # kill -9: no goodbye, no release
     client.wait()

@@ -73,8 +73,9 @@ def test_localhealth_reports_each_check(gateway):
     assert checks[f"port {gateway.port}"]["status"] == "ok"
     assert "SIMULATED pool" in checks["gateway"]["detail"]
     assert checks["NVML and driver"]["status"] in ("ok", "WARN")
-    assert set(checks) >= {"MPS daemon", "state dir", "disk", "share confinement"}
-    assert str(gateway.state_dir) in checks["share confinement"]["detail"]
+    assert set(checks) >= {"MPS daemon", "state dir", "disk", "share sandbox"}
+    assert checks["share sandbox"]["status"] == "ok"
+    assert "sandboxed by bubblewrap" in checks["share sandbox"]["detail"]
     assert checks["kernel channels"]["status"] == "ok"  # ipykernel 7.3+, as installed
     down = gateway.bf(
         "localhealth", "--state-dir", str(gateway.state_dir), "--port", str(free_port())
@@ -83,16 +84,18 @@ def test_localhealth_reports_each_check(gateway):
     assert "judged from here" in down.stdout  # no gateway to say how it confines shares
 
 
-def test_localhealth_gives_the_gateways_own_confinement_verdict(tmp_path):
-    # Shares work in --workdir; a state dir inside it cannot be hidden from them. Judged from
-    # this user's home alone, as localhealth did, it looked confined.
-    gw = start_gateway(tmp_path, "--simulate-gpus", "1x8GiB", "--workdir", str(tmp_path))
+def test_localhealth_gives_the_gateways_own_sandbox_verdict(tmp_path):
+    # The running gateway's verdict, not one judged from here: this one was told not to.
+    gw = start_gateway(tmp_path, "--simulate-gpus", "1x8GiB", "--unconfined")
     try:
         r = gw.bf("localhealth", "--state-dir", str(gw.state_dir), "--port", str(gw.port), "--json")
         checks = {c["check"]: c for c in json.loads(r.stdout)}
-        confinement = checks["share confinement"]
-        assert confinement["status"] == "WARN", confinement
-        assert f"is inside {tmp_path}" in confinement["detail"]
+        sandbox = checks["share sandbox"]
+        assert sandbox["status"] == "WARN", sandbox
+        assert sandbox["detail"].startswith("UNCONFINED (--unconfined)")
+        assert "judged from here" not in sandbox["detail"]
+        listed = gw.bf("list_gpus")  # and every user sees it in list_gpus
+        assert "shares UNCONFINED (--unconfined)" in listed.stdout, listed.stdout
     finally:
         gw.kill(signal.SIGTERM)
         stop_leftovers(gw.state_dir)

@@ -110,8 +110,9 @@ def _start_run(gateway, *cmd):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signals_are_forwarded_to_the_remote_command(gateway, sig):
     script = (
-        "import signal, sys, time\n"
-        "def bye(n, f): print('got', n, flush=True); sys.exit(42)\n"
+        # os.write, not print: the signal may come while `print('ready')` still holds stdout.
+        "import os, signal, sys, time\n"
+        "def bye(n, f): os.write(1, b'got %d\\n' % n); sys.exit(42)\n"
         "signal.signal(signal.SIGINT, bye); signal.signal(signal.SIGTERM, bye)\n"
         "print('ready', flush=True)\n"
         "time.sleep(60)\n"

@@ -64,6 +64,8 @@ def test_the_pool_shows_two_simulated_gpus(gateway, client_of, jp_fetch, jp_asyn
     [server] = pool["servers"]
     assert server["address"] == gateway.address and server["state"] == "ok"
     assert server["simulated"] is True and server["error"] is None
+    # The panel shows a badge only for a server whose shares are not sandboxed.
+    assert server["sandbox"]["sandboxed"] is True and "bubblewrap" in server["sandbox"]["line"]
     assert server["dashboard_url"] is None  # this gateway serves no dashboard: no dead link
     assert [g["index"] for g in server["gpus"]] == [0, 1]
     for g in server["gpus"]:

@@ -95,15 +95,12 @@ def _cell(kc, code: str) -> tuple[dict, str]:
 
 
 # --- the six findings --------------------------------------------------------------------
-def test_1_a_cwd_sent_by_a_user_widens_nothing(gateway):
-    """A `spawn` whose cwd names the state directory runs in the user's home all the same,
-    and the state directory is still not there."""
-    conn = connect(gateway, "mallory")
+def spawn_with_cwd(gateway, user: str, cwd: str, script: str) -> str:
+    """What a raw `spawn` of ``script`` with ``cwd`` prints, to its exit; the share is freed."""
+    conn = connect(gateway, user)
     try:
         share = conn.request("allocate", gpus=1, mib=1024)["share"]["share_id"]
-        script = f"pwd; cat {gateway.state_dir}/admin.token; ls {gateway.state_dir}/keys"
-        conn.request("spawn", share_id=share, argv=["sh", "-c", script],
-                     cwd=str(gateway.state_dir))  # fmt: skip
+        conn.request("spawn", share_id=share, argv=["sh", "-c", script], cwd=cwd)
         text, deadline = "", time.monotonic() + WAIT_S
         while "<exit" not in text and time.monotonic() < deadline:
             msg = conn.receive(1.0)
@@ -112,8 +109,18 @@ def test_1_a_cwd_sent_by_a_user_widens_nothing(gateway):
                 conn.send("ack", proc_id=msg["proc_id"], seq=msg["seq"])
             elif msg is not None and msg.type == "exit":
                 text += f"<exit {msg['code']}>"
+        conn.request("release", share_id=share)
     finally:
         conn.close()
+    return text
+
+
+def test_1_a_cwd_sent_by_a_user_widens_nothing(gateway):
+    """A `spawn` whose cwd names the state directory runs in the user's home all the same,
+    and the state directory is still not there."""
+    state = gateway.state_dir
+    script = f"pwd; cat {state}/admin.token; ls {state}/keys"
+    text = spawn_with_cwd(gateway, "mallory", str(state), script)
     assert text.splitlines()[0] == "/home/mallory", text
     assert "No such file or directory" in text and "bf1." not in text
 
@@ -341,6 +348,10 @@ def test_pip_install_in_a_command_is_kept_for_that_user(gateway):
     assert r.stdout.strip() == "bftestpkg works", r.stderr
     r = gateway.bf("run", "-m", "1024", "--", "python3", "-c", "import bftestpkg", user="alice")
     assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr
+    # Each user is told what they installed on each server, and only that.
+    r = gateway.bf("list_shares", user="bob")
+    assert "Packages you installed" in r.stdout and "bftestpkg" in r.stdout, r.stdout
+    assert "Packages you installed" not in gateway.bf("list_shares", user="alice").stdout
 
 
 # --- no silent fall-back ---------------------------------------------------------------------
@@ -363,13 +374,19 @@ def test_without_bubblewrap_shares_are_refused_in_one_sentence(tmp_path):
         stop_leftovers(gw.state_dir)
 
 
-def test_an_unconfined_gateway_says_so(tmp_path):
+def test_an_unconfined_gateway_says_so(tmp_path, monkeypatch):
     gw = start_gateway(tmp_path, "--simulate-gpus", "1x8GiB", "--unconfined")
     try:
         assert "shares: UNCONFINED (--unconfined)" in gw.log()
         r = gw.bf("run", "--", "cat", str(gw.state_dir / "admin.token"))
         assert r.returncode == 0 and r.stdout.startswith("bf1.a.")  # what the flag means
         assert "UNCONFINED" in r.stderr  # and the user is told
+        r = gw.bf("run", "--", sys.executable, "-c", "import os; print(os.getcwd())")
+        assert r.returncode == 0 and r.stdout.strip() != "/home/alice"  # the gateway's own
+        _as(gw, monkeypatch, "alice")  # and a kernel starts, with the gateway's own paths
+        with ready(start_shim_kernel("-m", "1024")) as (_km, kc):
+            content, out = _cell(kc, "print(6 * 7)")
+            assert content["status"] == "ok" and out.strip() == "42"
     finally:
         gw.kill()
         stop_leftovers(gw.state_dir)

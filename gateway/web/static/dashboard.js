@@ -93,6 +93,18 @@ function gpuView(server, gpu) {
   return row;
 }
 
+// How the server walls its shares off: quiet when sandboxed, loud when not.
+function sandboxBadge(sandbox) {
+  if (!sandbox) return null;
+  const text = sandbox.sandboxed ? "shares sandboxed" : sandbox.refused ? "SHARES REFUSED" : "UNCONFINED";
+  return el("span", {
+    class: sandbox.sandboxed ? "sandboxed" : "badge warn",
+    "data-testid": "sandbox",
+    title: sandbox.line,
+    text,
+  });
+}
+
 function serversView(cluster) {
   const out = [];
   for (const s of cluster.servers) {
@@ -105,7 +117,8 @@ function serversView(cluster) {
             `version ${s.version} · queue ${s.queued}` +
             (s.idle_timeout_s ? ` · idle timeout ${s.idle_timeout_s} s` : "")
           : `${s.address} · ${s.state}` }),
-      s.simulated ? el("span", { class: "badge", text: "SIMULATED POOL" }) : null);
+      s.simulated ? el("span", { class: "badge", text: "SIMULATED POOL" }) : null,
+      sandboxBadge(s.sandbox));
     const box = el("div", { class: "server", "data-testid": "server", "data-state": s.state }, head);
     if (s.error) box.append(el("p", { class: "error", text: s.error }));
     for (const g of s.gpus) box.append(gpuView(s, g));
