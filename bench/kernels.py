@@ -105,8 +105,16 @@ def start(flavour: Flavour) -> tuple[KernelManager, BlockingKernelClient, float]
     with flavour.log.open("ab") as log:
         km.start_kernel(env=flavour.env, stdout=log, stderr=log)
     kc = km.client()
-    kc.start_channels()
-    kc.wait_for_ready(timeout=READY_TIMEOUT_S)
+    try:
+        kc.start_channels()
+        kc.wait_for_ready(timeout=READY_TIMEOUT_S)
+    except BaseException:  # never ready, or Ctrl-C: leave no kernel behind
+        kc.stop_channels()
+        if km.is_alive():
+            km.shutdown_kernel(now=True)
+        else:
+            km.cleanup_resources()  # its connection file
+        raise
     return km, kc, time.perf_counter() - t0
 
 
