@@ -46,7 +46,9 @@ class RemoteKernel:
 
     def probe(self) -> None:
         self.conn.flush()
-        self.stream.tick()
+        code = self.stream.tick()  # set when the gateway says the kernel is gone for good
+        if code is not None and self._code is None:
+            self._code = code
 
     def send(self, channel: str, ident: bytes | None, frames: list[Any]) -> None:
         routing = {"ident": ident.hex()} if ident else {}

@@ -101,15 +101,25 @@ class ProcessStream:
                     code = self.handle(msg)
                     if code is not None:
                         return code
-            self.tick()
+            code = self.tick()
+            if code is not None:
+                return code
 
-    def tick(self) -> None:
-        """Ack written output and renew the lease when they are due."""
+    def tick(self) -> int | None:
+        """Ack written output and renew the lease when they are due; an exit code once the
+        gateway says the process is gone for good."""
         if self.unacked_bytes and time.monotonic() - self.last_ack >= ACK_EVERY_S:
             self._ack()
         if time.monotonic() >= self.next_renew:
-            self._renew()
+            gone = self._renew()
             self.next_renew = time.monotonic() + self.renew_every
+            if gone:
+                say(
+                    "the remote process ended while no gateway watched it, and its "
+                    "supervisor is gone: its exit status and last output are unknown."
+                )
+                return 255
+        return None
 
     def handle(self, msg: Message) -> int | None:
         """Act on one message from the gateway; returns the exit code once the process ended."""
@@ -152,9 +162,10 @@ class ProcessStream:
         self.unacked_bytes = 0
         self.last_ack = time.monotonic()
 
-    def _renew(self) -> None:
+    def _renew(self) -> bool:
+        """Renew the lease and re-attach; True when the gateway no longer knows the process."""
         try:
-            self.conn.request(
+            answer = self.conn.request(
                 "renew",
                 share_id=self.share_id,
                 attach=[[self.proc_id, self.next_seq]],
@@ -163,6 +174,7 @@ class ProcessStream:
             if self.lost_since is not None:
                 say("connection to the gateway restored.")
             self.lost_since = None
+            return self.proc_id in (answer or {}).get("gone", [])
         except GatewayError as exc:
             if exc.code != "unreachable":
                 raise
@@ -181,6 +193,7 @@ class ProcessStream:
                     f"longer than the lease grace ({self.lease_s:g} s); the share "
                     "and its processes have been ended there.",
                 ) from None
+            return False
 
     def _pump_stdin(self, fd: int) -> bool:
         try:

@@ -44,6 +44,7 @@ class Relay:
         self.exit_seq: int | None = None
         self.exit_code: int | None = None
         self.closed = asyncio.Event()
+        self.closing = False  # our own close: the nanny and its process go on without us
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, out_from: int = 1) -> None:
@@ -106,7 +107,7 @@ class Relay:
                             None,
                         )
         except NannyGone:
-            if self.exit_seq is None:
+            if self.exit_seq is None and not self.closing:
                 self.on_exit(None)  # nanny vanished without an exit; the gateway decides
         except Exception:  # a broken relay must not take the gateway down
             log.exception("relay for %s failed", self.proc_id)
@@ -117,6 +118,9 @@ class Relay:
             self.on_closed()
 
     async def close(self) -> None:
+        """Let go of the nanny; its process is not ended, nor taken for ended (a stopping
+        gateway closes every relay, and the next one adopts the process)."""
+        self.closing = True
         if self.link is not None:
             link, self.link = self.link, None
             await link.close()

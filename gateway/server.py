@@ -750,6 +750,7 @@ class Gateway:
         if share.id in self.ending:
             raise RequestError(protocol.E_NOT_FOUND, f"Share {share.id} is being released.")
         self.ledger.renew(share, self.cfg.lease_grace_s)
+        gone = []  # processes this gateway has no supervisor of: ended for good
         for item in msg.get("attach") or []:
             if not (
                 isinstance(item, list)
@@ -758,6 +759,9 @@ class Gateway:
                 and type(item[1]) is int
             ):
                 raise RequestError(protocol.E_BAD_REQUEST, "attach takes [[proc_id, seq], ...].")
+            if item[0] not in self.relays:
+                gone.append(item[0])
+                continue
             relay = self._relay(item[0], tok)
             if relay is None:
                 continue
@@ -769,6 +773,9 @@ class Gateway:
         return {
             "lease_s": self.cfg.lease_grace_s,
             "usage_mib": {str(k): v for k, v in self.usage.get(share.id, {}).items()},
+            # A client watching one of these would otherwise wait for an exit that never
+            # comes (its supervisor vanished while no gateway was there to hear it).
+            "gone": gone,
         }
 
     async def _on_release(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:

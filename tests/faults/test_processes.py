@@ -10,6 +10,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from tests.conftest import PRINTS_ITS_PID, host_pid
 from tests.faults.conftest import PRINTS_ITS_PID_AND_WAITS
 
@@ -42,7 +44,12 @@ def test_kill_9_of_a_run_client_frees_its_share_within_the_grace(short_lease_clu
     cluster.expect_freed(figures, "s from kill to share freed", time.monotonic(), remote_pid)
 
 
-def test_kill_9_of_the_gateway_loses_nothing(cluster, figures):
+@pytest.mark.parametrize(
+    "sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["kill-9", "SIGTERM", "SIGINT"]
+)
+def test_a_gateway_stopped_and_started_again_loses_nothing(cluster, figures, sig):
+    """kill -9, `systemctl restart` (SIGTERM) or Ctrl-C: the processes in shares go on under
+    their nannies, and the next gateway adopts them."""
     gw = cluster.gateways["gpu1"]
     fe = cluster.frontend()
     fe.call("start", args=["-m", "4096", "-l", gw.address])
@@ -52,9 +59,10 @@ def test_kill_9_of_the_gateway_loses_nothing(cluster, figures):
     before = sorted((s["share_id"], s["gpus"][0]["mib"]) for s in gw.shares())
     assert len(before) == 2
 
-    gw.kill(signal.SIGKILL)
+    gw.kill(sig)
     time.sleep(1)
     gw.start()  # same state, same port: it adopts the kernel and the command
+    assert "exited with None" not in gw.log(), "the stop took its processes for ended"
     started_at = time.monotonic()
     assert sorted((s["share_id"], s["gpus"][0]["mib"]) for s in gw.shares()) == before
     # The kernel kept its state: the shim reconnected to the same remote kernel.

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from gateway.spawned import SpawnedGateway, SpawnError, free_port
 from tests.conftest import (
     ECHOES_ITS_STDIN,
@@ -73,6 +75,46 @@ def test_a_restarted_gateway_adopts_running_commands(tmp_path):
         numbers = [int(x) for x in ("0\n" + out).split()]
         assert numbers == list(range(60)), "output lost or duplicated across the restart"
         assert gw.no_shares_within(15)
+    finally:
+        gw.kill()
+        stop_leftovers(gw.state_dir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_gateway_stopped_as_systemctl_does_keeps_the_command_for_the_next(tmp_path, sig):
+    # `systemctl restart` sends SIGTERM, Ctrl-C SIGINT: neither may end or forget a command.
+    gw = start_gateway(tmp_path, "--simulate-gpus", "1x8GiB", "--lease-grace", "10")
+    try:
+        script = "import time\nfor i in range(40):\n    print(i)\n    time.sleep(0.1)\n"
+        client = gw.bf_background("run", "-m", "1024", "--", sys.executable, "-u", "-c", script)
+        assert client.stdout.readline() == "0\n"
+        gw.stop(sig)
+        assert "exited with None" not in gw.log()
+        gw.start()
+        assert "adopted process" in gw.start_log()
+        out = client.stdout.read()
+        client.wait(60)
+        assert client.returncode == 0, client.stderr.read()
+        assert [int(x) for x in ("0\n" + out).split()] == list(range(40)), "lost or repeated"
+    finally:
+        gw.kill()
+        stop_leftovers(gw.state_dir)
+
+
+def test_a_command_gone_while_no_gateway_ran_is_said_and_its_client_exits(tmp_path):
+    gw = start_gateway(tmp_path, "--simulate-gpus", "1x8GiB", "--lease-grace", "10")
+    try:
+        script = f"{PRINTS_ITS_PID}\nimport time; time.sleep(120)"
+        client = gw.bf_background("run", "-m", "1024", "--", sys.executable, "-c", script)
+        remote = host_pid(client.stdout.readline())
+        gw.stop(signal.SIGTERM)
+        stop_leftovers(gw.state_dir)  # its supervisor and the command die meanwhile
+        assert wait_for(lambda: not _alive(remote), 10)
+        gw.start()
+        _, err = client.communicate(timeout=60)
+        assert client.returncode == 255, err
+        assert "its supervisor is gone: its exit status and last output are unknown" in err
+        assert "Traceback" not in err
     finally:
         gw.kill()
         stop_leftovers(gw.state_dir)
