@@ -173,13 +173,14 @@ def _serve_lab(gateway: SpawnedGateway, env: dict[str, str], lab_port: int | Non
             time.sleep(0.5)
     finally:
         # Before the gateway stops: the kernels' shims give their shares back on the way out.
+        _say("Stopping JupyterLab: its kernels end and give their shares back.")
         lab.stop()
 
 
 def _check_room(state_dir: Path, port: int) -> None:
     """Say what is in the way before starting, in `up`'s terms: the gateway's own message
     names options (`--bind`) that `up` does not have."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # the gateway's own: see app.py
     try:
         state_lock.hold(state_dir).close()
     except state_lock.StateInUse as exc:
@@ -224,7 +225,9 @@ def run(
     args += ["--web-port", str(web_port)]
     _say(f"Starting the gateway on 127.0.0.1:{port} (state in {state_dir}).")
     # The gateway logs to a file, so its lines do not interleave with the walk-through.
-    gateway = SpawnedGateway(state_dir, port, args, log_path=state_dir / "gateway.log")
+    gateway = SpawnedGateway(
+        state_dir, port, args, log_path=state_dir / "gateway.log", new_session=True
+    )
     try:
         try:
             gateway.start()
@@ -268,4 +271,6 @@ def run(
     except KeyboardInterrupt:
         return 0
     finally:
+        if gateway.proc is not None and gateway.proc.poll() is None:
+            _say("Stopping the gateway.")
         gateway.stop()

@@ -167,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
 def _prepare_state_dir(state_dir: Path) -> None:
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # 0700 whoever made it: it holds the keys, tokens, the ledger (who runs what) and
+        # users' homes. Tighter only: a folder of someone else's is left as it is.
+        if state_dir.stat().st_uid == os.geteuid() and state_dir.stat().st_mode & 0o077:
+            state_dir.chmod(0o700)
         probe = state_dir / ".write-test"
         probe.write_text("")
         probe.unlink()

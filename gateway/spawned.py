@@ -37,6 +37,9 @@ class SpawnedGateway:
     bind: str = "127.0.0.1"
     host: str = "127.0.0.1"
     prefix: list[str] = field(default_factory=list)
+    # Its own session: a terminal's Ctrl-C then reaches only whoever started it, which can
+    # stop what depends on the gateway first (`bitfusion up`: JupyterLab and its kernels).
+    new_session: bool = False
     proc: subprocess.Popen | None = None
     _tokens: dict[str, str] = field(default_factory=dict)
     _log_from: int = 0
@@ -70,6 +73,7 @@ class SpawnedGateway:
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
             env=dict(self.process_env) if self.process_env is not None else None,
+            start_new_session=self.new_session,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -99,3 +99,17 @@ def test_localhealth_gives_the_gateways_own_sandbox_verdict(tmp_path):
     finally:
         gw.kill(signal.SIGTERM)
         stop_leftovers(gw.state_dir)
+
+
+def test_the_state_dir_is_made_0700_whoever_made_it(tmp_path):
+    # `bitfusion up` as root once left /var/lib/bitfusion 0755: the ledger (who runs what)
+    # and the users' homes were then listable by every local user.
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o755)
+    gw = start_gateway(tmp_path, "--simulate-gpus", "1x8GiB")
+    try:
+        assert state.stat().st_mode & 0o777 == 0o700
+    finally:
+        gw.kill(signal.SIGTERM)
+        stop_leftovers(gw.state_dir)

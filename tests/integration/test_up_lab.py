@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from urllib.request import Request, urlopen
 
 import pytest
 
 from gateway.spawned import free_port
-from tests.conftest import base_env
+from tests.conftest import base_env, wait_for
 
 pytest.importorskip("jupyterlab")
 
@@ -24,6 +25,17 @@ def _port_open(port: int) -> bool:
 
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for its reaper is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_up_serves_jupyterlab_with_the_pool_until_ctrl_c(tmp_path):
@@ -74,6 +86,21 @@ def test_up_serves_jupyterlab_with_the_pool_until_ctrl_c(tmp_path):
         )
         with urlopen(req, timeout=30) as r:
             assert [len(s["gpus"]) for s in json.load(r)["servers"]] == [2]
+        # A notebook's kernel on a share, as the launcher starts one: Ctrl-C must end it too.
+        start = Request(
+            f"http://127.0.0.1:{lab_port}/api/kernels?token={url.group(2)}",
+            data=json.dumps({"name": "bitfusion-quarter-gpu"}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        urlopen(start, timeout=120).close()
+        shares = Request(dash.group(1) + "api/v1/shares", headers=req.headers)
+
+        def kernel_on_a_share() -> bool:
+            with urlopen(shares, timeout=30) as r:
+                return any(s["runs"].startswith("kernel") for s in json.load(r)["shares"])
+
+        assert wait_for(kernel_on_a_share, 90), "the kernel never ran on a share"
     finally:
         os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         rest = up.communicate(timeout=60)[0]
@@ -85,3 +112,8 @@ def test_up_serves_jupyterlab_with_the_pool_until_ctrl_c(tmp_path):
     assert not _port_open(web_port), "the dashboard outlived `bitfusion up`"
     assert not _port_open(lab_port), "JupyterLab outlived `bitfusion up`"
     assert not _port_open(gw_port), "the gateway outlived `bitfusion up`"
+    assert "Stopping JupyterLab: its kernels end and give their shares back." in rest
+    # Nothing of the kernel is left: its nanny, its sandbox, its ipykernel.
+    statuses = [json.loads(p.read_text()) for p in (tmp_path / "state" / "run").glob("*.json")]
+    left = [s for s in statuses if _pid_alive(s["nanny_pid"]) or _pid_alive(s["child_pid"])]
+    assert left == [], f"processes outlived `bitfusion up`: {left}"
