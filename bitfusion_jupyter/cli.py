@@ -101,8 +101,11 @@ def _localhealth(p: argparse.ArgumentParser) -> None:
 
 
 def _run(p: argparse.ArgumentParser) -> None:
+    from bitfusion_jupyter import env_options
+
     share_request.add_arguments(p)
     _server_list(p)
+    env_options.add_arguments(p)
     _command(p)
 
 
@@ -233,10 +236,12 @@ def _describe_grant(grant: Grant) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from bitfusion_jupyter import env_options
     from bitfusion_jupyter.runner import ProcessStream
 
     argv = _argv(args)
     req = share_request.from_args(args)
+    env = env_options.from_args(args)
     current = held.current()
     pool = (
         Pool.from_config(args.server_list, args.timeout)
@@ -256,7 +261,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "spawn",
                 share_id=grant.share_id,
                 argv=argv,
-                env={"BITFUSION_CLIENT_HOST": socket.gethostname()},
+                env={**env, "BITFUSION_CLIENT_HOST": socket.gethostname()},
             )
             stream = ProcessStream(grant.conn, grant.share_id, data["proc_id"], grant.lease_s)
             return stream.run()

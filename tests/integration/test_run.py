@@ -246,3 +246,35 @@ def test_a_share_released_while_its_command_starts_takes_the_command_with_it(gat
         raw.close()
         for pid in _running_with(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_env_options_pass_the_users_variables_and_nothing_else(gateway, tmp_path):
+    # As Docker's -e and --env-file: NAME alone takes its value here, or nothing if unset.
+    env_file = tmp_path / "vars.env"
+    env_file.write_text("# the team's settings\nFROM_FILE=one\nBOTH=file\n\nFROM_HERE\n")
+    env = gateway.env("alice", FROM_HERE="here", NOT_ASKED="secret")
+    r = gateway.bf(
+        "run", "-m", "512", "--env-file", str(env_file), "-e", "BOTH=flag", "-e", "EMPTY=",
+        "-e", "UNSET_HERE", "-e", "CUDA_VISIBLE_DEVICES=all", "--", "env", env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    seen = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    assert (seen["FROM_FILE"], seen["BOTH"], seen["FROM_HERE"], seen["EMPTY"]) == (
+        "one", "flag", "here", ""
+    )  # fmt: skip
+    assert "NOT_ASKED" not in seen and "UNSET_HERE" not in seen
+    assert seen["CUDA_VISIBLE_DEVICES"].startswith("GPU-")  # the share's own, always
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["-e", "1BAD=x"], "-e takes NAME or NAME=VALUE"),
+        (["--env-file", "/no/such/file"], "Cannot read --env-file /no/such/file"),
+    ],
+)
+def test_a_bad_env_option_is_one_sentence(gateway, args, words):
+    r = gateway.bf("run", "-m", "512", *args, "--", "true")
+    assert r.returncode == 2 and words in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    assert gateway.shares() == []  # refused before any share was taken
