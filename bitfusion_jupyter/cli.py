@@ -235,6 +235,28 @@ def _describe_grant(grant: Grant) -> str:
     return f"share {grant.share_id} on {grant.conn.address}: {gpus}"
 
 
+def _refuse_other_share(current: held.Held, args: argparse.Namespace) -> None:
+    """A `run` in a shell that holds a share uses it: one that asks for another, different
+    share is told so, rather than run silently in the held one."""
+    gpus = current.share["gpus"]
+    asked = []
+    if args.num_gpus != 1 and args.num_gpus != len(gpus):
+        asked.append(f"-n {args.num_gpus}")
+    if args.memory is not None and any(g["mib"] != args.memory for g in gpus):
+        asked.append(f"-m {args.memory}")
+    if args.partial is not None:
+        asked.append(f"-p {args.partial:g}")
+    if args.filter:
+        asked.append("--filter")
+    if asked:
+        sizes = ", ".join(f"GPU {g['index']} × {g['mib']} MiB" for g in gpus)
+        raise share_request.UsageError(
+            f"This shell holds share {current.share_id} ({sizes}) on {current.server}, not "
+            f"{' '.join(asked)}; run without share options to use it, or "
+            "'bitfusion release_gpus' first to ask for another."
+        )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from bitfusion_jupyter import env_options
     from bitfusion_jupyter.runner import ProcessStream
@@ -242,7 +264,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     argv = _argv(args)
     req = share_request.from_args(args)
     env = env_options.from_args(args)
-    current = held.current()
+    current = held.current(on_lost=say)
+    if current is not None:
+        _refuse_other_share(current, args)
     pool = (
         Pool.from_config(args.server_list, args.timeout)
         if current is None

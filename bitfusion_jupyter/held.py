@@ -18,11 +18,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from bitfusion_jupyter import config
-from gateway.processes import pid_alive
+from gateway.processes import pid_alive, running
 from remoting.json_file import write_json
 from remoting.protocol import renew_every
 
@@ -45,8 +46,9 @@ def _path() -> Path:
     return config.config_dir() / "held" / f"{session_key()}.json"
 
 
-def current() -> Held | None:
-    """The share this session holds, if its holder is still alive."""
+def current(on_lost: Callable[[str], None] | None = None) -> Held | None:
+    """The share this session holds, if its holder is still alive; ``on_lost`` hears one
+    sentence when it held one whose holder has died since (its share is gone with it)."""
     path = _path()
     try:
         data = json.loads(path.read_text())
@@ -60,8 +62,13 @@ def current() -> Held | None:
         )
     except (OSError, ValueError, KeyError):
         return None
-    if not pid_alive(held.holder_pid):
+    if not running(held.holder_pid):
         path.unlink(missing_ok=True)
+        if on_lost is not None:
+            on_lost(
+                f"the share {held.share_id} this shell held on {held.server} is gone (its "
+                "holder process ended); this command takes a share of its own."
+            )
         return None
     return held
 

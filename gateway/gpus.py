@@ -9,7 +9,6 @@ share claims memory by writing ``<usage_dir>/<pid>.json`` (see ``gateway.simulat
 from __future__ import annotations
 
 import json
-import os
 import re
 import uuid
 from abc import ABC, abstractmethod
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import simulated_claims
+from gateway.processes import running
 
 MIB = 1024 * 1024
 # More simulated GPUs than any real server holds is a typo, not a pool.
@@ -223,7 +223,7 @@ class SimulatedInventory(GpuInventory):
         usage: dict[int, dict[int, int]] = {}
         for path in self.usage_dir.glob("*/*.json"):
             pid = simulated_claims.host_pid(path.stem)
-            if pid is None or not _alive(pid):
+            if pid is None or not running(pid):
                 if pid is not None or simulated_claims.is_claim_name(path.stem):
                     path.unlink(missing_ok=True)  # killed before it could clean up
                 continue
@@ -299,18 +299,3 @@ def _text(value: str | bytes) -> str:
 
 def _size_text(mib: int) -> str:
     return f"{mib // 1024} GiB" if mib % 1024 == 0 else f"{mib} MiB"
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie counts as dead, since it no longer holds memory."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc here: trust kill()
-    return stat.rpartition(")")[2].split()[0] != "Z"

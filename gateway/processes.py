@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def pid_alive(pid: int) -> bool:
@@ -14,6 +15,18 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+
+
+def running(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie counts as ended (it holds no memory and does
+    nothing; only its parent has not looked yet)."""
+    if not pid_alive(pid):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc here: trust kill()
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def session_of(pid: int) -> int | None:

@@ -1,6 +1,7 @@
 """`bitfusion run` against a real gateway: output, exit codes, stdin, signals, the share's env."""
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -151,11 +152,26 @@ def test_request_and_release_gpus_hold_a_share_across_runs(gateway):
     time.sleep(3)  # longer than the lease grace: the holder keeps it alive
     listed = gateway.bf("list_gpus", "--json").stdout
     assert '"memory_free_mib": 13384' in listed
+    same = gateway.bf("run", "-m", "3000", "--", "true")  # what it holds: fine
+    assert same.returncode == 0, same.stderr
+    other = gateway.bf("run", "-m", "4096", "--", "true")  # another share: said, not run
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "holds share" in other.stderr and "not -m 4096" in other.stderr
+    assert "release_gpus" in other.stderr and other.stderr.count("\n") == 1
     rel = gateway.bf("release_gpus")
     assert rel.returncode == 0, rel.stderr
     assert '"memory_free_mib": 13384' not in gateway.bf("list_gpus", "--json").stdout
     again = gateway.bf("release_gpus")
     assert again.returncode != 0 and "holds no share" in again.stderr
+
+
+def test_a_run_after_the_holder_died_says_the_held_share_is_gone(gateway):
+    assert gateway.bf("request_gpus", "-m", "3000").returncode == 0
+    [held] = (gateway.home / "client-alice" / "held").glob("*.json")
+    os.kill(json.loads(held.read_text())["holder_pid"], signal.SIGKILL)
+    r = gateway.bf("run", "-m", "512", "--", "sh", "-c", "echo $BITFUSION_MEMORY_MIB")
+    assert r.returncode == 0 and r.stdout == "512\n", r.stderr
+    assert "this shell held" in r.stderr and "is gone (its holder process ended)" in r.stderr
 
 
 def test_local_runs_a_child_inside_a_share(gateway):

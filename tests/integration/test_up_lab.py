@@ -9,11 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from urllib.request import Request, urlopen
 
 import pytest
 
+from gateway.processes import running
 from gateway.spawned import free_port
 from tests.conftest import base_env, wait_for
 
@@ -25,17 +25,6 @@ def _port_open(port: int) -> bool:
 
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie waiting for its reaper is gone too
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_up_serves_jupyterlab_with_the_pool_until_ctrl_c(tmp_path):
@@ -115,5 +104,5 @@ def test_up_serves_jupyterlab_with_the_pool_until_ctrl_c(tmp_path):
     assert "Stopping JupyterLab: its kernels end and give their shares back." in rest
     # Nothing of the kernel is left: its nanny, its sandbox, its ipykernel.
     statuses = [json.loads(p.read_text()) for p in (tmp_path / "state" / "run").glob("*.json")]
-    left = [s for s in statuses if _pid_alive(s["nanny_pid"]) or _pid_alive(s["child_pid"])]
+    left = [s for s in statuses if running(s["nanny_pid"]) or running(s["child_pid"])]
     assert left == [], f"processes outlived `bitfusion up`: {left}"
