@@ -84,7 +84,14 @@ class ProcessStream:
                     poller.unregister(stdin_fd)
             self.conn.flush()
             while self.signals:
-                self.conn.send("signal", proc_id=self.proc_id, signum=self.signals.pop(0))
+                signum = self.signals.pop(0)
+                if self.lost_since is not None:  # no one to pass it to: Ctrl-C still ends us
+                    say(
+                        f"interrupted while the gateway {self.conn.address} is unreachable; "
+                        "the command there ends with its share when the lease runs out."
+                    )
+                    return 128 + signum
+                self.conn.send("signal", proc_id=self.proc_id, signum=signum)
             timeout = max(0.0, min(self.next_renew - time.monotonic(), ACK_EVERY_S))
             try:
                 ready = dict(poller.poll(int(timeout * 1000)))

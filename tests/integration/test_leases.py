@@ -120,6 +120,26 @@ def test_a_command_gone_while_no_gateway_ran_is_said_and_its_client_exits(tmp_pa
         stop_leftovers(gw.state_dir)
 
 
+def test_ctrl_c_ends_a_client_whose_gateway_does_not_answer(gateway):
+    client = gateway.bf_background("run", "-m", "512", "--", "sleep", "60")
+    try:
+        assert wait_for(lambda: gateway.shares(), 15)
+        os.kill(gateway.proc.pid, signal.SIGSTOP)  # frozen: it takes nothing in any more
+        line = ""
+        deadline = time.monotonic() + 20
+        while "lost the gateway" not in line and time.monotonic() < deadline:
+            line = client.stderr.readline()
+        assert "lost the gateway" in line, line
+        client.send_signal(signal.SIGINT)
+        _, err = client.communicate(timeout=20)
+        assert client.returncode == 128 + signal.SIGINT, err
+        assert "interrupted while the gateway" in err and "Traceback" not in err
+    finally:
+        os.kill(gateway.proc.pid, signal.SIGCONT)
+        client.kill()
+        client.wait()
+
+
 def test_stdin_sent_as_the_gateway_dies_still_reaches_the_command(tmp_path):
     # A line typed just before the gateway is killed is in the dead gateway's socket, not yet
     # with the command's nanny: the client keeps each line until the nanny confirms it, and
