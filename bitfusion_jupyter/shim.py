@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -379,6 +380,9 @@ def _ends_cell(pending: dict, channel: str, frames: list[Any]) -> bool:
     return bool(pending.get("replied") and pending.get("idle"))
 
 
+_TRAIT_OPTION = re.compile(r"^--[A-Za-z_]\w*(\.\w+)+(=.*)?$")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bitfusion_jupyter.shim", description=__doc__.splitlines()[0]
@@ -388,7 +392,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-l", "--server_list", dest="server_list", default=None)
     parser.add_argument("--kernel", default="python3", help="the gateway's kernel environment")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
-    return parser.parse_args(argv)
+    # Jupyter clients may pass a local kernel more arguments (`jupyter run --kernel K FILE`
+    # passes FILE, others `--Class.trait=value`): the kernel on the share starts with its
+    # own, so those are set aside, saying so. Any other unknown option is still a mistake.
+    args, extra = parser.parse_known_args(argv)
+    mistakes = [a for a in extra if a.startswith("-") and not _TRAIT_OPTION.match(a)]
+    if mistakes:
+        parser.error(f"unrecognized arguments: {' '.join(mistakes)}")
+    if extra:
+        print(
+            f"bitfusion: not passing {' '.join(extra)} to the kernel on the share "
+            "(arguments for a local kernel; it starts with its own).",
+            file=sys.stderr,
+        )
+    return args
 
 
 def describe(grant: Grant, kernel: str) -> str:

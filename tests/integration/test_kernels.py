@@ -744,3 +744,39 @@ def test_each_kernel_channel_mode_runs_kernels_as_the_banner_says(
         km.shutdown_kernel(now=True)
         gw.kill()
         stop_leftovers(gw.state_dir)
+
+
+def test_jupyter_run_runs_a_file_on_a_share(client_env, tmp_path):
+    # `jupyter run --kernel K FILE` also hands FILE to the kernel's command line, as it would
+    # to a local kernel: the shim sets it aside, saying so, and the file runs on the share.
+    kernels = tmp_path / "share" / "jupyter" / "kernels" / "bitfusion-run"
+    kernels.mkdir(parents=True)
+    (kernels / "kernel.json").write_text(json.dumps(shim_spec("-m", "1024").to_dict()))
+    script = tmp_path / "hello.py"
+    script.write_text("import os\nprint('on', os.environ['BITFUSION_MEMORY_MIB'], 'MiB')\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "jupyter", "run", "--kernel", "bitfusion-run", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JUPYTER_PATH": str(tmp_path / "share" / "jupyter")},
+    )
+    assert r.returncode == 0, r.stderr
+    assert "on 1024 MiB" in r.stdout
+    assert f"not passing {script} to the kernel on the share" in r.stderr
+    assert client_env.no_shares_within(15)
+
+
+def test_a_mistyped_shim_option_is_still_refused(tmp_path):
+    from bitfusion_jupyter import shim
+
+    conn = tmp_path / "kernel.json"
+    conn.write_text("{}")
+    r = subprocess.run(
+        [sys.executable, "-m", "bitfusion_jupyter.shim", "-f", str(conn), "--memroy", "1024"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "unrecognized arguments: --memroy" in r.stderr
+    assert shim.parse_args(["-f", str(conn), "--IPKernelApp.pylab=inline"]).kernel == "python3"
