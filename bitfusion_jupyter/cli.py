@@ -354,11 +354,13 @@ def cmd_release_gpus(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    path = config.init(args.token, args.server)
+    path, added = config.init(args.token, args.server)
     tok = tokens.parse(args.token)
     print(f"Recorded the token of {tok.user}{' (admin)' if tok.admin else ''} in {path}.")
     if args.server:
-        print(f"Added {config.normalise(args.server)} to {config.config_dir() / 'servers.conf'}.")
+        conf = config.config_dir() / "servers.conf"
+        said = "Added" if added else "Kept"
+        print(f"{said} {config.normalise(args.server)} {'to' if added else 'in'} {conf}.")
     return 0
 
 

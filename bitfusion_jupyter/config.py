@@ -54,8 +54,9 @@ def normalise(address: str) -> str:
     return f"{host}:{port}"
 
 
-def init(token_text: str, server: str | None) -> Path:
-    """Record a token (and a server) for this user; returns the file written."""
+def init(token_text: str, server: str | None) -> tuple[Path, bool]:
+    """Record a token (and a server) for this user; the file written, and whether the server
+    was new to servers.conf."""
     tok = tokens.parse(token_text)
     data = _read_client()
     if server:
@@ -70,17 +71,18 @@ def init(token_text: str, server: str | None) -> Path:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = _client_file()
     write_json(path, data, mode=0o600, indent=2)  # it holds tokens
-    if server:
-        add_server(server)
-    return path
+    return path, bool(server) and add_server(server)
 
 
-def add_server(server: str) -> None:
+def add_server(server: str) -> bool:
+    """Add ``server`` to this user's servers.conf; False when it was there already."""
     conf = config_dir() / "servers.conf"
     existing = [s for s, _ in read_servers_conf(conf)] if conf.exists() else []
-    if server not in existing:
-        with conf.open("a") as f:
-            f.write(f"{server}\n")
+    if server in existing:
+        return False
+    with conf.open("a") as f:
+        f.write(f"{server}\n")
+    return True
 
 
 def token_for(server: str) -> tokens.Token:

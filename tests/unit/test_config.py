@@ -42,3 +42,28 @@ def test_no_servers_says_how_to_add_one(cfg):
 def test_no_token_says_how_to_get_one(cfg):
     with pytest.raises(config.ConfigError, match="bitfusion init"):
         config.token_for("gpu1:56001")
+
+
+def test_init_says_added_only_for_a_server_new_to_servers_conf(cfg):
+    import subprocess
+    import sys
+
+    import zmq
+
+    from remoting import tokens
+
+    public, _secret = zmq.curve_keypair()
+    token = str(tokens.mint(b"k" * 32, public, "alice"))
+
+    def init() -> str:
+        env = {"BITFUSION_CONFIG_DIR": str(cfg), "PATH": "/usr/bin:/bin"}
+        argv = [sys.executable, "-m", "bitfusion_jupyter", "init", "--token", token]
+        done = subprocess.run(
+            [*argv, "--server", "gpu1"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert f"Added gpu1:56001 to {cfg / 'servers.conf'}." in init()
+    assert f"Kept gpu1:56001 in {cfg / 'servers.conf'}." in init()
+    assert (cfg / "servers.conf").read_text() == "gpu1:56001\n"
