@@ -75,10 +75,16 @@ class SpawnedGateway:
             env=dict(self.process_env) if self.process_env is not None else None,
             start_new_session=self.new_session,
         )
+        self.wait_listening(timeout)
+
+    def wait_listening(self, timeout: float, what: str = "gateway") -> None:
+        """Return once the gateway just started listens; SpawnError when it stops first or
+        takes longer than ``timeout``."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise SpawnError(f"The gateway stopped right after starting: {self._why()}")
+                raise SpawnError(f"The {what} stopped right after starting: {self._why()}")
             # Ours once it names itself as the listener: an open port alone may be another
             # gateway's, and ours would then fail to bind a moment later.
             if state_lock.listening_pid(self.state_dir) == self.proc.pid:
@@ -87,7 +93,7 @@ class SpawnedGateway:
                     if s.connect_ex((self.host, self.port)) == 0:
                         return
             time.sleep(0.05)
-        raise SpawnError(f"The gateway did not open port {self.port} within {timeout:g} s.")
+        raise SpawnError(f"The {what} did not open port {self.port} within {timeout:g} s.")
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""

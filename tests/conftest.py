@@ -37,6 +37,7 @@ class GatewayProcess(SpawnedGateway):
     """A gateway started by a test, with helpers to act as its users."""
 
     home: Path = Path(".")
+    client_cwd: Path | None = None  # where the CLI runs (None: the test's own folder)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         self.stop(sig)
@@ -72,6 +73,7 @@ class GatewayProcess(SpawnedGateway):
             timeout=timeout,
             env=env or self.env(user, admin),
             stdin=None if input is not None else subprocess.DEVNULL,
+            cwd=self.client_cwd,
         )
 
     def bf_background(
@@ -89,6 +91,7 @@ class GatewayProcess(SpawnedGateway):
             stdin=stdin,
             env=env or self.env(user),
             text=True,
+            cwd=self.client_cwd,
         )
 
     def shares(self) -> list[dict]:

@@ -199,20 +199,23 @@ def test_4_a_user_sees_nothing_of_anothers_files_history_or_home(gateway, monkey
         assert content["status"] == "ok" and out.strip() == "[]", out
 
 
+# Tries to write a .pth (code every later Python start runs) into each folder given.
+PLANTS_A_PTH = (
+    "import sys\n"
+    "for d in sys.argv[1:]:\n"
+    "    try:\n"
+    "        open(d + '/zz-evil.pth', 'w').write('import os')\n"
+    "        print('WROTE', d)\n"
+    "    except OSError as e:\n"
+    "        print(type(e).__name__, e.strerror, d)\n"
+)
+
+
 def test_5_no_code_can_be_planted_in_the_gateways_environment(gateway):
     site_dir = Path(site.getsitepackages()[0])
     before = set(os.listdir(site_dir))
     offered = [*site.getsitepackages(), sys.prefix, sys.base_prefix, str(REPO)]
-    code = (
-        "import sys\n"
-        "for d in sys.argv[1:]:\n"
-        "    try:\n"
-        "        open(d + '/zz-evil.pth', 'w').write('import os')\n"
-        "        print('WROTE', d)\n"
-        "    except OSError as e:\n"
-        "        print(type(e).__name__, e.strerror)\n"
-    )
-    r = gateway.bf("run", "-m", "1024", "--", sys.executable, "-c", code, *offered,
+    r = gateway.bf("run", "-m", "1024", "--", sys.executable, "-c", PLANTS_A_PTH, *offered,
                    user="mallory")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "WROTE" not in r.stdout and "Read-only file system" in r.stdout

@@ -20,6 +20,7 @@ from tests.conftest import wait_for
 from tests.integration.conftest import ready, start_shim_kernel
 from tests.security.conftest import WAIT_S
 from tests.security.test_sandbox import (
+    PLANTS_A_PTH,
     PROBE,
     _as,
     _cell,
@@ -274,16 +275,8 @@ def test_the_service_home_is_writable_but_a_share_cannot_write_the_venv(
     before = sorted(os.listdir(site_dir))
     prefix = unit.python.parent.parent
     targets = [str(site_dir), str(prefix), str(prefix / "bin"), str(site_dir / "gateway")]
-    code = (
-        "import sys\n"
-        "for d in sys.argv[1:]:\n"
-        "    try:\n"
-        "        open(d + '/zz-evil.pth', 'w').write('import os')\n"
-        "        print('WROTE', d)\n"
-        "    except OSError as e:\n"
-        "        print(type(e).__name__, e.strerror, d)\n"
-    )
-    r = unit.bf("run", "-m", "1024", "--", "python3", "-c", code, *targets, user="mallory")
+    r = unit.bf("run", "-m", "1024", "--", "python3", "-c", PLANTS_A_PTH, *targets,
+                user="mallory")  # fmt: skip
     assert r.returncode == 0, f"{r.stderr}\n{describe(unit)}"
     assert "WROTE" not in r.stdout, r.stdout
     assert r.stdout.count("Read-only file system") == len(targets), r.stdout

@@ -26,7 +26,6 @@ import resource
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,9 +37,8 @@ from typing import Any
 
 import pytest
 
-from gateway import state_lock
-from gateway.spawned import SpawnError, free_port, stop_leftovers
-from tests.conftest import CLI, REPO, GatewayProcess
+from gateway.spawned import free_port, stop_leftovers
+from tests.conftest import REPO, GatewayProcess
 
 UNIT_FILE = REPO / "systemd" / "bitfusion-gateway.service"
 SERVICE_USER = "bitfusion-test"
@@ -489,6 +487,9 @@ class UnitGateway(GatewayProcess):
         self.workdir.mkdir()
         self.workdir.chmod(0o755)
         os.chown(self.workdir, self.uid, self.gid)
+        # The CLI runs here: a folder the service user can enter, unlike the suite's temp
+        # folders (a share may be asked to start in its client's folder).
+        self.client_cwd = self.workdir
         client = self.root / "client"  # client configs, as root
         client.mkdir(mode=0o700)
         self.web_port = free_port()
@@ -591,21 +592,7 @@ class UnitGateway(GatewayProcess):
             start_new_session=True,  # systemd gives each service its own session
         )
         out.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SpawnError(f"The unit gateway stopped right after starting: {self._why()}")
-            # As SpawnedGateway.start: ours once it names itself as the listener.
-            if state_lock.listening_pid(self.state_dir) == self.proc.pid:
-                with socket.socket() as s:
-                    s.settimeout(1)
-                    if s.connect_ex((self.host, self.port)) == 0:
-                        return
-            time.sleep(0.05)
-        raise SpawnError(
-            f"The unit gateway did not open port {self.port} within {timeout:g} s:\n"
-            f"{self.start_log()[-4000:]}"
-        )
+        self.wait_listening(timeout, "unit gateway")
 
     def token(self, user: str, admin: bool = False) -> str:
         """A token for ``user``, made by `bitfusion gateway token create` as the service user."""
@@ -634,47 +621,6 @@ class UnitGateway(GatewayProcess):
                 raise RuntimeError(f"token create failed: {made.stderr.strip()}")
             self._tokens[key] = made.stdout.strip()
         return self._tokens[key]
-
-    def bf(
-        self,
-        *args: str,
-        user: str = "alice",
-        admin: bool = False,
-        input: str | None = None,
-        timeout: float = 60,
-        env: dict[str, str] | None = None,
-        cwd: Path | str | None = None,
-    ) -> subprocess.CompletedProcess:
-        """Run the real `bitfusion` CLI as root with ``user``'s token, in ``cwd`` (default
-        ``workdir``, which the service user can enter, unlike the suite's temp folders)."""
-        return subprocess.run(
-            [*CLI, *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env or self.env(user, admin),
-            stdin=None if input is not None else subprocess.DEVNULL,
-            cwd=cwd or self.workdir,
-        )
-
-    def bf_background(
-        self,
-        *args: str,
-        user: str = "alice",
-        env: dict[str, str] | None = None,
-        stdin: int = subprocess.DEVNULL,
-        cwd: Path | str | None = None,
-    ) -> subprocess.Popen:
-        return subprocess.Popen(
-            [*CLI, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=stdin,
-            env=env or self.env(user),
-            text=True,
-            cwd=cwd or self.workdir,
-        )
 
     def close(self) -> None:
         """Stop the gateway, kill what its shares left running, remove the temp folder."""
