@@ -240,10 +240,10 @@ class BitfusionMagics(Magics):
         finally:
             if pool is not None:
                 pool.close()
-        from bitfusion_jupyter.shim import describe
+        from bitfusion_jupyter.shim import MOVE_NOTE, describe
 
         print(f"This kernel moves to the {describe(grant, kernel)}.")
-        print("It restarts there: its variables are reset.", flush=True)
+        print(MOVE_NOTE, flush=True)
         adopt = {
             "server": grant.conn.address,
             "share": grant.share,

@@ -10,6 +10,7 @@ from typing import Any
 from bitfusion_jupyter import share_sidecar
 from bitfusion_jupyter.pool import Grant
 from bitfusion_jupyter.runner import ProcessStream
+from remoting.protocol import Message
 
 KERNEL_START_TIMEOUT_S = 60.0
 
@@ -38,6 +39,7 @@ class RemoteKernel:
         self.stream = ProcessStream(grant.conn, grant.share_id, started["proc_id"], grant.lease_s)
         self.stream.close_stdin()  # a kernel reads no stdin; its input comes on its channel
         self._code: int | None = None
+        self.notices: list[Message] = []  # policing's, not yet shown
         share_sidecar.write(connection_file, grant.conn.address, grant.share, self.kernel,
                             grant.lease_s)  # fmt: skip
 
@@ -69,6 +71,8 @@ class RemoteKernel:
                 continue
             if msg.get("proc_id") not in (None, self.stream.proc_id):
                 continue  # the kernel we moved away from, going down
+            if msg.type == "notice" and msg.get("share_id") in (None, self.grant.share_id):
+                self.notices.append(msg)  # the shim shows it in the notebook
             self._code = self.stream.handle(msg)
 
     def interrupt(self) -> None:
@@ -76,6 +80,11 @@ class RemoteKernel:
 
     def exit_code(self) -> int | None:
         return self._code
+
+    @property
+    def stopped_by(self) -> Message | None:
+        """Policing's stop notice, when one came for this kernel's share."""
+        return self.stream.stopped_by
 
     @property
     def lease_gone(self) -> bool:

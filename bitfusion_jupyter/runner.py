@@ -51,6 +51,8 @@ class ProcessStream:
         self.stdin_kept: collections.deque[tuple[int, bytes | None]] = collections.deque()
         self.stdin_kept_bytes = 0
         self.signals: list[int] = []
+        self.forwarded: set[int] = set()  # signals passed on to the process
+        self.stopped_by: Message | None = None  # policing's stop notice, if one came
         self.lost_since: float | None = None
         self.lease_gone = False  # the link was down past the lease: the gateway ended the share
         self.lease_s = lease_s
@@ -92,6 +94,7 @@ class ProcessStream:
                     )
                     return 128 + signum
                 self.conn.send("signal", proc_id=self.proc_id, signum=signum)
+                self.forwarded.add(signum)
             timeout = max(0.0, min(self.next_renew - time.monotonic(), ACK_EVERY_S))
             try:
                 ready = dict(poller.poll(int(timeout * 1000)))
@@ -132,6 +135,8 @@ class ProcessStream:
         """Act on one message from the gateway; returns the exit code once the process ended."""
         if msg.type == "notice":
             say(msg["message"])
+            if msg.get("action") == "stop":
+                self.stopped_by = msg
             return None
         if msg.get("proc_id") != self.proc_id:
             return None
@@ -160,7 +165,10 @@ class ProcessStream:
         if msg.type == "exit":
             self._ack()
             code = msg["code"]
-            return 128 - code if code < 0 else code  # killed by signal N -> 128+N, as shells do
+            code = 128 - code if code < 0 else code  # killed by signal N -> 128+N, as shells do
+            if (why := explain_exit(code, self.stopped_by, self.forwarded)) is not None:
+                say(why)
+            return code
         return None
 
     def _ack(self) -> None:
@@ -241,6 +249,38 @@ class ProcessStream:
             return
         while self.stdin_kept and self.stdin_kept[0][0] <= seq:
             self.stdin_kept_bytes -= len(self.stdin_kept.popleft()[1] or b"")
+
+
+def police_reason(notice: Message) -> str:
+    """What policing's stop notice means for the process, in a few words with its numbers."""
+    if notice.get("used_mib") is None:
+        return notice["message"]
+    limit = notice.get("limit_mib") or 0
+    share = f"its share's {limit} MiB" if limit else "none granted to its share"
+    return (
+        f"it used {notice['used_mib']} MiB of GPU memory on GPU {notice.get('gpu_index')}, "
+        f"more than {share}"
+    )
+
+
+def explain_exit(code: int, stopped_by: Message | None, forwarded: set[int]) -> str | None:
+    """One sentence on an exit status that says a signal ended the process (128+N), unless
+    the user sent that signal; None when there is nothing to explain."""
+    try:
+        signame = signal.Signals(code - 128).name if code > 128 else None
+    except ValueError:
+        signame = None
+    if signame is None:
+        return None
+    status = f"exit status {code}, 128+{signame}"
+    if stopped_by is not None and code == 128 + signal.SIGKILL:
+        return (
+            f"the gateway's policing stopped the command: {police_reason(stopped_by)} "
+            f"({status}). Ask for more memory (-m MIB) or use less."
+        )
+    if code - 128 in forwarded:
+        return None  # the user's own Ctrl-C or kill: no surprise to explain
+    return f"the command was killed by {signame} ({status})."
 
 
 def _stdin_fd() -> int | None:

@@ -17,6 +17,7 @@ from typing import Any
 from remoting.json_file import write_json
 
 SUFFIX = ".bitfusion.json"
+NOTICE_SUFFIX = ".bitfusion-notice.json"  # policing's last word on the kernel, for the panel
 
 
 def path_for(connection_file: str | Path) -> Path:
@@ -44,14 +45,57 @@ def write(connection_file: str | Path, server: str, share: dict[str, Any], kerne
 
 
 def read(connection_file: str | Path) -> dict[str, Any] | None:
+    return _read(path_for(connection_file))
+
+
+def remove(connection_file: str | Path) -> None:
+    _remove(path_for(connection_file))
+
+
+def _read(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path_for(connection_file).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def remove(connection_file: str | Path) -> None:
+def _remove(path: Path) -> None:
     try:
-        path_for(connection_file).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
     except OSError:
         pass
+
+
+def notice_path_for(connection_file: str | Path) -> Path:
+    return Path(connection_file).with_suffix(NOTICE_SUFFIX)
+
+
+def write_notice(connection_file: str | Path, notice: dict[str, Any]) -> None:
+    """Keep policing's last notice on this kernel; it outlives a restart after a stop (the
+    restarted kernel has the same connection file), and goes when the kernel shuts down."""
+    try:
+        write_json(notice_path_for(connection_file), notice)
+    except OSError:
+        pass
+
+
+def read_notice(connection_file: str | Path) -> dict[str, Any] | None:
+    return _read(notice_path_for(connection_file))
+
+
+def remove_notice(connection_file: str | Path) -> None:
+    _remove(notice_path_for(connection_file))
+
+
+def prune(directory: str | Path, older_than_s: float = 60.0) -> None:
+    """Remove our files left beside connection files that are gone: a kernel stopped by
+    policing keeps its notice for the restart that a frontend may never make."""
+    now = time.time()
+    for suffix in (SUFFIX, NOTICE_SUFFIX):
+        for path in Path(directory).glob(f"kernel-*{suffix}"):
+            connection_file = path.with_name(path.name[: -len(suffix)] + ".json")
+            try:
+                if not connection_file.exists() and now - path.stat().st_mtime > older_than_s:
+                    path.unlink()
+            except OSError:
+                pass

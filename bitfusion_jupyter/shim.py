@@ -25,16 +25,23 @@ from typing import Any
 
 import zmq
 
-from bitfusion_jupyter import config, share_request, share_sidecar
+from bitfusion_jupyter import config, kernel_notices, share_request, share_sidecar
 from bitfusion_jupyter.local_child import DELIMITER, LocalChild
 from bitfusion_jupyter.pool import Grant, Pool, say
 from bitfusion_jupyter.remote_kernel import RemoteKernel, start_kernel
 from remoting import tokens
 from remoting.client import DEFAULT_TIMEOUT_S, GatewayError
-from remoting.protocol import KERNEL_REQUEST_CHANNELS, as_bytes, jupyter_endpoint
+from remoting.protocol import KERNEL_REQUEST_CHANNELS, Message, as_bytes, jupyter_endpoint
 
 # An input request whose prompt starts with this comes from the %bitfusion magic for the shim.
 SHIM_REQUEST = "\x00bitfusion-request "
+# What a move means, said by the magic with each move. A frontend cannot rename a running
+# kernel, so the label keeps the kernelspec's name; that is also what a restart brings back.
+MOVE_NOTE = (
+    "It restarts there: its variables are reset. The notebook's kernel label keeps naming "
+    "the kernelspec it started with, which a restart goes back to; the status bar and the "
+    "GPU pool panel show the share it has now."
+)
 ADOPT_ENV = "BITFUSION_ADOPT"  # a share a local kernel took and hands to the shim it becomes
 
 
@@ -60,9 +67,11 @@ class LocalPorts:
         self.iopub = bound(zmq.PUB, "iopub")
         self.hb = bound(zmq.REP, "hb")
 
-    def close(self) -> None:
+    def close(self, linger: bool = False) -> None:
+        """``linger``: let the last messages (a stopped kernel's reason) reach the frontend
+        before the sockets go, for up to a second."""
         for sock in (*self.routers.values(), self.iopub, self.hb):
-            sock.close(0)
+            sock.close(1000 if linger else 0)
 
 
 class Shim:
@@ -83,6 +92,7 @@ class Shim:
         self.server_list = server_list
         self.backend: RemoteKernel | LocalChild = backend
         self.stop = False
+        self.stopped = False  # policing stopped the kernel: its note stays for the panel
         self.interrupts = 0
         self.pending: dict | None = None  # a move the magic asked for, done when idle
         # Cells sent to the kernel and not yet answered, in order: those queued behind the
@@ -174,13 +184,54 @@ class Shim:
             for channel, ident, frames in backend.drain(ready):
                 if self._to_frontend(channel, ident, frames):
                     break  # the kernel moved: what the old one still says is not wanted
+            self._show_notices(backend)
             code = backend.exit_code() if self.backend is backend else None
             if code is not None:
                 self._deliver_last(backend)
+                self._show_notices(backend)
+                if isinstance(backend, RemoteKernel) and backend.stopped_by is not None:
+                    self._end_cell_stopped(backend.stopped_by, code)
                 where = "remote" if isinstance(backend, RemoteKernel) else "local"
                 say(f"the {where} kernel exited ({code}).")
                 return code
         return 0
+
+    # --- policing's notices ---------------------------------------------------------------
+    def _running_cell(self) -> tuple[bytes, dict] | None:
+        """The cell the kernel runs now (the oldest unanswered): its routing id and header."""
+        for ident, frames in self.in_flight.values():
+            return ident, _header(frames)
+        return None
+
+    def _show_notices(self, backend: RemoteKernel | LocalChild) -> None:
+        if not isinstance(backend, RemoteKernel):
+            return
+        while backend.notices:
+            notice = backend.notices.pop(0)
+            cell = self._running_cell()
+            frames = kernel_notices.in_cell(self._session(), cell[1] if cell else {}, notice)
+            self._deliver("iopub", None, frames)
+            share_sidecar.write_notice(self.info["__file__"], kernel_notices.fields(notice))
+
+    def _end_cell_stopped(self, notice: Message, code: int) -> None:
+        """Policing stopped the kernel: its running cell ends with the reason, not in
+        silence, and the panel keeps it once the kernel has restarted."""
+        iopub, reply = kernel_notices.kernel_stopped(
+            self._session(), self._running_cell(), notice, code
+        )
+        for frames in iopub:
+            self._deliver("iopub", None, frames)
+        if reply is not None:
+            self._deliver("shell", *reply)
+        self.stopped = True
+        share_sidecar.write_notice(
+            self.info["__file__"],
+            {
+                **kernel_notices.fields(notice),
+                "action": "kernel_stopped",
+                "message": kernel_notices.stopped_sentence(notice, code),
+            },
+        )
 
     def _deliver_last(self, backend: RemoteKernel | LocalChild) -> None:
         """What an ended kernel sent just before it went (a shutdown's reply)."""
@@ -198,6 +249,11 @@ class Shim:
     def _to_frontend(self, channel: str, ident: bytes | None, frames: list[Any]) -> bool:
         """Deliver one kernel message; True when it completed a move to another kernel."""
         if channel == "stdin" and self._is_shim_request(ident, frames):
+            return False
+        if channel == "iopub" and _is_starting(frames):
+            # A kernel behind the shim starting (first, or after a move) is no news to the
+            # frontend, which saw the shim start; ipykernel follows it with no idle, so
+            # JupyterLab would say "Starting" until the next cell.
             return False
         parent_id = None
         if (channel == "shell" and self.in_flight) or self.pending is not None:
@@ -280,9 +336,8 @@ class Shim:
         }
         return {
             "ok": True,
-            "message": f"This kernel moves to the "
-            f"{describe(grant, self.pending['kernel'])}. It restarts there: its variables "
-            "are reset.",
+            "message": f"This kernel moves to the {describe(grant, self.pending['kernel'])}."
+            f"\n{MOVE_NOTE}",
         }
 
     def _session(self) -> Any:
@@ -363,6 +418,14 @@ def _jupyter_parts(frames: list[Any]) -> dict | None:
     """Header, parent header and content of a Jupyter message's frames (None if not one)."""
     found = _json_parts(frames, 2, 3, 5)
     return dict(zip(("header", "parent", "content"), found, strict=True)) if found else None
+
+
+def _is_starting(frames: list[Any]) -> bool:
+    """An iopub status "starting" (the header is read first: outputs are not parsed)."""
+    if _header(frames).get("msg_type") != "status":
+        return False
+    found = _json_parts(frames, 5)
+    return bool(found) and found[0].get("execution_state") == "starting"
 
 
 def _ends_cell(pending: dict, channel: str, frames: list[Any]) -> bool:
@@ -472,8 +535,10 @@ def main(argv: list[str] | None = None) -> int:
             grant.release(timeout=3.0)
         if pool is not None:
             pool.close()
-        ports.close()
+        ports.close(linger=shim is not None and shim.stopped)
         share_sidecar.remove(args.connection_file)
+        if not (shim and shim.stopped):
+            share_sidecar.remove_notice(args.connection_file)  # kept across a restart
 
 
 if __name__ == "__main__":

@@ -1398,6 +1398,11 @@ class Gateway:
             f"police_{verdict.action}", verdict.owner, verdict.share_id, verdict.message
         )
         log.warning("%s", verdict.message)
+        stop_in = (
+            {"stop_in_s": self.police.grace_s}
+            if verdict.action == "warn" and self.police.mode == "stop"
+            else {}
+        )
         for proc in self.ledger.processes_of(verdict.share_id):
             relay = self.relays.get(proc.id)
             if relay is not None and relay.subscriber is not None:
@@ -1408,6 +1413,11 @@ class Gateway:
                         message=verdict.message,
                         share_id=verdict.share_id,
                         proc_id=proc.id,
+                        action=verdict.action,
+                        gpu_index=verdict.gpu_index,
+                        used_mib=verdict.used_mib,
+                        limit_mib=verdict.limit_mib,
+                        **stop_in,
                     ),
                 )
         if verdict.action == "stop":

@@ -26,6 +26,36 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
+class NotASimulatedShare(RuntimeError):
+    pass
+
+
+def _where() -> tuple[list[str], Path]:
+    """The share's simulated GPUs (UUIDs) and the folder its claims go to."""
+    uuids = [u.strip() for u in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if u.strip()]
+    usage_dir = os.environ.get("BITFUSION_SIMULATED_USAGE_DIR", "")
+    if not uuids or not usage_dir:
+        raise NotASimulatedShare(
+            "this is not a share on a simulated pool (CUDA_VISIBLE_DEVICES and "
+            "BITFUSION_SIMULATED_USAGE_DIR are not both set); run it with "
+            "`bitfusion run -- python -m gateway.simulated_alloc MIB`."
+        )
+    if not all(u.startswith("GPU-") for u in uuids):
+        raise NotASimulatedShare(f"CUDA_VISIBLE_DEVICES={','.join(uuids)} does not list GPU UUIDs.")
+    if not Path(usage_dir).is_dir():
+        raise NotASimulatedShare(f"the simulated usage directory {usage_dir} does not exist.")
+    return uuids, Path(usage_dir)
+
+
+def hold(mib: int) -> Path:
+    """Claim ``mib`` MiB on each GPU of the share for this process, as a notebook cell would
+    with ``torch.empty``; it counts until the process ends or the returned file is removed."""
+    uuids, usage_dir = _where()
+    claim = usage_dir / f"{simulated_claims.claim_name()}.json"
+    write_json(claim, {u: mib for u in uuids})
+    return claim
+
+
 def _on_signal(signum: int, _frame: object) -> None:
     # Unwind through the finally below so the claim is removed.
     raise SystemExit(128 + signum)
@@ -41,24 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.mib < 0:
         return _fail(f"MIB must be 0 or more, not {args.mib}.")
-    uuids = [u for u in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if u.strip()]
-    usage_dir = os.environ.get("BITFUSION_SIMULATED_USAGE_DIR", "")
-    if not uuids or not usage_dir:
-        return _fail(
-            "this is not a share on a simulated pool (CUDA_VISIBLE_DEVICES and "
-            "BITFUSION_SIMULATED_USAGE_DIR are not both set); run it with "
-            "`bitfusion run -- python -m gateway.simulated_alloc MIB`."
-        )
-    if not all(u.strip().startswith("GPU-") for u in uuids):
-        return _fail(f"CUDA_VISIBLE_DEVICES={','.join(uuids)} does not list GPU UUIDs.")
-    if not Path(usage_dir).is_dir():
-        return _fail(f"the simulated usage directory {usage_dir} does not exist.")
+    try:
+        uuids, _ = _where()
+    except NotASimulatedShare as exc:
+        return _fail(str(exc))
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _on_signal)
-    claim = Path(usage_dir) / f"{simulated_claims.claim_name()}.json"
+    claim = hold(args.mib)  # written whole: never read half-written
     try:
-        write_json(claim, {u.strip(): args.mib for u in uuids})  # never read half-written
         print(f"allocated {args.mib} MiB on {', '.join(uuids)} (simulated)", flush=True)
         if args.seconds is not None:
             time.sleep(max(args.seconds, 0))

@@ -144,7 +144,22 @@ MESSAGES: dict[str, Spec] = {
     "kernel_out": Spec(
         {"kernel_id": STR, "channel": STR}, {"ident": STR}, authenticated=False, payloads=(1, 4096)
     ),
-    "notice": Spec({"message": STR}, {"share_id": STR, "proc_id": STR}, authenticated=False),
+    # Policing's word to a share's owner (``action`` "warn" or "stop"), with its numbers, so
+    # a client can show it where the user looks; ``stop_in_s``: the seconds left, when a stop
+    # will follow the warning.
+    "notice": Spec(
+        {"message": STR},
+        {
+            "share_id": STR,
+            "proc_id": STR,
+            "action": STR,
+            "gpu_index": INT,
+            "used_mib": INT,
+            "limit_mib": INT,
+            "stop_in_s": NUM,
+        },
+        authenticated=False,
+    ),
 }
 
 # Error codes a reply may carry, so clients can react without parsing sentences.

@@ -23,7 +23,10 @@ the package). The contract, under the server's base URL:
     ``{"kernels": [{"kernel_id", "name" (kernelspec), "execution_state", "share": null |
     {"server", "share_id", "kernel", "since", "gpus": [{"index", "name", "uuid", "mib",
     "simulated", "used_mib": int|null}]}}]}``; ``share`` is null for a local kernel,
-    ``used_mib`` null while the share's gateway does not answer.
+    ``used_mib`` null while the share's gateway does not answer. ``notice``: null, or
+    policing's last word on the kernel, ``{"action": "warn"|"stop"|"kernel_stopped",
+    "message", "at" (epoch s), "share_id", "gpu_index", "used_mib", "limit_mib",
+    "stop_in_s"}``; a kernel_stopped one stays after the kernel restarts.
 
 ``GET /bitfusion/api/presets``
     ``{"presets": [{"name", "display_name", "gpus", "mib": int|null, "fraction":

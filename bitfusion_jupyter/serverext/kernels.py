@@ -7,6 +7,7 @@ from its gateway's list_shares answer.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,25 +22,31 @@ class KernelShare:
     name: str  # the kernelspec's name
     execution_state: str
     sidecar: dict[str, Any] | None  # None: a local kernel (or a shim still taking its share)
+    notice: dict[str, Any] | None = None  # policing's last notice on it
 
 
 def running(kernel_manager: Any) -> list[KernelShare]:
     """Every kernel of ``kernel_manager`` (a jupyter_server MappingKernelManager)."""
-    out = []
+    out, connection_files = [], []
     for kid in list(kernel_manager.list_kernel_ids()):
         try:
             km = kernel_manager.get_kernel(kid)
         except KeyError:
             continue  # shut down meanwhile
         cf = getattr(km, "connection_file", None)
+        if cf:
+            connection_files.append(cf)
         out.append(
             KernelShare(
                 kid,
                 getattr(km, "kernel_name", "") or "",
                 getattr(km, "execution_state", None) or "unknown",
                 share_sidecar.read(cf) if cf else None,
+                share_sidecar.read_notice(cf) if cf else None,
             )
         )
+    for directory in {os.path.dirname(cf) for cf in connection_files}:
+        share_sidecar.prune(directory)
     return out
 
 
@@ -92,6 +99,7 @@ def kernels_view(kernels: list[KernelShare], answers: Mapping[str, Answer]) -> d
                 "name": k.name,
                 "execution_state": k.execution_state,
                 "share": share,
+                "notice": k.notice,
             }
         )
     return {"kernels": rows}

@@ -5,6 +5,8 @@ import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 import { ISignal, Signal } from '@lumino/signaling';
 
+import { IPoliceNotice } from './notices';
+
 export interface IMyShare {
   share_id: string;
   mib: number;
@@ -69,6 +71,7 @@ export interface IKernel {
   name: string;
   execution_state: string;
   share: IKernelShare | null;
+  notice: IPoliceNotice | null; // policing's last word on this kernel
 }
 
 export interface IPreset {

@@ -13,6 +13,7 @@ import { Widget } from '@lumino/widgets';
 
 import gpuSvg from '../style/icons/gpu.svg';
 import { LiveFeed } from './api';
+import { watchNotices } from './notices';
 import { GpuPanel } from './panel';
 import { ShareStatus } from './status';
 
@@ -73,6 +74,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
       status.node.addEventListener('click', () => app.shell.activateById(panel.id));
     }
 
+    if (labShell) {
+      watchNotices(labShell);
+    }
     feed.start();
   }
 };

@@ -16,6 +16,7 @@ import {
   shareSize
 } from './api';
 import { bar, h, sandboxBadge, simulatedBadge } from './dom';
+import { IPoliceNotice } from './notices';
 
 /** What the panel needs from JupyterLab, kept narrow so the panel stays plain DOM. */
 export interface IPanelHost {
@@ -298,7 +299,8 @@ export class GpuPanel extends Widget {
         h('span', { class: 'bf-dim' }, kernel.execution_state),
         button
       ),
-      ...detail
+      ...detail,
+      noticeLine(kernel.notice)
     );
   }
 
@@ -469,4 +471,25 @@ export function checkRequest(req: IShareRequest): string | null {
     return 'The fraction of each GPU must be above 0 and at most 1.';
   }
   return null;
+}
+
+/** Policing's last word on a kernel, with when it came; a stop stays after the restart. */
+function noticeLine(notice: IPoliceNotice | null): HTMLElement | null {
+  if (!notice) {
+    return null;
+  }
+  const when = notice.at ? new Date(notice.at * 1000).toLocaleTimeString() : '';
+  const what = { warn: 'Warned', stop: 'Stopped over its share', kernel_stopped: 'Kernel stopped' }[
+    notice.action
+  ];
+  return h(
+    'div',
+    {
+      class: notice.action === 'warn' ? 'bf-policed bf-warn' : 'bf-policed bf-error',
+      'data-testid': 'bf-policed',
+      'data-action': notice.action
+    },
+    h('strong', {}, `${what}${when ? ` at ${when}` : ''}: `),
+    notice.message
+  );
 }

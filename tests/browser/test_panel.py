@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import signal
 
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Locator, Page, expect
 
 from gateway.spawned import free_port, stop_leftovers
 from tests.browser.conftest import Lab, start_lab
@@ -16,7 +16,8 @@ KERNEL_READY_MS = 90_000  # the shim takes a share and starts a kernel on the ga
 
 
 def open_panel(page: Page, lab: Lab) -> None:
-    page.goto(lab.url)
+    # A fresh workspace: not the notebooks an earlier test left open, with their kernels gone.
+    page.goto(lab.url + ("&" if "?" in lab.url else "?") + "reset")
     tab = page.locator('.jp-SideBar [data-id="bitfusion-gpu-pool"]')
     tab.click()
     expect(page.locator("#bitfusion-gpu-pool")).to_be_visible()
@@ -30,6 +31,17 @@ def run_cell(page: Page, code: str) -> None:
     page.keyboard.insert_text(code)  # no key events, so no auto-closed brackets
     expect(editor).to_contain_text(code.splitlines()[-1])
     page.keyboard.press("Shift+Enter")
+
+
+def start_from_form(page: Page, lab: Lab, mib: int) -> Locator:
+    """Open the panel and start a notebook on one GPU × ``mib`` MiB from its form."""
+    open_panel(page, lab)
+    panel = page.locator("#bitfusion-gpu-pool")
+    panel.get_by_test_id("bf-gpus").fill("1")
+    panel.get_by_test_id("bf-size-kind").select_option("mib")
+    panel.get_by_test_id("bf-size").fill(str(mib))
+    panel.get_by_test_id("bf-start").click()
+    return panel
 
 
 def wait_for_idle_kernel(page: Page) -> None:
@@ -62,12 +74,7 @@ def test_panel_shows_the_simulated_pool(page: Page, lab: Lab, pool_gateway: Gate
 def test_a_notebook_on_a_share_from_the_panel(
     page: Page, lab: Lab, pool_gateway: GatewayProcess, shoot
 ):
-    open_panel(page, lab)
-    panel = page.locator("#bitfusion-gpu-pool")
-    panel.get_by_test_id("bf-gpus").fill("1")
-    panel.get_by_test_id("bf-size-kind").select_option("mib")
-    panel.get_by_test_id("bf-size").fill("4096")
-    panel.get_by_test_id("bf-start").click()
+    panel = start_from_form(page, lab, 4096)
 
     # The form made a kernelspec and opened a notebook with it; a cell runs inside the share.
     wait_for_idle_kernel(page)
@@ -123,6 +130,44 @@ def test_a_notebook_on_a_share_from_the_panel(
     assert pool_gateway.no_shares_within(20), "the share outlived its kernel's shutdown"
     expect(panel.get_by_test_id("bf-gpu-legend").first).to_contain_text("mine 0")
     shoot("after-shutdown")
+
+
+def test_policing_is_said_in_the_cell_a_notification_and_the_panel(
+    page: Page, lab: Lab, pool_gateway: GatewayProcess, shoot
+):
+    panel = start_from_form(page, lab, 2048)
+    wait_for_idle_kernel(page)
+    first_share = [s["share_id"] for s in pool_gateway.shares()]
+
+    # The kernel itself holds more than its share, as `torch.empty` would.
+    run_cell(
+        page, "from gateway.simulated_alloc import hold\nhold(3000)\nimport time; time.sleep(60)"
+    )
+
+    # The warning: in the running cell, and as a notification, with numbers and seconds left.
+    warning = "uses 3000 MiB on GPU 0, more than its 2048 MiB; its processes will be stopped in 5 s"
+    outputs = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output")
+    expect(outputs.filter(has_text=warning)).to_be_visible(timeout=20_000)
+    expect(page.locator(".Toastify__toast").filter(has_text=warning).first).to_be_visible()
+    shoot("policing-warning")
+
+    # The stop: the cell ends with the reason, a notification stays, and the panel keeps the
+    # reason after JupyterLab has restarted the kernel on a new share.
+    reason = "The gateway's policing stopped this kernel: it used 3000 MiB of GPU memory on GPU 0"
+    expect(outputs.filter(has_text="GPUShareExceeded")).to_contain_text(reason, timeout=30_000)
+    expect(page.locator(".Toastify__toast").filter(has_text=reason).first).to_be_visible()
+    kernel = panel.get_by_test_id("bf-kernel").filter(has=page.get_by_test_id("bf-policed"))
+    expect(kernel.get_by_test_id("bf-policed")).to_have_attribute("data-action", "kernel_stopped")
+    expect(kernel.get_by_test_id("bf-policed")).to_contain_text(reason)
+    expect(kernel.get_by_test_id("bf-share")).to_be_visible(timeout=KERNEL_READY_MS)
+    shares = [s["share_id"] for s in pool_gateway.shares()]
+    assert len(shares) == 1 and shares != first_share  # restarted, on a new share
+    shoot("policing-stopped")
+
+    page.keyboard.press("Escape")  # JupyterLab's own "kernel restarting" dialog, if shown
+    kernel.get_by_test_id("bf-shutdown").click()
+    expect(kernel).to_have_count(0, timeout=30_000)
+    assert pool_gateway.no_shares_within(20), "the share outlived its kernel's shutdown"
 
 
 def test_no_servers_configured_says_what_to_do(page: Page, lab_without_servers: Lab, shoot):

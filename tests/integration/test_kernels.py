@@ -341,6 +341,33 @@ def test_the_magic_moves_a_local_kernel_onto_shares_and_back(client_env):
         assert km.provisioner.process.pid == pid
 
 
+def test_after_a_move_the_kernel_shows_idle_not_starting(client_env):
+    """The kernel behind the shim starting again is not news to the frontend: JupyterLab
+    would show "Starting" until the next cell (ipykernel follows it with no idle)."""
+    with ready(start_shim_kernel("-m", "1024")) as (km, kc):
+        first = client_env.shares()[0]["share_id"]
+        reply, outputs = run_cell(kc, "%bitfusion -m 2048")
+        assert reply["status"] == "ok" and "moves to" in _stream_text(outputs)
+        # Why the notebook's label still says 1024: JupyterLab cannot rename a kernel.
+        assert "kernel label keeps naming the kernelspec it started with" in _stream_text(outputs)
+        states, deadline = [], time.monotonic() + 20
+        while time.monotonic() < deadline:
+            shares = client_env.shares()
+            if shares and shares[0]["share_id"] != first and shares[0].get("processes"):
+                break
+            time.sleep(0.2)
+        deadline = time.monotonic() + 3  # the new kernel's first words, had it any
+        while time.monotonic() < deadline:
+            try:
+                msg = kc.get_iopub_msg(timeout=0.5)
+            except Exception:
+                continue
+            if msg["msg_type"] == "status":
+                states.append(msg["content"]["execution_state"])
+        assert "starting" not in states
+        _until(kc, "import os; print(os.environ.get('BITFUSION_MEMORY_MIB'))", "2048\n")
+
+
 def test_the_magic_waits_in_the_queue_and_says_so_in_the_cell(client_env):
     hold = client_env.env("bob", BITFUSION_SESSION="bob-holds-all")
     assert client_env.bf("request_gpus", "-n", "2", env=hold).returncode == 0

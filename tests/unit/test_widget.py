@@ -171,7 +171,13 @@ def test_a_kernel_is_matched_to_its_share_and_its_usage():
     view = kernels.kernels_view(running, {"gpu1:56001": answer})
     k1, k2 = view["kernels"]
     assert k1["share"]["gpus"][0]["used_mib"] == 300 and k1["execution_state"] == "busy"
-    assert k2 == {"kernel_id": "k-2", "name": "python3", "execution_state": "idle", "share": None}
+    assert k2 == {
+        "kernel_id": "k-2",
+        "name": "python3",
+        "execution_state": "idle",
+        "share": None,
+        "notice": None,
+    }
     unknown = kernels.kernels_view(running[:1], {})["kernels"][0]["share"]["gpus"][0]
     assert unknown["used_mib"] is None  # the gateway did not answer: unknown, not zero
     assert kernels.kernel_of(running) == {("gpu1:56001", "a"): "k-1"}
