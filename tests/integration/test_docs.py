@@ -23,6 +23,8 @@ blocks only the addresses and paths are replaced, tokens stay a ``…`` wildcard
     gpu1:56001          the test gateway's client address (127.0.0.1:PORT)
     gpu1:54000          its dashboard (127.0.0.1:PORT)
     gpu9:56001          a loopback port where nothing listens (a server that is down)
+    https://github.com/bitfusion-jupyter/bitfusion-jupyter   this checkout (its commit)
+    /opt/bitfusion, /usr/local/bin/bitfusion                 scratch paths
     --port 56001        --port of the test gateway (for localhealth)
     /var/lib/bitfusion  the test gateway's state directory
     bf1.u.alice.…       a token of user alice
@@ -50,7 +52,8 @@ DOCS = REPO / "docs"
 DOC_FILES = sorted(p.name for p in DOCS.glob("*.md"))
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 EXPECT = re.compile(r"#\s*(fails|exits\s+(\d+))\s*$")
-COMMAND_TIMEOUT_S = 40
+COMMAND_TIMEOUT_S = 240  # building the wheel (the panel with it) takes about half a minute
+CLONE_URL = "https://github.com/bitfusion-jupyter/bitfusion-jupyter"
 
 
 @dataclass
@@ -128,6 +131,8 @@ def docs_pool(tmp_path: Path):
     home.mkdir()
     bindir = tmp_path / "bin"
     bindir.mkdir()
+    usr_local_bin = tmp_path / "usr-local-bin"
+    usr_local_bin.mkdir()
     # The docs say `bitfusion` and `python`: both are this interpreter and this checkout.
     for name, argv in {
         "bitfusion": f'"{sys.executable}" -m bitfusion_jupyter "$@"',
@@ -151,6 +156,11 @@ def docs_pool(tmp_path: Path):
         "gpu9:56001": dead,
         "/var/lib/bitfusion": str(gw.state_dir),
         "--port 56001": f"--port {gw.port}",
+        # The install: this checkout's commit stands for the public repository, and scratch
+        # folders for the system's.
+        f"git clone {CLONE_URL}": f"git clone {REPO} bitfusion-jupyter",
+        "/opt/bitfusion": str(tmp_path / "opt-bitfusion"),
+        "/usr/local/bin/bitfusion": str(usr_local_bin / "bitfusion"),
     }
     tokens = {
         "bf1.u.alice.…": gw.token("alice"),
@@ -215,3 +225,23 @@ def test_every_doc_is_linked_from_the_docs_index() -> None:
     index = (DOCS / "README.md").read_text()
     missing = [d for d in DOC_FILES if d != "README.md" and f"({d})" not in index]
     assert not missing, f"docs/README.md does not link {missing}"
+
+
+def test_the_install_in_the_readme_and_the_unit_is_the_one_the_docs_test_runs() -> None:
+    """The package is not on PyPI: README and the unit's comments give the install that
+    deployment.md's blocks run, line for line, and never `pip install bitfusion-jupyter`."""
+    tested = {c.strip() for b in runnable_blocks((DOCS / "deployment.md").read_text())
+              for c in b.commands}  # fmt: skip
+    readme = (REPO / "README.md").read_text()
+    readme_install = runnable_blocks(readme[readme.index("## Setting up a pool") :])[0].commands
+    unit = (REPO / "systemd" / "bitfusion-gateway.service").read_text()
+    unit_install = [
+        line.removeprefix("#").strip()
+        for line in unit.splitlines()
+        if line.startswith("#   ")
+        and ("wheel" in line or "/opt/bitfusion" in line or "clone" in line)
+    ]
+    assert len(readme_install) == 5 and len(unit_install) == 5
+    assert set(readme_install) <= tested and set(unit_install) <= tested
+    for text in (readme, unit, *(p.read_text() for p in DOCS.glob("*.md"))):
+        assert "pip install bitfusion-jupyter" not in text
