@@ -200,7 +200,24 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, (text, add) in COMMANDS.items():
         if only is None or name == only:
             add(sub.add_parser(name, help=text))
+    parser.set_defaults(_commands=sub.choices)
     return parser
+
+
+def _parse(raw: list[str]) -> argparse.Namespace:
+    """Like parse_args, but an unknown option is reported by the command it was given to,
+    so the message points to that command's --help, not the top level's."""
+    args, extra = build_parser(_command_named(raw)).parse_known_args(raw)
+    if extra:
+        command = args._commands[args.cmd]
+        if args.cmd == "local" and extra[0] in ("-l", "--server_list"):
+            command.error(
+                "-l chooses among remote servers; `bitfusion local` runs on this machine's "
+                "gateway, which --server HOST:PORT names"
+            )
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+    del args._commands
+    return args
 
 
 def _command_named(argv: list[str]) -> str | None:
@@ -417,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.app import UsageError as GatewayUsageError
 
     raw = sys.argv[1:] if argv is None else argv
-    args = build_parser(_command_named(raw)).parse_args(raw)
+    args = _parse(raw)
     if args.timeout <= 0:
         print("bitfusion: --timeout must be more than 0 seconds.", file=sys.stderr)
         return EXIT_USAGE

@@ -188,7 +188,7 @@ def combine(errors: list[GatewayError], req: ShareRequest) -> GatewayError:
         head = f"No server in the pool can ever hold {req.describe()}"
     else:
         head = f"No server could grant {req.describe()}"
-    details = " ".join(f"[{e.server}] {e}" for e in errors)
+    details = " ".join(e.told("[{server}] {message}") for e in errors)
     code = errors[0].code if len({e.code for e in errors}) == 1 else "no_fit"
     return GatewayError(",".join(e.server for e in errors), f"{head}: {details}", code)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from bitfusion_jupyter import tables
 from bitfusion_jupyter.pool import Pool
-from remoting.client import GatewayError
+from remoting.client import GatewayError, server_label
 
 SIM = "SIMULATED"
 
@@ -19,7 +19,7 @@ def _kind(simulated: bool) -> str:
 
 
 def _errors(answers: list[tuple[str, Any]]) -> list[str]:
-    return [f"{server}: {ans}" for server, ans in answers if isinstance(ans, GatewayError)]
+    return [ans.told() for _, ans in answers if isinstance(ans, GatewayError)]
 
 
 def _emit_json(answers: list[tuple[str, Any]], key: str = "data") -> None:
@@ -88,8 +88,8 @@ def smi(pool: Pool, as_json: bool) -> int:
         mps = "on" if ans["mps"] else "off"
         tag = "  [SIMULATED pool]" if ans["simulated"] else ""
         print(
-            f"{server} ({ans['server']}): driver {ans['driver']}, CUDA {ans['cuda'] or '-'}, "
-            f"MPS {mps}{tag}"
+            f"{server_label(server, ans['server'])}: driver {ans['driver']}, "
+            f"CUDA {ans['cuda'] or '-'}, MPS {mps}{tag}"
         )
         rows = [
             [
@@ -155,7 +155,7 @@ def health(pool: Pool, as_json: bool) -> int:
 
             # A token of another pool fails the encrypted handshake: the server did answer.
             row.update(
-                reachable=state_of(exc) != "unreachable", token_accepted=False, error=str(exc)
+                reachable=state_of(exc) != "unreachable", token_accepted=False, error=exc.told()
             )
         results.append(row)
     if as_json:
@@ -180,7 +180,7 @@ def health(pool: Pool, as_json: bool) -> int:
         )
         for r in results:
             if "error" in r:
-                print(f"bitfusion: {r['server']}: {r['error']}", file=sys.stderr)
+                print(f"bitfusion: {r['error']}", file=sys.stderr)
     return 0 if all(r["token_accepted"] for r in results) else 1
 
 

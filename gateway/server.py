@@ -253,7 +253,10 @@ class Gateway:
 
     async def _error(self, ident: bytes, msg_id: int, code: str, message: str) -> None:
         await self._send(
-            ident, protocol.encode("reply", id=msg_id, ok=False, code=code, error=message)
+            ident,
+            protocol.encode(
+                "reply", id=msg_id, ok=False, code=code, error=message, server=self.cfg.hostname
+            ),
         )
 
     async def _deliver(self, ident: bytes, kind: str, fields: dict, payload: bytes | None) -> None:

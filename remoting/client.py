@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import re
 import socket
 import struct
 import threading
@@ -34,6 +35,29 @@ class GatewayError(Exception):
         super().__init__(message)
         self.server = server
         self.code = code
+
+    def told(self, fmt: str = "{server}: {message}") -> str:
+        """The sentence with its server in front (``fmt``), unless it names it already."""
+        message = str(self)
+        return (
+            message if self.server in message else fmt.format(server=self.server, message=message)
+        )
+
+
+def server_label(address: str, name: str | None) -> str:
+    """A server as the user configured it, with the gateway's own name where that differs
+    (``127.0.0.1:56001 (vm)``), so that both names are seen to be one server."""
+    if not name or name in (address, address.rpartition(":")[0]):
+        return address
+    return f"{address} ({name})"
+
+
+def named(sentence: str, name: str | None, address: str) -> str:
+    """A gateway's sentence, which names it by its own name, naming it as the user does."""
+    label = server_label(address, name)
+    if label == address or not name:
+        return sentence
+    return re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", label, sentence, count=1)
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -254,7 +278,9 @@ class GatewayConnection:
                     if msg["ok"]:
                         return msg.get("data") or {}
                     raise GatewayError(
-                        self.address, msg.get("error") or "refused", msg.get("code") or "error"
+                        self.address,
+                        named(msg.get("error") or "refused", msg.get("server"), self.address),
+                        msg.get("code") or "error",
                     )
                 if msg.type == "queued" and msg["id"] == msg_id and not gave_up:
                     # Waiting in the gateway's queue: the deadline is the caller's wait, not

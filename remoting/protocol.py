@@ -124,9 +124,11 @@ MESSAGES: dict[str, Spec] = {
     # ``ticket`` comes with "queued"; it outlives a reconnect, which changes the connection.
     "waiting": Spec({**_ONEWAY, "ticket": STR}, {"give_up": BOOL}),
     # --- gateway -> client ---
+    # ``server``, with an error: the gateway's name, which its sentence uses; the client puts
+    # the address the user configured beside it.
     "reply": Spec(
         {"id": INT, "ok": BOOL},
-        {"error": STR, "code": STR, "data": DICT},
+        {"error": STR, "code": STR, "data": DICT, "server": STR},
         authenticated=False,
     ),
     # ``lease_s``: how long the gateway keeps a waiter it does not hear from.

@@ -54,6 +54,9 @@ def test_bad_share_options(gateway, args, words):
         (["nosuch"], "bitfusion: 'nosuch' is not a bitfusion command"),
         (["--timeout", "x", "list_gpus"], "bitfusion: --timeout 'x' is not a number"),
         (["gateway", "--police", "maybe"], "bitfusion gateway: --police 'maybe' is not one of"),
+        # An unknown option is the command's mistake, so its --help is the one to read.
+        (["list_gpus", "--bogus"], "bitfusion list_gpus: unrecognized arguments: --bogus"),
+        (["local", "-l", "gpu1", "--", "true"], "bitfusion local: -l chooses among remote"),
     ],
 )
 def test_a_usage_mistake_is_one_line_that_says_where_to_read_more(args, line):

@@ -119,8 +119,9 @@ def test_a_token_signed_by_another_pool_is_refused_and_logged(gateway, tmp_path)
     wrong = tokens.mint(other.token_secret, ours, "alice")
     line = no_traceback(gateway.bf("list_gpus", env=gateway.env(BITFUSION_TOKEN=str(wrong))))
     assert line == (
-        f"bitfusion: {gateway.address}: The gateway on gpuhost does not accept this token; ask "
-        "your admin for a token of this pool and record it with 'bitfusion init'."
+        # The address as configured, and the gateway's own name beside it: one server.
+        f"bitfusion: The gateway on {gateway.address} (gpuhost) does not accept this token; "
+        "ask your admin for a token of this pool and record it with 'bitfusion init'."
     )
     wait_for_log(gateway, "refused list_gpus from a refused token of user alice", "does not accept")
     still_serves(gateway)
@@ -173,7 +174,7 @@ def test_a_client_with_the_wrong_server_key_fails_the_handshake_and_is_logged(ga
     stranger = tokens.mint(other.token_secret, other.public, "alice")
     r = gateway.bf("--timeout", "3", "list_gpus", env=gateway.env(BITFUSION_TOKEN=str(stranger)))
     assert no_traceback(r) == (
-        f"bitfusion: {gateway.address}: The gateway {gateway.address} refused the encrypted "
+        f"bitfusion: The gateway {gateway.address} refused the encrypted "
         "handshake: your token's server key does not match this gateway; get a token of this "
         "pool and run 'bitfusion init'."
     )

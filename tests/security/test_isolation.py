@@ -83,8 +83,8 @@ def test_a_user_cannot_touch_anothers_share_or_process(gateway):
                 bob.request(kind, share_id=share, **fields)
             assert err.value.code == protocol.E_NOT_FOUND
             assert str(err.value) == (
-                f"No share {share} of yours is held on gpuhost; it may have been released or "
-                "its lease may have expired."
+                f"No share {share} of yours is held on {gateway.address} (gpuhost); it may "
+                "have been released or its lease may have expired."
             )
         # One-way messages: dropped. Read the output, write stdin, close it, kill, ack it away.
         bob.send("attach", proc_id=proc, out_from=1)
