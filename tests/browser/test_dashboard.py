@@ -5,6 +5,7 @@ admin's drain toggle and the history chart."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 
 import pytest
@@ -53,7 +54,17 @@ def test_the_dashboard_shows_the_pool_and_its_shares_to_an_admin(page: Page, das
         expect(seg).to_be_visible()
         expect(seg).to_have_class("seg seen")  # alice's, seen by an admin: not "mine"
         expect(page.get_by_test_id("health")).to_contain_text(" ms · version")
-        expect(page.get_by_test_id("chart").first).to_be_visible()
+        chart = page.get_by_test_id("chart").first
+        expect(chart).to_be_visible()
+        # Axes with units and a legend: which line is which, in MiB over clock time.
+        expect(chart.get_by_test_id("y-tick").first).to_have_text("0")
+        expect(chart.locator("text.axis-title")).to_have_text(["MiB", "time"])
+        expect(chart.get_by_test_id("x-tick")).to_have_count(3)
+        expect(chart.get_by_test_id("x-tick").first).to_have_text(re.compile(r"\d\d:\d\d"))
+        legend = page.get_by_test_id("chart-legend").first
+        expect(legend.get_by_test_id("legend-gpu")).to_have_text(["GPU 0", "GPU 1"])
+        expect(legend).to_contain_text("shared out (granted)")
+        expect(legend).to_contain_text("in use")
 
         page.get_by_test_id("drain-toggle").nth(1).click()
         expect(gpus.nth(1).get_by_test_id("draining")).to_have_text("DRAINING")

@@ -150,52 +150,88 @@ function sharesView(shares) {
   $("shares").replaceChildren(el("table", {}, head, ...rows));
 }
 
+const SVG = "http://www.w3.org/2000/svg";
+const COLOURS = ["#5b8def", "#e65100", "#2e7d32", "#6a1b9a"];
+
+function svgEl(tag, attrs = {}, text = null) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+  if (text !== null) node.textContent = text;
+  return node;
+}
+
+// A round step for about `n` ticks between 0 and `max` (1, 2 or 5 times a power of ten).
+function tickStep(max, n) {
+  const raw = max / n, power = 10 ** Math.floor(Math.log10(raw));
+  return [1, 2, 5, 10].map((m) => m * power).find((step) => step >= raw);
+}
+
+function clock(t, withSeconds) {
+  return new Date(t * 1000).toLocaleTimeString([], withSeconds
+    ? { hour: "2-digit", minute: "2-digit", second: "2-digit" } : { hour: "2-digit", minute: "2-digit" });
+}
+
+// Per server: GPU memory shared out (dashed) and in use (solid) over time, one colour per
+// GPU; axes in MiB and clock time, and a legend that says which line is which.
 function historyView(history) {
-  const W = 640, H = 140, pad = 30;
+  const W = 640, H = 180, left = 62, right = 12, top = 12, bottom = 34;
   const charts = [];
   for (const server of history.servers) {
     const samples = server.samples;
-    const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-    svg.setAttribute("class", "chart");
-    svg.setAttribute("width", W); svg.setAttribute("height", H);
-    svg.setAttribute("data-testid", "chart");
-    if (samples.length) {
-      const t0 = samples[0].t, t1 = Math.max(samples[samples.length - 1].t, t0 + 1);
-      const max = Math.max(1, ...samples.flatMap((s) => s.gpus.map((g) => Math.max(g.granted_mib, g.used_mib || 0))));
-      const x = (t) => pad + ((W - 2 * pad) * (t - t0)) / (t1 - t0);
-      const y = (v) => H - pad + 10 - ((H - 2 * pad) * v) / max;
-      const colours = ["#5b8def", "#e65100", "#2e7d32", "#6a1b9a"];
-      const indices = [...new Set(samples.flatMap((s) => s.gpus.map((g) => g.index)))];
-      indices.forEach((index, i) => {
-        for (const [key, dash] of [["granted_mib", "4 3"], ["used_mib", ""]]) {
-          const points = samples.map((s) => {
-            const g = s.gpus.find((gg) => gg.index === index);
-            return g ? `${x(s.t).toFixed(1)},${y(g[key] || 0).toFixed(1)}` : null;
-          }).filter(Boolean).join(" ");
-          const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
-          line.setAttribute("points", points);
-          line.setAttribute("fill", "none");
-          line.setAttribute("stroke", colours[i % colours.length]);
-          if (dash) line.setAttribute("stroke-dasharray", dash);
-          svg.append(line);
-          const last = samples[samples.length - 1].gpus.find((gg) => gg.index === index);
-          if (last) {  // the newest value as a dot, so a single sample shows too
-            const dot = document.createElementNS("http://www.w3.org/2000/svg", "circle");
-            dot.setAttribute("cx", x(samples[samples.length - 1].t).toFixed(1));
-            dot.setAttribute("cy", y(last[key] || 0).toFixed(1));
-            dot.setAttribute("r", "3");
-            dot.setAttribute("fill", colours[i % colours.length]);
-            svg.append(dot);
-          }
-        }
-      });
-      const label = document.createElementNS("http://www.w3.org/2000/svg", "text");
-      label.setAttribute("x", 4); label.setAttribute("y", 14);
-      label.textContent = `${server.address}: MiB shared out (dashed) and in use, per GPU; max ${max} MiB`;
-      label.setAttribute("font-size", "11");
-      svg.append(label);
+    if (!samples.length) {
+      charts.push(el("p", { text: `${server.address}: no samples yet.` }));
+      continue;
     }
-    charts.push(el("div", {}, samples.length ? null : el("p", { text: `${server.address}: no samples yet.` }), svg));
+    const svg = svgEl("svg", { class: "chart", width: W, height: H, "data-testid": "chart",
+      role: "img", "aria-label": `GPU memory over time on ${server.address}` });
+    const t0 = samples[0].t, t1 = Math.max(samples[samples.length - 1].t, t0 + 1);
+    const peak = Math.max(1, ...samples.flatMap((s) => s.gpus.map((g) => Math.max(g.granted_mib, g.used_mib || 0))));
+    const step = tickStep(peak, 4), top_mib = Math.ceil(peak / step) * step;
+    const x = (t) => left + ((W - left - right) * (t - t0)) / (t1 - t0);
+    const y = (v) => H - bottom - ((H - top - bottom) * v) / top_mib;
+    // The axes: MiB with a grid line per tick, and the time at the ends and in between.
+    for (let v = 0; v <= top_mib; v += step) {
+      svg.append(svgEl("line", { x1: left, x2: W - right, y1: y(v), y2: y(v), class: "grid" }));
+      svg.append(svgEl("text", { x: left - 6, y: y(v) + 4, "text-anchor": "end", class: "tick",
+        "data-testid": "y-tick" }, `${v}`));
+    }
+    svg.append(svgEl("text", { x: 14, y: (top + H - bottom) / 2, class: "axis-title",
+      transform: `rotate(-90 14 ${(top + H - bottom) / 2})`, "text-anchor": "middle" }, "MiB"));
+    const seconds = t1 - t0 < 600;
+    for (const [t, anchor] of [[t0, "start"], [(t0 + t1) / 2, "middle"], [t1, "end"]]) {
+      svg.append(svgEl("text", { x: x(t), y: H - bottom + 16, "text-anchor": anchor, class: "tick",
+        "data-testid": "x-tick" }, clock(t, seconds)));
+    }
+    svg.append(svgEl("text", { x: (left + W - right) / 2, y: H - 4, "text-anchor": "middle",
+      class: "axis-title" }, "time"));
+    svg.append(svgEl("line", { x1: left, x2: left, y1: top, y2: H - bottom, class: "axis" }));
+    svg.append(svgEl("line", { x1: left, x2: W - right, y1: H - bottom, y2: H - bottom, class: "axis" }));
+    const indices = [...new Set(samples.flatMap((s) => s.gpus.map((g) => g.index)))];
+    const legend = el("div", { class: "legend", "data-testid": "chart-legend" });
+    indices.forEach((index, i) => {
+      const colour = COLOURS[i % COLOURS.length];
+      for (const [key, dash] of [["granted_mib", "4 3"], ["used_mib", ""]]) {
+        const points = samples.map((s) => {
+          const g = s.gpus.find((gg) => gg.index === index);
+          return g ? `${x(s.t).toFixed(1)},${y(g[key] || 0).toFixed(1)}` : null;
+        }).filter(Boolean).join(" ");
+        const attrs = { points, fill: "none", stroke: colour };
+        if (dash) attrs["stroke-dasharray"] = dash;
+        svg.append(svgEl("polyline", attrs));
+        const last = samples[samples.length - 1].gpus.find((gg) => gg.index === index);
+        if (last) {  // the newest value as a dot, so a single sample shows too
+          svg.append(svgEl("circle", { cx: x(samples[samples.length - 1].t).toFixed(1),
+            cy: y(last[key] || 0).toFixed(1), r: 3, fill: colour }));
+        }
+      }
+      legend.append(el("span", { class: "key", "data-testid": "legend-gpu" },
+        el("span", { class: "swatch", style: `background:${colour}` }), `GPU ${index}`));
+    });
+    legend.append(el("span", { class: "key" }, el("span", { class: "dash" }), "shared out (granted)"),
+      el("span", { class: "key" }, el("span", { class: "solid" }), "in use"));
+    charts.push(el("div", { class: "history-chart" },
+      el("h3", { text: `${server.address} · GPU memory, ${range === "day" ? "last 24 h" : "last hour"}` }),
+      svg, legend));
   }
   $("history").replaceChildren(...charts);
 }
