@@ -36,7 +36,13 @@ class RemoteKernel:
         self.conn = grant.conn
         self.kernel_id = started["kernel_id"]
         self.kernel = started["kernel"]
-        self.stream = ProcessStream(grant.conn, grant.share_id, started["proc_id"], grant.lease_s)
+        self.stream = ProcessStream(
+            grant.conn,
+            grant.share_id,
+            started["proc_id"],
+            grant.lease_s,
+            prefix=f"[kernel in share {grant.share_id}] ",
+        )
         self.stream.close_stdin()  # a kernel reads no stdin; its input comes on its channel
         self._code: int | None = None
         self.notices: list[Message] = []  # policing's, not yet shown

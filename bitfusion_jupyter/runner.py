@@ -36,8 +36,19 @@ STDIN_WINDOW = 8 * 1024 * 1024  # stdin bytes sent but not yet written to the co
 class ProcessStream:
     """Drives one remote process until it exits; returns a shell-style exit code."""
 
-    def __init__(self, conn: GatewayConnection, share_id: str, proc_id: str, lease_s: float):
+    def __init__(
+        self,
+        conn: GatewayConnection,
+        share_id: str,
+        proc_id: str,
+        lease_s: float,
+        prefix: str = "",
+    ):
         self.conn = conn
+        # Put before each line of output (a kernel's, in its frontend's log), so that what
+        # the remote program says is not read as bitfusion's own words.
+        self.prefix = prefix.encode()
+        self.line_start = {1: True, 2: True}
         self.share_id = share_id
         self.proc_id = proc_id
         self.renew_every = renew_every(lease_s)
@@ -156,9 +167,10 @@ class ProcessStream:
         self.next_seq += 1
         if msg.type == "out":
             stream = sys.stdout.buffer if msg["stream"] == 1 else sys.stderr.buffer
-            stream.write(msg.payloads[0])
+            data = msg.payloads[0]
+            stream.write(self._prefixed(msg["stream"], data) if self.prefix else data)
             stream.flush()
-            self.unacked_bytes += len(msg.payloads[0])
+            self.unacked_bytes += len(data)
             if self.unacked_bytes >= ACK_EVERY_BYTES:
                 self._ack()
             return None
@@ -170,6 +182,16 @@ class ProcessStream:
                 say(why)
             return code
         return None
+
+    def _prefixed(self, stream: int, data: bytes) -> bytes:
+        lines = bytes(data).split(b"\n")
+        start = self.line_start.get(stream, True)
+        out = [
+            (self.prefix + line) if (i > 0 or start) and line else line
+            for i, line in enumerate(lines)
+        ]
+        self.line_start[stream] = not lines[-1]
+        return b"\n".join(out)
 
     def _ack(self) -> None:
         self.acked = self.next_seq - 1

@@ -1072,7 +1072,13 @@ class Gateway:
         )
         argv = [a.replace("{connection_file}", str(conn_file)) for a in env_of.argv]
         # BITFUSION_KERNEL_ID tells the %bitfusion magic that its kernel has a shim to ask.
-        env = self.share_env(share, {**self._passed_env(), "BITFUSION_KERNEL_ID": kernel_id})
+        # JPY_PARENT_PID=1: the kernel's parent is the sandbox's init, which ipykernel does not
+        # poll; without a parent it prints a note that Ctrl-C will not work (it does, through
+        # the shim) and its in-sandbox connection file, both only noise in the user's log.
+        env = self.share_env(
+            share,
+            {**self._passed_env(), "BITFUSION_KERNEL_ID": kernel_id, "JPY_PARENT_PID": "1"},
+        )
         kernel = {
             "kernel_id": kernel_id,
             "connection_file": str(conn_file),

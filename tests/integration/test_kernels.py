@@ -11,6 +11,7 @@ import time
 
 import nbformat
 import pytest
+from jupyter_client import KernelManager
 from nbclient import NotebookClient
 
 from bitfusion_jupyter import share_sidecar
@@ -366,6 +367,31 @@ def test_after_a_move_the_kernel_shows_idle_not_starting(client_env):
                 states.append(msg["content"]["execution_state"])
         assert "starting" not in states
         _until(kc, "import os; print(os.environ.get('BITFUSION_MEMORY_MIB'))", "2048\n")
+
+
+def test_the_kernels_own_log_lines_are_marked_as_the_kernels_in_the_frontends_log(
+    client_env, tmp_path
+):
+    """What the remote ipykernel logs reaches the Jupyter server's log through the shim,
+    labelled as the kernel's, not read as bitfusion's; ipykernel's note that Ctrl-C will
+    not work (it does, through the shim) is not there."""
+    km = KernelManager()
+    km._kernel_spec = shim_spec("-m", "1024")
+    log = tmp_path / "server.log"
+    with log.open("w") as server_log:
+        km.start_kernel(stderr=server_log)
+    kc = km.client()
+    kc.start_channels()
+    with ready((km, kc)):
+        share = client_env.shares()[0]["share_id"]
+        run_cell(kc, "get_ipython().kernel.log.error('the kernel speaks')")
+        deadline = time.monotonic() + 10
+        while "the kernel speaks" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    text = log.read_text()
+    assert f"[kernel in share {share}] [IPKernelApp] ERROR | the kernel speaks" in text, text
+    assert "Ctrl-C will not work" not in text and "--existing" not in text, text
+    assert f"bitfusion: python3 kernel in share {share}" in text  # the shim's own: unmarked
 
 
 def test_the_magic_waits_in_the_queue_and_says_so_in_the_cell(client_env):
