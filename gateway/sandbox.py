@@ -34,6 +34,7 @@ from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 PRELUDE = Path(__file__).resolve().parent / "share_prelude.sh"
+FILES_PRELUDE = Path(__file__).resolve().parent / "files_prelude.sh"
 HOMES_IN = Path("/home")  # where a user's home appears in their shares
 RUN_IN = Path("/run/bitfusion")  # where the gateway's files for the share appear
 _SYSTEM = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt")
@@ -69,6 +70,17 @@ class Bind:
     host: str
     inside: str | None = None
     writable: bool = False
+
+
+@dataclass(frozen=True)
+class FilesMount:
+    """The client's folder, mounted by sshfs at the same path in the sandbox before the
+    command starts. The SFTP stream comes in on fd ``sftp_in`` and goes out on ``sftp_out``
+    of the bwrap process (inherited: the caller puts them there, below 10, as sh needs)."""
+
+    path: str
+    sftp_in: int
+    sftp_out: int
 
 
 @dataclass
@@ -109,10 +121,12 @@ class Layout:
         gpu_minors: Sequence[int] | None = (),
         mps_dirs: Sequence[str] = (),
         chdir: str | None = None,
+        files: FilesMount | None = None,
     ) -> list[str]:
         """The bwrap command line that runs ``command`` in a sandbox of ``user``'s.
 
-        ``gpu_minors``: the /dev/nvidiaN of the share's GPUs (None: every one there is)."""
+        ``gpu_minors``: the /dev/nvidiaN of the share's GPUs (None: every one there is).
+        ``files``: the client's folder to mount first (then it is the working directory)."""
         home_in = str(HOMES_IN / user)
         out = [
             "bwrap",
@@ -125,6 +139,13 @@ class Layout:
             "--cap-drop",
             "ALL",
         ]
+        if files is not None:
+            # A FUSE mount needs CAP_SYS_ADMIN in the sandbox's user namespace, as its root:
+            # files_prelude.sh mounts, then runs the command as the user, with no capability,
+            # in a user namespace nested in this one (see there), whose map of root takes
+            # CAP_SETFCAP (user_namespaces(7)).
+            out += ["--uid", "0", "--gid", "0"]
+            out += ["--cap-add", "CAP_SYS_ADMIN", "--cap-add", "CAP_SETFCAP"]
         for top in _SYSTEM:
             host = f"/{top}"
             if os.path.islink(host):
@@ -141,6 +162,8 @@ class Layout:
         out += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]
         for node in _gpu_nodes(gpu_minors):
             out += ["--dev-bind-try", node, node]
+        if files is not None:
+            out += ["--dev-bind", "/dev/fuse", "/dev/fuse"]
         # A hidden tree is covered wherever a bound tree would show it (a state dir in /opt,
         # or in the checkout the gateway runs from); an offered tree inside a hidden one (a
         # venv in the service user's home, which is the state dir) is bound after the cover.
@@ -159,8 +182,15 @@ class Layout:
         out += ["--dir", str(RUN_IN), "--bind", str(self.home_of(user)), home_in]
         for bind in binds:
             out += ["--bind" if bind.writable else "--ro-bind", bind.host, bind.inside or bind.host]
+        if files is not None:
+            out += ["--dir", files.path]  # the mount point, at the client's own path
+            chdir = files.path
         # The root itself (bwrap's tmpfs) read-only: nothing to write but home, /tmp, /dev/shm.
         out += ["--remount-ro", "/", "--chdir", chdir or home_in, "--", "env", "--default-signal"]
+        if files is not None:
+            ids = (str(os.getuid()), str(os.getgid()))
+            mount = [str(files.path), str(files.sftp_in), str(files.sftp_out), *ids, sys.executable]
+            out += ["/bin/sh", str(FILES_PRELUDE), *mount, "--"]
         return [*out, "/bin/sh", str(PRELUDE), *command]
 
 
