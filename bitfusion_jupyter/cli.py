@@ -106,6 +106,14 @@ def _run(p: argparse.ArgumentParser) -> None:
     share_request.add_arguments(p)
     _server_list(p)
     env_options.add_arguments(p)
+    files = p.add_mutually_exclusive_group()
+    files.add_argument(
+        "--files",
+        metavar="DIR",
+        help="this folder of yours is the command's working folder on the server, live, at "
+        "the same path (served from here, confined to it)",
+    )
+    files.add_argument("--no-files", action="store_true", help="carry no folder (the default)")
     _command(p)
 
 
@@ -275,12 +283,18 @@ def _refuse_other_share(current: held.Held, args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bitfusion_jupyter import env_options
-    from bitfusion_jupyter.runner import ProcessStream
+    from bitfusion_jupyter import env_options, file_server
+    from bitfusion_jupyter.runner import FilesPump, ProcessStream
 
     argv = _argv(args)
     req = share_request.from_args(args)
     env = env_options.from_args(args)
+    try:
+        folder = file_server.choose(os.getcwd(), args.files, args.files is None).folder
+        if folder is not None:
+            file_server.argv(folder, 0)  # sftp-server and bwrap are here, before any share
+    except file_server.FilesError as exc:
+        raise share_request.UsageError(str(exc)) from None
     current = held.current(on_lost=say)
     if current is not None:
         _refuse_other_share(current, args)
@@ -297,16 +311,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             grant = pool.allocate(req, release_on_exit=True, on_queue=say)
             ephemeral = True
+        server = None
         try:
+            files = {}
+            if folder is not None:
+                server = file_server.start(folder)  # ready before sshfs's first request
+                files = {"files": str(folder)}
             data = grant.conn.request(
                 "spawn",
                 share_id=grant.share_id,
                 argv=argv,
                 env={**env, "BITFUSION_CLIENT_HOST": socket.gethostname()},
+                **files,
             )
             stream = ProcessStream(grant.conn, grant.share_id, data["proc_id"], grant.lease_s)
+            if server is not None:
+                stream.files = FilesPump(grant.conn, data["proc_id"], server)
+                say(f"the command runs on {grant.conn.address}, in your folder {folder}.")
             return stream.run()
         finally:
+            if server is not None:
+                if stream is not None and stream.files is not None:
+                    stream.files.close()
+                else:
+                    server.kill()
+                    server.wait()
             # A share whose lease ran out is gone already: say so now, not after a release
             # that cannot reach anyone.
             if ephemeral and not (stream and stream.lease_gone):

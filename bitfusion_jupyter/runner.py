@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import subprocess
 import sys
 import time
 from types import FrameType
@@ -31,6 +32,60 @@ STDIN_CHUNK = 64 * 1024
 ACK_EVERY_BYTES = 256 * 1024
 ACK_EVERY_S = 0.05
 STDIN_WINDOW = 8 * 1024 * 1024  # stdin bytes sent but not yet written to the command, at most
+FILES_STREAM = 3  # the process's stream that carries the client's folder (SFTP), both ways
+
+
+class Input:
+    """One input of the remote process, sent in order: its stdin (stream 0), or the files
+    stream to the share's sshfs (3). Each chunk is kept until the nanny says it has it
+    written, and sent again on every re-attach; at most STDIN_WINDOW bytes are kept."""
+
+    def __init__(self, conn: GatewayConnection, proc_id: str, stream: int = 0) -> None:
+        self.conn = conn
+        self.proc_id = proc_id
+        self.stream = stream
+        self.seq = 0
+        self.open = True
+        # Sent and not yet written by the nanny: (seq, chunk, or None for the close).
+        self.kept: collections.deque[tuple[int, bytes | None]] = collections.deque()
+        self.kept_bytes = 0
+
+    @property
+    def room(self) -> bool:
+        return self.kept_bytes < STDIN_WINDOW
+
+    def send(self, data: bytes) -> None:
+        self._send(data)
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            self._send(None)
+
+    def _send(self, data: bytes | None) -> None:
+        self.seq += 1
+        self.kept.append((self.seq, data))
+        self.kept_bytes += len(data or b"")
+        self._out(self.seq, data)
+
+    def _out(self, seq: int, data: bytes | None) -> None:
+        stream = {"stream": self.stream} if self.stream else {}
+        if data is None:
+            self.conn.send("stdin_close", proc_id=self.proc_id, seq=seq, **stream)
+        else:
+            self.conn.send("stdin", [data], proc_id=self.proc_id, seq=seq, **stream)
+
+    def news(self, seq: int, resend: bool) -> None:
+        """News of the nanny's side. After a (re)attach (``resend``) it has every chunk up to
+        ``seq``, written or queued: send the later ones again. Otherwise it has written every
+        chunk up to ``seq``: forget those, which opens the window again."""
+        if resend:
+            for kept_seq, data in self.kept:
+                if kept_seq > seq:
+                    self._out(kept_seq, data)
+            return
+        while self.kept and self.kept[0][0] <= seq:
+            self.kept_bytes -= len(self.kept.popleft()[1] or b"")
 
 
 class ProcessStream:
@@ -56,11 +111,8 @@ class ProcessStream:
         self.acked = 0
         self.unacked_bytes = 0
         self.last_ack = time.monotonic()
-        self.stdin_seq = 0
-        self.stdin_open = True
-        # Sent and not yet written by the nanny: (seq, chunk, or None for the close).
-        self.stdin_kept: collections.deque[tuple[int, bytes | None]] = collections.deque()
-        self.stdin_kept_bytes = 0
+        self.stdin = Input(conn, proc_id)
+        self.files: FilesPump | None = None  # the client's folder, when it goes along
         self.signals: list[int] = []
         self.forwarded: set[int] = set()  # signals passed on to the process
         self.stopped_by: Message | None = None  # policing's stop notice, if one came
@@ -89,7 +141,7 @@ class ProcessStream:
         poller.register(self.conn.sock, zmq.POLLIN)
         reading = False
         while True:
-            if (stdin_fd is not None and self.stdin_kept_bytes < STDIN_WINDOW) != reading:
+            if (stdin_fd is not None and self.stdin.room) != reading:
                 reading = not reading
                 if reading:
                     poller.register(stdin_fd, zmq.POLLIN)
@@ -107,10 +159,14 @@ class ProcessStream:
                 self.conn.send("signal", proc_id=self.proc_id, signum=signum)
                 self.forwarded.add(signum)
             timeout = max(0.0, min(self.next_renew - time.monotonic(), ACK_EVERY_S))
+            if self.files is not None:
+                self.files.watch(poller)
             try:
                 ready = dict(poller.poll(int(timeout * 1000)))
             except zmq.ZMQError:  # EINTR from a forwarded signal
                 continue
+            if self.files is not None:
+                self.files.pump(ready)
             if reading and ready.get(stdin_fd) and not self._pump_stdin(stdin_fd):
                 poller.unregister(stdin_fd)
                 stdin_fd, reading = None, False
@@ -152,7 +208,11 @@ class ProcessStream:
         if msg.get("proc_id") != self.proc_id:
             return None
         if msg.type == "stdin_seq":
-            self._stdin_news(msg["seq"], msg["resend"])
+            if msg.get("stream") == FILES_STREAM:
+                if self.files is not None:
+                    self.files.input.news(msg["seq"], msg["resend"])
+            else:
+                self.stdin.news(msg["seq"], msg["resend"])
             return None
         seq = msg["seq"]
         if msg.type == "exit" and seq == 0:  # the gateway lost the process's supervisor
@@ -165,6 +225,14 @@ class ProcessStream:
             self.conn.send("attach", proc_id=self.proc_id, out_from=self.next_seq)
             return None
         self.next_seq += 1
+        if msg.type == "out" and msg["stream"] == FILES_STREAM:
+            data = msg.payloads[0]
+            if self.files is not None:
+                self.files.to_server(bytes(data))
+            self.unacked_bytes += len(data)
+            if self.unacked_bytes >= ACK_EVERY_BYTES:
+                self._ack()
+            return None
         if msg.type == "out":
             stream = sys.stdout.buffer if msg["stream"] == 1 else sys.stderr.buffer
             data = msg.payloads[0]
@@ -240,37 +308,88 @@ class ProcessStream:
         if not data:
             self.close_stdin()
             return False
-        self._send_stdin(data)
+        self.stdin.send(data)
         return True
 
     def close_stdin(self) -> None:
-        if self.stdin_open:
-            self.stdin_open = False
-            self._send_stdin(None)
+        self.stdin.close()
 
-    def _send_stdin(self, data: bytes | None) -> None:
-        self.stdin_seq += 1
-        self.stdin_kept.append((self.stdin_seq, data))
-        self.stdin_kept_bytes += len(data or b"")
-        self._stdin_out(self.stdin_seq, data)
 
-    def _stdin_out(self, seq: int, data: bytes | None) -> None:
-        if data is None:
-            self.conn.send("stdin_close", proc_id=self.proc_id, seq=seq)
-        else:
-            self.conn.send("stdin", [data], proc_id=self.proc_id, seq=seq)
+class FilesPump:
+    """The client's folder, as the process's stream 3: the confined sftp-server's replies
+    go to the share's sshfs (an Input, windowed and resent like stdin), and what sshfs asks
+    comes back as output of stream 3, written to sftp-server without blocking the loop."""
 
-    def _stdin_news(self, seq: int, resend: bool) -> None:
-        """News of the nanny's stdin. After a (re)attach (``resend``) it has every chunk up to
-        ``seq``, written or queued: send the later ones again. Otherwise it has written every
-        chunk up to ``seq``: forget those, which opens the window again."""
-        if resend:
-            for kept_seq, data in self.stdin_kept:
-                if kept_seq > seq:
-                    self._stdin_out(kept_seq, data)
-            return
-        while self.stdin_kept and self.stdin_kept[0][0] <= seq:
-            self.stdin_kept_bytes -= len(self.stdin_kept.popleft()[1] or b"")
+    def __init__(self, conn: GatewayConnection, proc_id: str, server: subprocess.Popen[bytes]):
+        assert server.stdin is not None and server.stdout is not None
+        self.server = server
+        self.input = Input(conn, proc_id, FILES_STREAM)
+        self.read_fd: int | None = server.stdout.fileno()
+        self.write_fd: int | None = server.stdin.fileno()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+        self.outbox: collections.deque[memoryview] = collections.deque()
+        self.watched: dict[int, int] = {}
+
+    def watch(self, poller: zmq.Poller) -> None:
+        """Poll sftp-server's replies while the window has room, its stdin while we owe it."""
+        want = {}
+        if self.read_fd is not None and self.input.room:
+            want[self.read_fd] = zmq.POLLIN
+        if self.write_fd is not None and self.outbox:
+            want[self.write_fd] = zmq.POLLOUT
+        for fd in set(self.watched) - set(want):
+            poller.unregister(fd)
+        for fd, events in want.items():
+            if self.watched.get(fd) != events:
+                poller.register(fd, events)
+        self.watched = want
+
+    def pump(self, ready: dict) -> None:
+        if self.read_fd is not None and ready.get(self.read_fd):
+            try:
+                data = os.read(self.read_fd, STDIN_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if data:
+                self.input.send(data)
+            else:  # sftp-server ended: the share's sshfs gets EOF and its files fail, not hang
+                self.read_fd = None
+                self.input.close()
+        if self.write_fd is not None and ready.get(self.write_fd):
+            self._write()
+
+    def to_server(self, data: bytes) -> None:
+        if self.write_fd is not None and data:
+            self.outbox.append(memoryview(data))
+            self._write()
+
+    def _write(self) -> None:
+        while self.outbox and self.write_fd is not None:
+            try:
+                n = os.write(self.write_fd, self.outbox[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                self.write_fd = None
+                self.outbox.clear()
+                return
+            if n == len(self.outbox[0]):
+                self.outbox.popleft()
+            else:
+                self.outbox[0] = self.outbox[0][n:]
+
+    def close(self) -> None:
+        for pipe in (self.server.stdin, self.server.stdout):
+            if pipe is not None:
+                pipe.close()
+        try:
+            self.server.wait(5)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
+            self.server.wait()
 
 
 def police_reason(notice: Message) -> str:

@@ -17,6 +17,7 @@ start fast, and it must never take its child down with it.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import selectors
@@ -100,6 +101,96 @@ class Outbox:
         self.offset = 0
 
 
+class Sink:
+    """One input of the child, written in seq order: its stdin (stream 0), or the SFTP stream
+    to the sshfs that mounts the client's folder (stream 3). Each has its own seq space, so a
+    big file read never waits behind stdin, nor stdin behind it."""
+
+    def __init__(self, nanny: Nanny, stream: int, fd: int, close: Callable[[], None]) -> None:
+        self.nanny = nanny
+        self.stream = stream
+        self.fd: int | None = fd
+        self._close_file = close
+        self.seq = 0  # highest seq accepted (written or queued to write); data and close share it
+        self.untold_bytes = 0  # accepted since the gateway was last told how far
+        self.box = Outbox()
+        self.early: dict[int, bytes | None] = {}  # seqs that arrived ahead of a gap
+        self.closing = False
+        self.watched = False
+
+    def take(self, seq: int, data: bytes | None) -> None:
+        if seq <= self.seq:
+            return  # already written: a client resending after a reconnect
+        if seq > self.seq + 1:
+            self.early[seq] = data  # wait for the gap to be filled
+            return
+        self._accept(data)
+        self.seq = seq
+        while self.seq + 1 in self.early:
+            self.seq += 1
+            self._accept(self.early.pop(self.seq))
+        self.flush()
+
+    def _accept(self, data: bytes | None) -> None:
+        if data is None:
+            self.closing = True
+        elif self.fd is not None and not self.closing:
+            self.box.push(data)
+            self.untold_bytes += len(data)
+
+    def flush(self) -> None:
+        self._write()
+        # Tell the client once what it sent is written (not merely queued here): it keeps what
+        # is not yet told, to send again after a gateway restart, and sends no more than a
+        # window ahead, so a child that reads slowly holds back the client's reading. Told a
+        # MiB at a time (the window is larger): a message a chunk would slow a fast pipe.
+        nanny = self.nanny
+        if not self.box and self.untold_bytes >= STDIN_TELL_EVERY and nanny.attached:
+            self.untold_bytes = 0
+            header = {"type": wire.STDIN_SEQ, "seq": self.seq}
+            if self.stream:
+                header["stream"] = self.stream
+            nanny.conn_box.push(wire.encode_frame(header))
+            nanny._flush_conn()
+
+    def _write(self) -> None:
+        fd = self.fd
+        if fd is None:
+            return
+        try:
+            self.box.write_to(lambda buf: os.write(fd, buf))
+        except BrokenPipeError:
+            self.close()  # the reader closed its end; what it did not read is moot
+            return
+        except OSError as exc:
+            log(f"writing the child's input {self.stream} failed: {exc}")
+            self.close()
+            return
+        if not self.box and self.closing:
+            self.close()
+            return
+        want = bool(self.box)
+        if want != self.watched:
+            self.watched = want
+            if want:
+                self.nanny.sel.register(fd, selectors.EVENT_WRITE, lambda _mask: self.flush())
+            else:
+                self.nanny.sel.unregister(fd)
+
+    def close(self) -> None:
+        if self.fd is None:
+            return
+        if self.watched:
+            self.nanny.sel.unregister(self.fd)
+            self.watched = False
+        self.box.clear()
+        self.fd = None
+        try:
+            self._close_file()
+        except OSError:
+            pass  # EPIPE and the like: the child is not reading any more anyway
+
+
 class Nanny:
     """The event loop around one child; see the module docstring for the contract."""
 
@@ -111,6 +202,7 @@ class Nanny:
         socket_path: str,
         status_path: str,
         linger_s: float,
+        files: tuple[int, int] | None = None,
     ) -> None:
         self.sel = selectors.DefaultSelector()
         self.listener = listener
@@ -129,14 +221,13 @@ class Nanny:
         self.pipes = {child.stdout.fileno(): wire.STDOUT, child.stderr.fileno(): wire.STDERR}
         self.reading = False
 
-        # Stdin: written in seq order; stdin and stdin_close share one seq space.
-        self.stdin_fd: int | None = child.stdin.fileno()
-        self.stdin_seq = 0  # highest seq accepted (written or queued to write)
-        self.stdin_untold_bytes = 0  # accepted since the gateway was last told how far
-        self.stdin_box = Outbox()
-        self.stdin_early: dict[int, bytes | None] = {}  # seqs that arrived ahead of a gap
-        self.stdin_closing = False
-        self.stdin_watched = False
+        # Inputs: the child's stdin, and with a mount of the client's folder the SFTP stream
+        # to its sshfs (``files``: our ends, (to sshfs, from sshfs)).
+        self.sinks = {0: Sink(self, 0, child.stdin.fileno(), child.stdin.close)}
+        if files is not None:
+            to_sshfs, from_sshfs = files
+            self.sinks[wire.FILES] = Sink(self, wire.FILES, to_sshfs, lambda: os.close(to_sshfs))
+            self.pipes[from_sshfs] = wire.FILES
 
         # The one gateway connection.
         self.conn: socket.socket | None = None
@@ -155,7 +246,7 @@ class Nanny:
 
     # --- the loop ------------------------------------------------------------------------
     def run(self) -> int:
-        for fd in (*self.pipes, self.stdin_fd):
+        for fd in (*self.pipes, *(sink.fd for sink in self.sinks.values())):
             os.set_blocking(fd, False)
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, lambda _mask: self._accept())
@@ -243,7 +334,10 @@ class Nanny:
             stream = self.pipes.pop(fd)
             if self.reading:
                 self.sel.unregister(fd)
-            (self.child.stdout if stream == wire.STDOUT else self.child.stderr).close()  # type: ignore[union-attr]
+            if stream == wire.FILES:
+                os.close(fd)
+            else:
+                (self.child.stdout if stream == wire.STDOUT else self.child.stderr).close()  # type: ignore[union-attr]
             self._maybe_emit_exit()
             return
         self._emit({"type": wire.OUT, "stream": self.pipes[fd]}, data)
@@ -267,7 +361,8 @@ class Nanny:
         # The exit is the last message: wait until the child is reaped and its pipes are drained.
         if self.exit_code is None or self.pipes or self.exit_seq is not None:
             return
-        self._close_stdin()
+        for sink in self.sinks.values():
+            sink.close()
         self.exit_seq = self.next_seq
         self._emit({"type": wire.EXIT, "code": self.exit_code})
         self.linger_until = time.monotonic() + self.linger_s
@@ -380,10 +475,10 @@ class Nanny:
             self._attach(wire.int_field(header, "out_from"))
         elif kind == wire.ACK:
             self._ack(wire.int_field(header, "seq"))
-        elif kind == wire.STDIN:
-            self._stdin(wire.int_field(header, "seq"), payload)
-        elif kind == wire.STDIN_CLOSE:
-            self._stdin(wire.int_field(header, "seq"), None)
+        elif kind in (wire.STDIN, wire.STDIN_CLOSE):
+            sink = self.sinks.get(int(header.get("stream") or 0))
+            if sink is not None:
+                sink.take(wire.int_field(header, "seq"), payload if kind == wire.STDIN else None)
         elif kind == wire.SIGNAL:
             signum = wire.int_field(header, "signum")
             log(f"forwarding signal {signum}")
@@ -398,12 +493,14 @@ class Nanny:
         self.out_from = max(1, out_from)
         self.conn_box.drop_unstarted()  # a re-attach replaces whatever was still queued
         running = self.exit_code is None
+        files = self.sinks.get(wire.FILES)
         self.conn_box.push(
             wire.encode_frame(
                 {
                     "type": wire.ATTACHED,
                     "child_pid": self.child.pid,
-                    "stdin_seq": self.stdin_seq,
+                    "stdin_seq": self.sinks[0].seq,
+                    **({"files_seq": files.seq} if files is not None else {}),
                     "running": running,
                     "exit_code": self.exit_code,
                 }
@@ -430,75 +527,6 @@ class Nanny:
         deadline = time.monotonic() + grace_s
         self.kill_at = deadline if self.kill_at is None else min(self.kill_at, deadline)
 
-    # --- stdin ---------------------------------------------------------------------------
-    def _stdin(self, seq: int, data: bytes | None) -> None:
-        if seq <= self.stdin_seq:
-            return  # already written: a client resending after a reconnect
-        if seq > self.stdin_seq + 1:
-            self.stdin_early[seq] = data  # wait for the gap to be filled
-            return
-        self._accept_stdin(data)
-        self.stdin_seq = seq
-        while self.stdin_seq + 1 in self.stdin_early:
-            self.stdin_seq += 1
-            self._accept_stdin(self.stdin_early.pop(self.stdin_seq))
-        self._flush_stdin()
-
-    def _accept_stdin(self, data: bytes | None) -> None:
-        if data is None:
-            self.stdin_closing = True
-        elif self.stdin_fd is not None and not self.stdin_closing:
-            self.stdin_box.push(data)
-            self.stdin_untold_bytes += len(data)
-
-    def _flush_stdin(self) -> None:
-        self._write_stdin()
-        # Tell the client once what it sent is written (not merely queued here): it keeps what
-        # is not yet told, to send again after a gateway restart, and sends no more than a
-        # window ahead, so a child that reads slowly holds back the client's reading. Told a
-        # MiB at a time (the window is larger): a message a chunk would slow a fast pipe.
-        if not self.stdin_box and self.stdin_untold_bytes >= STDIN_TELL_EVERY and self.attached:
-            self.stdin_untold_bytes = 0
-            self.conn_box.push(wire.encode_frame({"type": wire.STDIN_SEQ, "seq": self.stdin_seq}))
-            self._flush_conn()
-
-    def _write_stdin(self) -> None:
-        fd = self.stdin_fd
-        if fd is None:
-            return
-        try:
-            self.stdin_box.write_to(lambda buf: os.write(fd, buf))
-        except BrokenPipeError:
-            self._close_stdin()  # the child closed its stdin; what it did not read is moot
-            return
-        except OSError as exc:
-            log(f"writing the child's stdin failed: {exc}")
-            self._close_stdin()
-            return
-        if not self.stdin_box and self.stdin_closing:
-            self._close_stdin()
-            return
-        want = bool(self.stdin_box)
-        if want != self.stdin_watched:
-            self.stdin_watched = want
-            if want:
-                self.sel.register(fd, selectors.EVENT_WRITE, lambda _mask: self._flush_stdin())
-            else:
-                self.sel.unregister(fd)
-
-    def _close_stdin(self) -> None:
-        if self.stdin_fd is None:
-            return
-        if self.stdin_watched:
-            self.sel.unregister(self.stdin_fd)
-            self.stdin_watched = False
-        self.stdin_box.clear()
-        self.stdin_fd = None
-        try:
-            self.child.stdin.close()  # type: ignore[union-attr]
-        except OSError:
-            pass  # EPIPE and the like: the child is not reading any more anyway
-
 
 # --- start-up ----------------------------------------------------------------------------
 def parse_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -517,6 +545,9 @@ def parse_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
     # its monitor, --scope adds Landlock's signal and abstract-socket scopes.
     parser.add_argument("--shield", action="store_true", help="child ignores INT/TERM/HUP/QUIT")
     parser.add_argument("--scope", action="store_true", help="child is scoped by Landlock")
+    parser.add_argument(
+        "--files", action="store_true", help="child gets the files stream on fds 3 and 4"
+    )
     opts = parser.parse_args(args)
     if not argv:
         parser.error("give the command to run after '--'")
@@ -582,6 +613,7 @@ def serve(opts: argparse.Namespace, argv: list[str], report_w: int) -> int:
     except OSError as exc:
         report(f"err bitfusion: cannot listen on {opts.socket}: {exc.strerror or exc}.")
         return 1
+    files = _files_pipes() if opts.files else None
     try:
         child = subprocess.Popen(
             argv,
@@ -590,7 +622,8 @@ def serve(opts: argparse.Namespace, argv: list[str], report_w: int) -> int:
             stderr=subprocess.PIPE,
             cwd=opts.cwd,
             start_new_session=True,  # own session and group: signalled and mapped as one
-            preexec_fn=_confiner(opts),
+            preexec_fn=_confiner(opts, files),
+            pass_fds=wire.FILES_FDS if files else (),
         )
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         listener.close()
@@ -603,18 +636,40 @@ def serve(opts: argparse.Namespace, argv: list[str], report_w: int) -> int:
         report("err " + message)
         return 1
     log(f"started {child.pid}: {argv!r}")
-    nanny = Nanny(listener, child, argv, opts.socket, opts.status, opts.linger)
+    ours = None
+    if files is not None:
+        child_in, to_sshfs, from_sshfs, child_out = files
+        os.close(child_in)
+        os.close(child_out)
+        ours = (to_sshfs, from_sshfs)
+    nanny = Nanny(listener, child, argv, opts.socket, opts.status, opts.linger, ours)
     nanny.write_status()
     report(f"ok {os.getpid()}")
     return nanny.run()
 
 
-def _confiner(opts: argparse.Namespace) -> Callable[[], None] | None:
+def _files_pipes() -> tuple[int, int, int, int]:
+    """(child reads, we write, we read, child writes): the files stream's two pipes, at fds
+    of 10 and up, so that putting the child's ends at 3 and 4 overwrites none of them."""
+    fds: list[int] = []
+    for read, write in (os.pipe(), os.pipe()):
+        for fd in (read, write):
+            fds.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10))
+            os.close(fd)
+    return fds[0], fds[1], fds[2], fds[3]
+
+
+def _confiner(
+    opts: argparse.Namespace, files: tuple[int, int, int, int] | None = None
+) -> Callable[[], None] | None:
     """What the child runs just before exec: confined as asked, or it does not start at all."""
-    if not (opts.shield or opts.scope):
+    if not (opts.shield or opts.scope or files):
         return None
 
     def confine() -> None:
+        if files is not None:  # the files stream where files_prelude.sh expects it
+            os.dup2(files[0], wire.FILES_FDS[0])
+            os.dup2(files[3], wire.FILES_FDS[1])
         if opts.shield:  # bwrap's monitor; `env --default-signal` resets them for the command
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
                 signal.signal(signum, signal.SIG_IGN)

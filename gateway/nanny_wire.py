@@ -20,19 +20,23 @@ MAX_PAYLOAD = 16 * 1024 * 1024
 # gateway -> nanny
 ATTACH = "attach"  # {out_from}: send output from this seq on, then stream live
 ACK = "ack"  # {seq}: the client has everything up to seq; forget it
-STDIN = "stdin"  # {seq} + bytes for the child's stdin
-STDIN_CLOSE = "stdin_close"  # {seq}: close the child's stdin (shares stdin's seq space)
+STDIN = "stdin"  # {seq, stream?} + bytes for the child's stdin (stream 3: the files stream)
+STDIN_CLOSE = "stdin_close"  # {seq, stream?}: close that input (shares its seq space)
 SIGNAL = "signal"  # {signum}: deliver to the child's process group
 TERMINATE = "terminate"  # {grace_s}: SIGTERM the group, SIGKILL after grace
 
 # nanny -> gateway
-ATTACHED = "attached"  # {child_pid, stdin_seq, running, exit_code}
-STDIN_SEQ = "stdin_seq"  # {seq}: stdin up to seq is written to the child (or moot): forget it
-OUT = "out"  # {seq, stream: 1|2} + bytes
+ATTACHED = "attached"  # {child_pid, stdin_seq, files_seq?, running, exit_code}
+STDIN_SEQ = "stdin_seq"  # {seq, stream?}: that input up to seq is written (or moot): forget it
+OUT = "out"  # {seq, stream: 1|2|3} + bytes
 EXIT = "exit"  # {seq, code}: always the last seq
 
 STDOUT = 1
 STDERR = 2
+# The SFTP stream of the client's folder, both ways (out: from sshfs; stdin: to it); the
+# child gets it on these fds (gateway/files_prelude.sh).
+FILES = 3
+FILES_FDS = (3, 4)  # (sshfs reads, sshfs writes)
 
 
 class WireError(ValueError):

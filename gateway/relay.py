@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from gateway.nanny_link import NannyGone, NannyLink
+from gateway.nanny_wire import FILES
 
 log = logging.getLogger("bitfusion.gateway")
 
@@ -70,11 +71,13 @@ class Relay:
         if self.exit_seq is not None and seq >= self.exit_seq:
             await self.close()  # everything delivered; the nanny exits on this ack
 
-    async def _stdin_seq(self, seq: int, resend: bool) -> None:
-        """Tell the client how far the nanny has its stdin; after an attach, it sends again
-        whatever came later (the nanny drops what it already has)."""
+    async def _stdin_seq(self, seq: int, resend: bool, stream: int = 0) -> None:
+        """Tell the client how far the nanny has an input (stdin, or the files stream); after
+        an attach, it sends again whatever came later (the nanny drops what it already has)."""
         if self.subscriber is not None:
             fields = {"proc_id": self.proc_id, "seq": seq, "resend": resend}
+            if stream:
+                fields["stream"] = stream
             await self.deliver(self.subscriber, "stdin_seq", fields, None)
 
     async def _pump(self) -> None:
@@ -86,8 +89,11 @@ class Relay:
                 if kind == "attached":
                     self.on_pid(int(header["child_pid"]))
                     await self._stdin_seq(int(header.get("stdin_seq", 0)), resend=True)
+                    if "files_seq" in header:
+                        await self._stdin_seq(int(header["files_seq"]), True, FILES)
                 elif kind == "stdin_seq":
-                    await self._stdin_seq(int(header["seq"]), resend=False)
+                    stream = int(header.get("stream") or 0)
+                    await self._stdin_seq(int(header["seq"]), resend=False, stream=stream)
                 elif kind == "out" and self.subscriber is not None:
                     await self.deliver(
                         self.subscriber,

@@ -106,6 +106,25 @@ class Layout:
         offered = _outermost(t for t in map(_real, trees) if not _under_system(t))
         return cls(_real_path(state_dir), _real_path(homes_dir), offered, hidden)
 
+    def files_refusal(self, path: str, user: str) -> str | None:
+        """Why the client's folder ``path`` cannot be mounted at that path in ``user``'s
+        sandbox (a few words), or None when it can. Sent by the client: nothing is trusted."""
+        if not path.startswith("/") or "\0" in path or os.path.normpath(path) != path:
+            return "that is not a plain absolute path"
+        if path == "/" or os.path.dirname(path) == "/":
+            return "a folder at the top of the file system is the server's own"
+        # Not inside the system or the gateway's trees; not over a place the sandbox makes
+        # (which the mount would hide): /tmp, the user's server home, /run/bitfusion.
+        closed = [f"/{top}" for top in _SYSTEM] + ["/proc", "/sys", "/dev", "/run"]
+        closed += [*self.offered, *self.hidden]
+        for tree in closed:
+            if _within(path, tree):
+                return f"that is inside the server's {tree}"
+        for place in [*closed, "/tmp", "/var/tmp", str(HOMES_IN / user), str(RUN_IN)]:
+            if _within(place, path):
+                return f"it would cover the share's {place}"
+        return None
+
     def home_of(self, user: str) -> Path:
         """``user``'s home on this server (made on first use, 0700): their shares' $HOME."""
         home = self.homes_dir / user

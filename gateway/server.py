@@ -43,6 +43,7 @@ from gateway.kernels import (
 from gateway.ledger import Ledger, Process, Share
 from gateway.log_limit import LogLimit
 from gateway.mps import mps_pipe_dir, mps_running
+from gateway.nanny_wire import FILES_FDS
 from gateway.nanny_link import NannyGone
 from gateway.placement import Want, never_fits, place
 from gateway.police import Police, PolicedShare, Verdict
@@ -856,7 +857,8 @@ class Gateway:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in env_extra.items()):
             raise RequestError(protocol.E_BAD_REQUEST, "Environment entries must be strings.")
         env = self.share_env(share, {**self._passed_env(), **env_extra})
-        proc = await self._launch(tok, share, list(argv), env, msg.get("cwd"), ident)
+        files = self._files_path(share, msg.get("files"))
+        proc = await self._launch(tok, share, list(argv), env, msg.get("cwd"), ident, files=files)
         self.ledger.event("spawn", tok.user, share.id, " ".join(argv)[:200])
         return {"proc_id": proc.id}
 
@@ -869,12 +871,13 @@ class Gateway:
         cwd: str | None,
         subscriber: bytes,
         kernel: dict[str, str] | None = None,
+        files: str | None = None,
     ) -> Process:
         """Start ``argv`` in ``share`` under a nanny, record it, and stream it to ``subscriber``."""
         self._refuse_unsandboxed(tok)
         async with self._starting_in(share):
             proc_id = self.ledger.new_id("p-", "processes")
-            full, env, cwd, flags = self._sandboxed(share, argv, env, cwd, kernel)
+            full, env, cwd, flags = self._sandboxed(share, argv, env, cwd, kernel, files)
             try:
                 launched = await launcher.launch_async(
                     full,
@@ -904,6 +907,26 @@ class Gateway:
                 self._open_kernel(proc, subscriber)  # inside the start, which end_share awaits
             return proc
 
+    def _files_path(self, share: Share, path: str | None) -> str | None:
+        """The client's folder, where the share can show it: at its own path, if that path
+        is not one of the sandbox's own (the system, the user's home itself, /run)."""
+        if path is None:
+            return None
+        if not self.sandbox.sandboxed:
+            raise RequestError(
+                protocol.E_SPAWN,
+                f"{self.cfg.hostname} runs shares unconfined, where your folder cannot be "
+                "mounted; run with --no-files.",
+            )
+        why = self.layout.files_refusal(path, share.owner)
+        if why:
+            raise RequestError(
+                protocol.E_BAD_REQUEST,
+                f"Your folder {path} cannot appear at the same path on {self.cfg.hostname}: "
+                f"{why}; run from another folder, or with --no-files.",
+            )
+        return path
+
     def _passed_env(self) -> dict[str, str]:
         """What of the gateway's own environment reaches a share: locale and search paths,
         never its other variables (they are not the users' to read)."""
@@ -925,6 +948,7 @@ class Gateway:
         env: dict[str, str],
         cwd: str | None,
         kernel: dict[str, str] | None,
+        files: str | None = None,
     ) -> tuple[list[str], dict[str, str], str | None, list[str]]:
         """``argv`` as it runs in ``share``'s sandbox: the bwrap command line, its environment,
         the nanny's working directory and flags. Unchanged (but for the environment) when the
@@ -969,8 +993,10 @@ class Gateway:
             gpu_minors=None if None in minors else [m for m in minors if m is not None],
             mps_dirs=[mps_pipe_dir(), "/var/log/nvidia-mps"] if self.mps else [],
             chdir=chdir,
+            files=sandbox.FilesMount(files, *FILES_FDS) if files else None,
         )
         flags = ["--shield", *(["--scope"] if self.sandbox_abi else [])]
+        flags += ["--files"] if files else []
         return full, sandbox.environment(env, user, user_env), None, flags
 
     @contextlib.asynccontextmanager
@@ -1209,13 +1235,16 @@ class Gateway:
         if relay is not None:
             self._touch_proc(msg["proc_id"])
             await relay.send(
-                {"type": "stdin", "seq": msg["seq"]}, protocol.as_bytes(msg.payloads[0])
+                {"type": "stdin", "seq": msg["seq"], "stream": msg.get("stream") or 0},
+                protocol.as_bytes(msg.payloads[0]),
             )
 
     async def _on_stdin_close(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
         relay = self._relay(msg["proc_id"], tok)
         if relay is not None:
-            await relay.send({"type": "stdin_close", "seq": msg["seq"]})
+            await relay.send(
+                {"type": "stdin_close", "seq": msg["seq"], "stream": msg.get("stream") or 0}
+            )
 
     async def _on_signal(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
         relay = self._relay(msg["proc_id"], tok)

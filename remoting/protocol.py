@@ -90,9 +90,11 @@ MESSAGES: dict[str, Spec] = {
     "renew": Spec({**_REQ, "share_id": STR}, {"attach": LIST}, request=True),
     "release": Spec({**_REQ, "share_id": STR}, request=True),
     "list_shares": Spec(_REQ, request=True),
+    # ``files``: the client's folder (an absolute path), mounted at that path in the share
+    # and made the working directory; its SFTP bytes come as the process's stream 3.
     "spawn": Spec(
         {**_REQ, "share_id": STR, "argv": LIST},
-        {"cwd": STR, "env": DICT},
+        {"cwd": STR, "env": DICT, "files": STR},
         request=True,
     ),
     "register_pid": Spec({**_REQ, "share_id": STR, "pid": INT}, request=True),
@@ -115,8 +117,9 @@ MESSAGES: dict[str, Spec] = {
     "revoke": Spec({**_REQ, "nonce": STR}, request=True),  # admin: a token's nonce
     # --- one-way, client -> gateway ---
     "attach": Spec({**_ONEWAY, "proc_id": STR, "out_from": INT}),
-    "stdin": Spec({**_ONEWAY, "proc_id": STR, "seq": INT}, payloads=(1, 1)),
-    "stdin_close": Spec({**_ONEWAY, "proc_id": STR, "seq": INT}),
+    # ``stream`` 3: the files stream to the share's sshfs (its own seq space); else stdin.
+    "stdin": Spec({**_ONEWAY, "proc_id": STR, "seq": INT}, {"stream": INT}, payloads=(1, 1)),
+    "stdin_close": Spec({**_ONEWAY, "proc_id": STR, "seq": INT}, {"stream": INT}),
     "signal": Spec({**_ONEWAY, "proc_id": STR, "signum": INT}),
     "ack": Spec({**_ONEWAY, "proc_id": STR, "seq": INT}),
     # A queued allocate's client is still there (every renew_every(lease_s)), or gives up;
@@ -142,7 +145,9 @@ MESSAGES: dict[str, Spec] = {
     # News of a process's stdin from its nanny. ``resend``: it has just (re)attached and holds
     # every chunk up to ``seq``, so the client sends the later ones again (one may have died
     # with a gateway); else it has written every chunk up to ``seq``, which the client forgets.
-    "stdin_seq": Spec({"proc_id": STR, "seq": INT, "resend": BOOL}, authenticated=False),
+    "stdin_seq": Spec(
+        {"proc_id": STR, "seq": INT, "resend": BOOL}, {"stream": INT}, authenticated=False
+    ),
     "kernel_out": Spec(
         {"kernel_id": STR, "channel": STR}, {"ident": STR}, authenticated=False, payloads=(1, 4096)
     ),

@@ -1,0 +1,123 @@
+"""`bitfusion run --files DIR`: the client's folder is the command's working folder on the
+GPU server, live, at the same path, carried as its own stream on the one connection (issue
+#19; kernels, the magic and the fault-suite cases are still to come)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.security.test_files_mount import pytestmark as needs_files  # noqa: F401
+
+pytestmark = needs_files
+
+PY = sys.executable
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A client's project, outside every tree the test gateway offers its shares."""
+    top = Path("/var/tmp") / f"bf-run-files-{os.getpid()}-{tmp_path.name}"
+    folder = top / "project"
+    folder.mkdir(parents=True)
+    (top / "secret.txt").write_text("beside the project")
+    (folder / "helper.py").write_text("def hi():\n    return 'hi from helper'\n")
+    (folder / "data.csv").write_text("a,b\n1,2\n")
+    (folder / "up").symlink_to("../secret.txt")
+    yield folder
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def test_a_command_works_in_the_clients_folder_and_writes_back(gateway, project):
+    code = (
+        "import os, helper; print(os.getcwd()); print(helper.hi());"
+        "print(open('data.csv').read().split());"
+        "open('model.txt', 'w').write('trained on the server')"
+    )
+    r = gateway.bf("run", "-m", "1024", "--files", str(project), "--", PY, "-c", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [str(project), "hi from helper", "['a,b', '1,2']"]
+    assert f"the command runs on {gateway.address}, in your folder {project}." in r.stderr
+    assert (project / "model.txt").read_text() == "trained on the server"
+    assert gateway.no_shares_within(10)
+
+
+def test_nothing_beside_the_folder_is_reachable_through_it(gateway, project):
+    code = (
+        "import os\n"
+        "for p in ('up', '../secret.txt', os.path.abspath('../secret.txt')):\n"
+        "    try: print(p, open(p).read())\n"
+        "    except OSError as e: print(p, type(e).__name__)\n"
+    )
+    r = gateway.bf("run", "-m", "1024", "--files", str(project), "--", PY, "-c", code)
+    assert r.returncode == 0, r.stderr
+    assert "beside the project" not in r.stdout
+    assert r.stdout.count("Error") == 3, r.stdout
+
+
+def test_a_big_file_and_stdin_travel_at_once_whole(gateway, project):
+    """24 MiB read through the mount while stdin streams to the same command: the files
+    stream has its own window, so neither holds the other up, and not a byte is lost."""
+    blob = os.urandom(24 * 1024 * 1024)
+    (project / "blob.bin").write_bytes(blob)
+    lines = "".join(f"line {i}\n" for i in range(5000))
+    code = (
+        "import hashlib, sys\n"
+        "h = hashlib.sha256(open('blob.bin', 'rb').read()).hexdigest()\n"
+        "n = sum(1 for _ in sys.stdin)\n"
+        "open('copy.bin', 'wb').write(open('blob.bin', 'rb').read()[:4 * 1024 * 1024])\n"
+        "print(h, n)\n"
+    )
+    r = gateway.bf(
+        "run", "-m", "1024", "--files", str(project), "--", PY, "-c", code, input=lines,
+        timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [hashlib.sha256(blob).hexdigest(), "5000"]
+    assert (project / "copy.bin").read_bytes() == blob[: 4 * 1024 * 1024]
+
+
+@pytest.mark.parametrize(
+    "folder, words",
+    [
+        ("/usr/share", "cannot appear at the same path"),
+        ("/nonexistent/folder", "no such folder on this machine"),
+        ("/", "the whole disk is not carried"),
+    ],
+)
+def test_a_folder_that_cannot_go_is_one_sentence_and_nothing_left(gateway, folder, words):
+    r = gateway.bf("run", "-m", "1024", "--files", folder, "--", "true")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert words in r.stderr.strip().splitlines()[-1], r.stderr
+    assert gateway.no_shares_within(10)
+
+
+def test_two_users_each_see_only_their_own_folder(gateway, tmp_path):
+    folders = {}
+    for user in ("alice", "bob"):
+        folders[user] = Path("/var/tmp") / f"bf-two-{os.getpid()}-{user}"
+        folders[user].mkdir(parents=True, exist_ok=True)
+        (folders[user] / "mine.txt").write_text(user)
+    try:
+        code = "import os, sys; print(open('mine.txt').read(), os.path.exists(sys.argv[1]))"
+        for user, other in (("alice", "bob"), ("bob", "alice")):
+            r = gateway.bf(
+                "run", "-m", "1024", "--files", str(folders[user]), "--", PY, "-c", code,
+                str(folders[other] / "mine.txt"), user=user,
+            )  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.split() == [user, "False"]
+    finally:
+        for folder in folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_without_files_the_command_runs_in_its_server_home(gateway, project):
+    r = gateway.bf("run", "-m", "1024", "--", PY, "-c", "import os; print(os.getcwd())")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "/home/alice" and "your folder" not in r.stderr
