@@ -56,7 +56,9 @@ def _number(value: float) -> str:
     return short if float(short) == value else repr(float(value))
 
 
-def shim_argv(request: ShareRequest, kernel: str, servers: str | None) -> list[str]:
+def shim_argv(
+    request: ShareRequest, kernel: str, servers: str | None, files: bool = False
+) -> list[str]:
     """The kernel's command line: the shim, with options that mirror the share options."""
     argv = [
         sys.executable,
@@ -76,6 +78,8 @@ def shim_argv(request: ShareRequest, kernel: str, servers: str | None) -> list[s
         argv += ["--wait", _number(request.wait_s)]
     if servers:
         argv += ["-l", servers]
+    if files:  # the notebook's folder: where the Jupyter server starts the kernel
+        argv += ["--files", "."]
     return argv + ["--kernel", kernel]
 
 
@@ -108,10 +112,15 @@ def _kernel_display(kernel: str) -> str:
 
 
 def kernel_json(
-    request: ShareRequest, *, kernel: str, servers: str | None, display_name: str
+    request: ShareRequest,
+    *,
+    kernel: str,
+    servers: str | None,
+    display_name: str,
+    files: bool = False,
 ) -> dict[str, Any]:
     return {
-        "argv": shim_argv(request, kernel, servers),
+        "argv": shim_argv(request, kernel, servers, files),
         "display_name": display_name,
         "language": "python",
         "interrupt_mode": "signal",  # the shim forwards SIGINT to the remote kernel
@@ -188,8 +197,10 @@ def install(
     user: bool,
     sys_prefix: bool,
     prefix: str | None = None,
+    files: bool = False,
 ) -> Path:
-    """Write a kernelspec for ``request``; returns its directory. Replaces a bitfusion one."""
+    """Write a kernelspec for ``request``; returns its directory. Replaces a bitfusion one.
+    ``files``: its kernels work in their notebook's folder, carried to the share."""
     prefix = _place(user, sys_prefix, prefix)
     kernel = kernel.strip()
     if not kernel:
@@ -209,6 +220,7 @@ def install(
         kernel=kernel,
         servers=servers,
         display_name=display_name or display_name_for(request, _kernel_display(kernel)),
+        files=files,
     )
     logos = resources.files("bitfusion_jupyter") / "resources"
     with tempfile.TemporaryDirectory() as tmp:
@@ -311,6 +323,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     inst.add_argument("--name", help="kernelspec name (default e.g. bitfusion-2gpu-4096mib)")
     inst.add_argument(
+        "--files",
+        action="store_true",
+        help="its kernels work in their notebook's folder, carried live to the share at the "
+        "same path (see 'bitfusion run --files')",
+    )
+    inst.add_argument(
         "--display-name", help="name in the launcher (default e.g. 'Python 3 · 1 GPU')"
     )
     inst.add_argument(
@@ -359,6 +377,7 @@ def _cmd_install(args: argparse.Namespace) -> int:
         "user": args.user,
         "sys_prefix": args.sys_prefix,
         "prefix": args.prefix,
+        "files": args.files,
     }
     pool = ask_pool(args.server_list)
     if args.kernel.strip() != DEFAULT_KERNEL:  # every gateway offers python3 by default

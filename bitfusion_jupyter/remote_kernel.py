@@ -4,26 +4,41 @@ shim's one encrypted gateway connection. Frames pass through untouched."""
 from __future__ import annotations
 
 import signal
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from bitfusion_jupyter import share_sidecar
+from bitfusion_jupyter import file_server, share_sidecar
 from bitfusion_jupyter.pool import Grant
-from bitfusion_jupyter.runner import ProcessStream
+from bitfusion_jupyter.runner import FilesPump, ProcessStream
 from remoting.protocol import Message
 
 KERNEL_START_TIMEOUT_S = 60.0
 
 
-def start_kernel(grant: Grant, info: dict, kernel: str) -> dict:
-    return grant.conn.request(
-        "kernel_start",
-        share_id=grant.share_id,
-        key=info.get("key", ""),
-        signature_scheme=info.get("signature_scheme", "hmac-sha256"),
-        kernel=kernel,
-        timeout=KERNEL_START_TIMEOUT_S,
-    )
+def start_kernel(
+    grant: Grant, info: dict, kernel: str, folder: Path | None = None
+) -> tuple[dict, subprocess.Popen[bytes] | None]:
+    """Have the gateway start ``kernel`` in the share; with ``folder``, the kernel works in
+    that folder of this machine, served by a confined sftp-server (also returned)."""
+    server = file_server.start(folder) if folder is not None else None
+    try:
+        started = grant.conn.request(
+            "kernel_start",
+            share_id=grant.share_id,
+            key=info.get("key", ""),
+            signature_scheme=info.get("signature_scheme", "hmac-sha256"),
+            kernel=kernel,
+            timeout=KERNEL_START_TIMEOUT_S,
+            **({"files": str(folder)} if folder is not None else {}),
+        )
+    except BaseException:
+        if server is not None:
+            server.kill()
+            server.wait()
+        raise
+    return started, server
 
 
 class RemoteKernel:
@@ -31,7 +46,13 @@ class RemoteKernel:
 
     ready = True  # the gateway queues requests until its kernel listens
 
-    def __init__(self, grant: Grant, started: dict, connection_file: str) -> None:
+    def __init__(
+        self,
+        grant: Grant,
+        started: dict,
+        connection_file: str,
+        files_server: subprocess.Popen[bytes] | None = None,
+    ) -> None:
         self.grant = grant
         self.conn = grant.conn
         self.kernel_id = started["kernel_id"]
@@ -44,6 +65,8 @@ class RemoteKernel:
             prefix=f"[kernel in share {grant.share_id}] ",
         )
         self.stream.close_stdin()  # a kernel reads no stdin; its input comes on its channel
+        if files_server is not None:
+            self.stream.files = FilesPump(grant.conn, started["proc_id"], files_server)
         self._code: int | None = None
         self.notices: list[Message] = []  # policing's, not yet shown
         share_sidecar.write(connection_file, grant.conn.address, grant.share, self.kernel,
@@ -51,6 +74,20 @@ class RemoteKernel:
 
     def poll_sockets(self) -> list[Any]:
         return [self.conn.sock]
+
+    def watch_files(self, poller: Any) -> None:
+        if self.stream.files is not None:
+            self.stream.files.watch(poller)
+
+    def pump_files(self, ready: dict) -> None:
+        if self.stream.files is not None:
+            self.stream.files.pump(ready)
+
+    def close_files(self) -> None:
+        """Stop serving the folder (the kernel has ended, or moved to another share)."""
+        if self.stream.files is not None:
+            self.stream.files.close()
+            self.stream.files = None
 
     def probe(self) -> None:
         self.conn.flush()

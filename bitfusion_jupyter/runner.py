@@ -330,9 +330,12 @@ class FilesPump:
         os.set_blocking(self.write_fd, False)
         self.outbox: collections.deque[memoryview] = collections.deque()
         self.watched: dict[int, int] = {}
+        self.poller: zmq.Poller | None = None
 
     def watch(self, poller: zmq.Poller) -> None:
         """Poll sftp-server's replies while the window has room, its stdin while we owe it."""
+        if poller is not self.poller:  # a new poller (the shim makes one per state)
+            self.poller, self.watched = poller, {}
         want = {}
         if self.read_fd is not None and self.input.room:
             want[self.read_fd] = zmq.POLLIN

@@ -25,7 +25,7 @@ from typing import Any
 
 import zmq
 
-from bitfusion_jupyter import config, kernel_notices, share_request, share_sidecar
+from bitfusion_jupyter import config, file_server, kernel_notices, share_request, share_sidecar
 from bitfusion_jupyter.local_child import DELIMITER, LocalChild
 from bitfusion_jupyter.pool import Grant, Pool, say
 from bitfusion_jupyter.remote_kernel import RemoteKernel, start_kernel
@@ -85,11 +85,17 @@ class Shim:
     """
 
     def __init__(
-        self, ports: LocalPorts, info: dict, backend: RemoteKernel, server_list: str | None
+        self,
+        ports: LocalPorts,
+        info: dict,
+        backend: RemoteKernel,
+        server_list: str | None,
+        folder: Path | None = None,
     ) -> None:
         self.ports = ports
         self.info = info
         self.server_list = server_list
+        self.folder = folder  # of this machine, the kernels' working folder on the share
         self.backend: RemoteKernel | LocalChild = backend
         self.stop = False
         self.stopped = False  # policing stopped the kernel: its note stays for the panel
@@ -115,6 +121,8 @@ class Shim:
     def close(self) -> None:
         if isinstance(self.backend, LocalChild):
             self.backend.close()
+        else:
+            self.backend.close_files()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT:
@@ -169,10 +177,14 @@ class Shim:
             while self.interrupts:
                 self.interrupts -= 1
                 backend.interrupt()
+            if isinstance(backend, RemoteKernel):
+                backend.watch_files(poller)
             try:
                 ready = dict(poller.poll(50))
             except zmq.ZMQError:  # EINTR from a signal
                 continue
+            if isinstance(backend, RemoteKernel):
+                backend.pump_files(ready)
             for sock, channel in routers.items():
                 while ready.get(sock) and sock.poll(0):
                     ident, *frames = sock.recv_multipart()
@@ -369,12 +381,14 @@ class Shim:
             self.backend = LocalChild(zmq.Context.instance(), self.info, self._session())
             if old_grant is not None:
                 old_grant.release(timeout=3.0)  # ends the remote kernel
+            if isinstance(old, RemoteKernel):
+                old.close_files()
             say("the kernel now runs locally, on no share.")
         else:
             grant: Grant = pending["grant"]
             try:
-                started = start_kernel(grant, self.info, pending["kernel"])
-            except GatewayError as exc:
+                started, server = start_kernel(grant, self.info, pending["kernel"], self.folder)
+            except (GatewayError, file_server.FilesError) as exc:
                 say(f"could not start the kernel on the new share ({exc}); staying where it was.")
                 grant.release(timeout=3.0)
                 pending["pool"].close()
@@ -385,7 +399,9 @@ class Shim:
                 old_grant.release(timeout=3.0)  # ends the old kernel
             else:
                 old.close()  # the local kernel
-            self.backend = RemoteKernel(grant, started, connection_file)
+            if isinstance(old, RemoteKernel):
+                old.close_files()
+            self.backend = RemoteKernel(grant, started, connection_file, server)
             say(describe(grant, started["kernel"]))
         self.in_flight = {}
         self.replays.extend(pending["behind"].values())
@@ -455,6 +471,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-l", "--server_list", dest="server_list", default=None)
     parser.add_argument("--kernel", default="python3", help="the gateway's kernel environment")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
+    parser.add_argument(
+        "--files",
+        metavar="DIR",
+        help="this folder (. : the notebook's, where the Jupyter server starts the kernel) is "
+        "the kernel's working folder on the share, at the same path",
+    )
     # Jupyter clients may pass a local kernel more arguments (`jupyter run --kernel K FILE`
     # passes FILE, others `--Class.trait=value`): the kernel on the share starts with its
     # own, so those are set aside, saying so. Any other unknown option is still a mistake.
@@ -484,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         req = share_request.from_args(args)
         info = json.loads(args.connection_file.read_text())
-    except (share_request.UsageError, OSError, ValueError) as exc:
+        folder = file_server.choose(os.getcwd(), args.files, args.files is None).folder
+    except (share_request.UsageError, OSError, ValueError, file_server.FilesError) as exc:
         print(f"bitfusion: {exc}", file=sys.stderr)
         return 2
     ctx = zmq.Context.instance()
@@ -515,17 +538,19 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             grant = pool.allocate(req, release_on_exit=True, on_queue=say)
-        started = start_kernel(grant, info, args.kernel)
+        started, server = start_kernel(grant, info, args.kernel, folder)
         say(describe(grant, started["kernel"]))
-        remote = RemoteKernel(grant, started, str(args.connection_file))
-        shim = Shim(ports, info, remote, args.server_list)
+        if folder is not None:
+            say(f"the kernel works in your folder {folder}, at the same path on the share.")
+        remote = RemoteKernel(grant, started, str(args.connection_file), server)
+        shim = Shim(ports, info, remote, args.server_list, folder)
         for cell in held.get("replay", []) if adopt else []:
             shim.replay(cell)  # what the local kernel was sent while it moved
         try:
             return shim.run()
         finally:
             grant = shim.grant  # the share it holds now, after any moves
-    except (config.ConfigError, tokens.TokenError, GatewayError) as exc:
+    except (config.ConfigError, tokens.TokenError, GatewayError, file_server.FilesError) as exc:
         print(f"bitfusion: {exc}", file=sys.stderr)
         return 1
     finally:

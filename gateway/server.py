@@ -43,8 +43,8 @@ from gateway.kernels import (
 from gateway.ledger import Ledger, Process, Share
 from gateway.log_limit import LogLimit
 from gateway.mps import mps_pipe_dir, mps_running
-from gateway.nanny_wire import FILES_FDS
 from gateway.nanny_link import NannyGone
+from gateway.nanny_wire import FILES_FDS
 from gateway.placement import Want, never_fits, place
 from gateway.police import Police, PolicedShare, Verdict
 from gateway.processes import kill_group, pid_alive, session_of
@@ -1086,6 +1086,7 @@ class Gateway:
                 f"{self.cfg.hostname} offers no kernel {name!r}; it offers "
                 f"{', '.join(sorted(self.cfg.kernels))}.",
             )
+        files = self._files_path(share, msg.get("files"))
         kernel_id = "k-" + os.urandom(6).hex()
         env_of = self.cfg.kernels[name]
         kind = channel_kind(env_of, self.cfg.kernel_channels, self.sandbox_abi)
@@ -1112,7 +1113,7 @@ class Gateway:
             "channels": channels,
         }
         try:
-            proc = await self._launch(tok, share, argv, env, None, ident, kernel)
+            proc = await self._launch(tok, share, argv, env, None, ident, kernel, files)
         except RequestError:
             shutil.rmtree(conn_file.parent, ignore_errors=True)
             raise

@@ -102,7 +102,7 @@ MESSAGES: dict[str, Spec] = {
     # connection file, so Jupyter frames pass through both hops untouched and still verify.
     "kernel_start": Spec(
         {**_REQ, "share_id": STR, "key": STR, "signature_scheme": STR},
-        {"kernel": STR},
+        {"kernel": STR, "files": STR},  # files: as spawn's
         request=True,
     ),
     # One Jupyter message on one of a kernel's channels (shell, control, stdin, iopub), its

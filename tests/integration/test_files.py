@@ -121,3 +121,45 @@ def test_without_files_the_command_runs_in_its_server_home(gateway, project):
     r = gateway.bf("run", "-m", "1024", "--", PY, "-c", "import os; print(os.getcwd())")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "/home/alice" and "your folder" not in r.stderr
+
+
+def test_a_notebook_on_a_kernel_with_files_works_in_its_folder(client_env, project, tmp_path,
+                                                               monkeypatch):  # fmt: skip
+    """A kernelspec made with `kernelspec install --files` (the shim's `--files .`): the
+    kernel works in its notebook's folder, and keeps it after a %bitfusion move."""
+    import json
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    from tests.integration.conftest import shim_spec
+
+    spec_dir = tmp_path / "share" / "jupyter" / "kernels" / "bf-files"
+    spec_dir.mkdir(parents=True)
+    spec = shim_spec("-m", "1024", "--files", ".").to_dict()
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            "import os, helper\n"
+            "print(os.getcwd(), helper.hi(), open('data.csv').read().split())\n"
+            "open('model.txt', 'w').write('saved from the notebook')"
+        ),
+        nbformat.v4.new_code_cell("%bitfusion -m 2048"),
+        nbformat.v4.new_code_cell(
+            "import os\nprint(os.environ['BITFUSION_MEMORY_MIB'], os.getcwd(), "
+            "open('model.txt').read())"
+        ),
+    ]
+    NotebookClient(
+        nb, kernel_name="bf-files", timeout=60, resources={"metadata": {"path": str(project)}}
+    ).execute()
+
+    def out(cell):
+        return "".join(o.get("text", "") for o in cell.outputs if o.get("name") == "stdout")
+
+    assert out(nb.cells[0]).split() == [str(project), "hi", "from", "helper", "['a,b',", "'1,2']"]
+    assert (project / "model.txt").read_text() == "saved from the notebook"
+    assert out(nb.cells[2]).split() == ["2048", str(project), "saved", "from", "the", "notebook"]
+    assert client_env.no_shares_within(15)

@@ -110,6 +110,14 @@ def test_the_shim_reads_its_options_back_as_the_same_share() -> None:
         assert str(parsed.connection_file) == "{connection_file}"
 
 
+def test_install_files_makes_kernels_work_in_their_notebooks_folder(jupyter: Path) -> None:
+    from bitfusion_jupyter import shim
+
+    assert bf("install", "-m", "1024", "--files", "--user") == 0
+    argv = KernelSpecManager().get_kernel_spec("bitfusion-1gpu-1024mib").argv
+    assert shim.parse_args(argv[3:]).files == "."  # the kernel's cwd: its notebook's folder
+
+
 @pytest.mark.parametrize(
     ("request_", "display", "name"),
     [
