@@ -101,6 +101,7 @@ def _become_shim(connection_file: str, adopt: dict[str, Any]) -> None:
         connection_file,
         "--kernel",
         adopt["kernel"],
+        *(["--files", adopt["files"]] if adopt.get("files") else []),
     ]
     os.execve(sys.executable, argv, env)
 
@@ -176,6 +177,14 @@ class BitfusionMagics(Magics):
     @argument("--wait", type=float, default=0.0, help="queue up to SECONDS for room")
     @argument("--kernel", default="python3", help="the gateway's kernel environment")
     @argument("--local", action="store_true", help="move back to a local kernel")
+    @argument(
+        "--files",
+        metavar="DIR",
+        default=None,
+        help="this folder of the notebook's machine (. : the kernel's) is the kernel's "
+        "working folder on the share, at the same path",
+    )
+    @argument("--no-files", action="store_true", help="carry no folder to the share")
     @line_magic
     def bitfusion(self, line: str) -> None:
         """Run this notebook's kernel on a share of the GPU pool.
@@ -207,7 +216,11 @@ class BitfusionMagics(Magics):
         except share_request.UsageError as exc:
             print(f"bitfusion: {exc}", file=sys.stderr)
             return
+        if args.files is not None and args.no_files:
+            print("bitfusion: give --files or --no-files, not both.", file=sys.stderr)
+            return
         if in_share() or under_shim():
+            # The shim, on the notebook's machine, reads --files there.
             self._ask_shim(
                 {
                     "action": "move",
@@ -215,21 +228,30 @@ class BitfusionMagics(Magics):
                     "wait_s": req.wait_s,
                     "servers": args.server_list,
                     "kernel": args.kernel,
+                    "files": args.files,
+                    "no_files": args.no_files,
                 }
             )
         else:
-            self._move_local_kernel(req, args.server_list, args.kernel)
+            self._move_local_kernel(req, args.server_list, args.kernel, args.files)
 
     def _move_local_kernel(
-        self, req: share_request.ShareRequest, servers: str | None, kernel: str
+        self, req: share_request.ShareRequest, servers: str | None, kernel: str, files: str | None
     ) -> None:
         from ipykernel.connect import get_connection_file
 
-        from bitfusion_jupyter import config
+        from bitfusion_jupyter import config, file_server
         from bitfusion_jupyter.pool import Pool
         from remoting import tokens
         from remoting.client import GatewayError
 
+        try:  # this kernel runs on the notebook's machine: its folder is read here
+            folder = file_server.choose(os.getcwd(), files, files is None).folder
+            if folder is not None:
+                file_server.argv(folder, 0)  # sftp-server and bwrap are here
+        except file_server.FilesError as exc:
+            print(f"bitfusion: {exc} The kernel stays as it was.", file=sys.stderr)
+            return
         pool = None
         try:
             pool = Pool.from_config(servers)
@@ -250,6 +272,7 @@ class BitfusionMagics(Magics):
             "lease_s": grant.lease_s,
             "env": grant.env,
             "kernel": kernel,
+            "files": str(folder) if folder is not None else None,
         }
         _move_when_cell_ends(self.shell, get_connection_file(), adopt)
 

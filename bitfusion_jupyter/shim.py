@@ -334,6 +334,14 @@ class Shim:
             filters=request["request"].get("filters") or [],
             wait_s=request.get("wait_s", 0),
         )
+        folder = self.folder
+        try:  # the magic's --files is read here, on the notebook's machine
+            if request.get("no_files"):
+                folder = None
+            elif request.get("files"):
+                folder = file_server.choose(os.getcwd(), request["files"], False).folder
+        except file_server.FilesError as exc:
+            return {"ok": False, "error": str(exc)}
         pool = Pool.from_config(request.get("servers") or self.server_list, zero_copy=True)
         try:
             grant = pool.allocate(req, release_on_exit=True)
@@ -345,11 +353,13 @@ class Shim:
             "grant": grant,
             "pool": pool,
             "kernel": request.get("kernel") or "python3",
+            "folder": folder,
         }
+        where = f"\nIt works in your folder {folder} there." if folder is not None else ""
         return {
             "ok": True,
             "message": f"This kernel moves to the {describe(grant, self.pending['kernel'])}."
-            f"\n{MOVE_NOTE}",
+            f"{where}\n{MOVE_NOTE}",
         }
 
     def _session(self) -> Any:
@@ -387,7 +397,9 @@ class Shim:
         else:
             grant: Grant = pending["grant"]
             try:
-                started, server = start_kernel(grant, self.info, pending["kernel"], self.folder)
+                started, server = start_kernel(
+                    grant, self.info, pending["kernel"], pending["folder"]
+                )
             except (GatewayError, file_server.FilesError) as exc:
                 say(f"could not start the kernel on the new share ({exc}); staying where it was.")
                 grant.release(timeout=3.0)
@@ -402,6 +414,7 @@ class Shim:
             if isinstance(old, RemoteKernel):
                 old.close_files()
             self.backend = RemoteKernel(grant, started, connection_file, server)
+            self.folder = pending["folder"]
             say(describe(grant, started["kernel"]))
         self.in_flight = {}
         self.replays.extend(pending["behind"].values())

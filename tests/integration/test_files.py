@@ -163,3 +163,23 @@ def test_a_notebook_on_a_kernel_with_files_works_in_its_folder(client_env, proje
     assert (project / "model.txt").read_text() == "saved from the notebook"
     assert out(nb.cells[2]).split() == ["2048", str(project), "saved", "from", "the", "notebook"]
     assert client_env.no_shares_within(15)
+
+
+def test_the_magic_takes_a_local_kernel_onto_a_share_with_a_folder(client_env, project):
+    from tests.integration.conftest import ready, start_local_kernel
+    from tests.integration.test_kernels import _stream_text, _until, run_cell
+
+    with ready(start_local_kernel()) as (km, kc):
+        run_cell(kc, "%load_ext bitfusion_jupyter")
+        reply, outputs = run_cell(kc, f"%bitfusion -m 1024 --files {project}")
+        text = _stream_text(outputs)
+        assert reply["status"] == "ok" and "moves to" in text, text
+        _until(kc, "import os; print(os.getcwd())", f"{project}\n")
+        _until(kc, "print(open('data.csv').read().split())", "['a,b', '1,2']\n")
+        # From the share to another, keeping the folder; then without it.
+        reply, outputs = run_cell(kc, "%bitfusion -m 2048")
+        assert f"It works in your folder {project} there." in _stream_text(outputs)
+        _until(kc, "import os; print(os.environ['BITFUSION_MEMORY_MIB'], os.getcwd())",
+               f"2048 {project}\n")  # fmt: skip
+        run_cell(kc, "%bitfusion -m 1024 --no-files")
+        _until(kc, "import os; print(os.getcwd())", "/home/alice\n")
