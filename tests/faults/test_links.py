@@ -78,6 +78,34 @@ def test_a_command_rides_out_a_5_s_cut(cluster):
     assert wait_for(lambda: not cluster.shares(), 15), "share not given back"
 
 
+def test_reading_the_clients_folder_rides_out_a_5_s_cut(cluster, tmp_path):
+    """File operations on the client's folder wait while the cable is out and go on after:
+    every read arrives, whole, and the command exits 0 (issue #19)."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    folder = Path("/var/tmp") / f"bf-cut-{os.getpid()}"
+    folder.mkdir()
+    try:
+        (folder / "data.txt").write_text("payload " * 1000)
+        reads = (
+            "import time\nfor i in range(80):\n"
+            "    n = len(open('data.txt').read())\n    print(i, n)\n    time.sleep(0.1)\n"
+        )
+        client = cluster.run_python(reads, "-m", "1024", "--files", str(folder))
+        assert client.stdout.readline() == "0 8000\n"
+        cluster.client.cut()
+        time.sleep(5)
+        cluster.client.restore()
+        out, err = client.communicate(timeout=60)
+        assert client.returncode == 0, err
+        assert out.splitlines() == [f"{i} 8000" for i in range(1, 80)], "a read failed or lost"
+        assert wait_for(lambda: not cluster.shares(), 15), "share not given back"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def test_lines_typed_during_a_5_s_cut_reach_the_command_once(cluster):
     client = cluster.run_python(ECHOES_ITS_STDIN, "-m", "1024", stdin=subprocess.PIPE)
     client.stdin.write("one\n")

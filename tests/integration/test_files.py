@@ -183,3 +183,36 @@ def test_the_magic_takes_a_local_kernel_onto_a_share_with_a_folder(client_env, p
                f"2048 {project}\n")  # fmt: skip
         run_cell(kc, "%bitfusion -m 1024 --no-files")
         _until(kc, "import os; print(os.getcwd())", "/home/alice\n")
+
+
+def test_a_folder_whose_server_is_gone_fails_its_operations_and_writes_nowhere(gateway, project):
+    """When the client's side of the folder ends (its sftp-server killed), file operations in
+    the share fail with an error; nothing is written into the empty folder under the mount."""
+    import signal
+    import subprocess
+    import time
+
+    code = (
+        "import os, time\n"
+        "print('ready', flush=True)\n"
+        "for _ in range(200):\n"
+        "    try: open('data.csv').read()\n"
+        "    except OSError as e: print('read', os.strerror(e.errno), flush=True); break\n"
+        "    time.sleep(0.05)\n"
+        "try: open('after.txt', 'w').write('x'); print('wrote')\n"
+        "except OSError as e: print('write', os.strerror(e.errno))\n"
+    )
+    client = gateway.bf_background("run", "-m", "1024", "--files", str(project), "--", PY, "-c",
+                                   code)  # fmt: skip
+    assert client.stdout.readline() == "ready\n"
+    found = subprocess.run(["pgrep", "-f", f"sftp-server -d {project}"], capture_output=True,
+                           text=True).stdout.split()  # fmt: skip
+    assert found, "the confined sftp-server is not running"
+    for pid in found:
+        os.kill(int(pid), signal.SIGKILL)
+    out, err = client.communicate(timeout=60)
+    lines = out.splitlines()
+    assert lines[0].startswith("read ") and lines[1].startswith("write "), (out, err)
+    assert "wrote" not in out and not (project / "after.txt").exists()
+    time.sleep(0.1)
+    assert gateway.no_shares_within(15)
