@@ -123,6 +123,15 @@ class Layout:
         for place in [*closed, "/tmp", "/var/tmp", str(HOMES_IN / user), str(RUN_IN)]:
             if _within(place, path):
                 return f"it would cover the share's {place}"
+        home_in = str(HOMES_IN / user)
+        if _within(path, home_in):
+            # The mount point is made in the user's server home: not through a link of theirs,
+            # which could lead it into another of the share's writable places.
+            where = self.homes_dir / user
+            for part in Path(path).relative_to(home_in).parts:
+                where = where / part
+                if where.is_symlink():
+                    return f"{home_in}/{where.relative_to(self.homes_dir / user)} is a link there"
         return None
 
     def home_of(self, user: str) -> Path:

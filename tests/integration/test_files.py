@@ -60,6 +60,24 @@ def test_nothing_beside_the_folder_is_reachable_through_it(gateway, project):
     assert r.stdout.count("Error") == 3, r.stdout
 
 
+def test_a_symlink_the_share_plants_leads_nowhere_on_the_client(gateway, project):
+    """The share makes links in the folder to the client's files beside and above it; they
+    are made (they are the user's own folder), and read through the share they find nothing."""
+    secret = project.parent / "secret.txt"
+    code = (
+        "import os\n"
+        f"os.symlink('../secret.txt', 'rel'); os.symlink({str(secret)!r}, 'abs')\n"
+        "os.symlink('/etc/hostname', 'host')\n"
+        "for p in ('rel', 'abs', 'host'):\n"
+        "    try: print(p, open(p).read())\n"
+        "    except OSError as e: print(p, 'refused')\n"
+    )
+    r = gateway.bf("run", "-m", "1024", "--files", str(project), "--", PY, "-c", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["rel", "refused", "abs", "refused", "host", "refused"]
+    assert os.readlink(project / "rel") == "../secret.txt"  # made, in the user's own folder
+
+
 def test_a_big_file_and_stdin_travel_at_once_whole(gateway, project):
     """24 MiB read through the mount while stdin streams to the same command: the files
     stream has its own window, so neither holds the other up, and not a byte is lost."""

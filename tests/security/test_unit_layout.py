@@ -149,6 +149,33 @@ def _pid_of(pattern: str) -> int | None:
 
 
 @needs_bwrap
+def test_run_files_as_the_unit_lays_it_out(unit: UnitGateway, tmp_path_factory) -> None:
+    """The client's folder (issue #19) under the documented service user, not root: the
+    sandbox mounts it as root of the user's namespace, the command runs as the service user
+    with no capability, and what it writes is the client's."""
+    import shutil
+
+    from tests.security.test_files_mount import pytestmark as needs_files
+
+    if needs_files.args[0]:
+        pytest.skip(needs_files.kwargs["reason"])
+    folder = Path("/var/tmp") / f"bf-unit-files-{os.getpid()}"
+    folder.mkdir()
+    try:
+        (folder / "data.csv").write_text("a,b\n")
+        script = (
+            "import os; print(os.getuid(), os.getcwd(), open('data.csv').read().strip(),"
+            " open('/proc/self/status').read().split('CapEff:')[1].split()[0]);"
+            "open('out.txt', 'w').write('from the unit')"
+        )
+        r = unit.bf("run", "-m", "1024", "--files", str(folder), "--", "python3", "-c", script)
+        assert r.returncode == 0, f"{r.stderr}\n{describe(unit)}"
+        assert r.stdout.split() == [str(unit.uid), str(folder), "a,b", "0000000000000000"]
+        assert (folder / "out.txt").read_text() == "from the unit"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def test_the_unit_gateway_says_its_shares_are_sandboxed(unit: UnitGateway) -> None:
     log = unit.log()
     line = next((ln for ln in log.splitlines() if ln.strip().startswith("shares:")), "")

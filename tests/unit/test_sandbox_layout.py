@@ -76,3 +76,28 @@ def test_host_secrets_in_the_system_tree_are_masked(tmp_path):
     layout = sandbox.Layout(tmp_path / "state", tmp_path / "homes", [PACKAGE])
     out = _in_sandbox(layout, "cat /etc/shadow 2>/dev/null | wc -c; ls /etc/passwd")
     assert out.split() == ["0", "/etc/passwd"]
+
+
+def test_a_clients_folder_goes_only_where_it_hides_nothing_of_the_share(tmp_path):
+    """The path a client sends for its folder (issue #19) is checked on the gateway: it
+    must be plain, outside the system and the gateway's trees, and cover none of the places
+    the sandbox makes; under the user's server home, through no link of theirs."""
+    import os
+
+    layout = sandbox.Layout.for_gateway(tmp_path / "state", tmp_path / "homes")
+    os.symlink("/run/bitfusion", layout.home_of("alice") / "linked")
+    allowed = ["/home/alice/project", "/tmp/x", "/var/tmp/p/q", "/srv/data/project"]
+    refused = {
+        "/home/alice": "cover the share's /home/alice",
+        "/home/alice/linked/x": "is a link there",
+        "/tmp": "top of the file system",
+        "/usr/share/x": "inside the server's /usr",
+        "/run/user/1/x": "inside the server's /run",
+        "/a/../b": "not a plain absolute path",
+        "relative/x": "not a plain absolute path",
+        str(tmp_path / "state" / "x"): "inside the server's",
+    }
+    for path in allowed:
+        assert layout.files_refusal(path, "alice") is None, path
+    for path, words in refused.items():
+        assert words in (layout.files_refusal(path, "alice") or ""), path
