@@ -78,6 +78,25 @@ def test_a_symlink_the_share_plants_leads_nowhere_on_the_client(gateway, project
     assert os.readlink(project / "rel") == "../secret.txt"  # made, in the user's own folder
 
 
+def test_the_command_cannot_take_over_the_sshfs_that_holds_its_folder(gateway, project):
+    """sshfs keeps its capabilities in the share's namespace; the command, with none, can
+    neither trace it nor read its memory (and so cannot borrow them)."""
+    code = (
+        "import ctypes, os\n"
+        "pid = next(p for p in os.listdir('/proc') if p.isdigit()"
+        " and open(f'/proc/{p}/comm').read().strip() == 'sshfs')\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "print('attach', libc.ptrace(16, int(pid), 0, 0), ctypes.get_errno())\n"
+        "try: open(f'/proc/{pid}/mem', 'rb').read(1); print('mem read')\n"
+        "except OSError as e: print('mem', e.errno)\n"
+    )
+    r = gateway.bf("run", "-m", "1024", "--files", str(project), "--", PY, "-c", code)
+    assert r.returncode == 0, r.stderr
+    attach, mem = r.stdout.splitlines()
+    assert attach.split()[1] == "-1" and int(attach.split()[2]) in (1, 13), r.stdout  # EPERM
+    assert mem.startswith("mem ") and mem != "mem read", r.stdout
+
+
 def test_a_big_file_and_stdin_travel_at_once_whole(gateway, project):
     """24 MiB read through the mount while stdin streams to the same command: the files
     stream has its own window, so neither holds the other up, and not a byte is lost."""
