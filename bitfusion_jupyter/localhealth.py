@@ -121,7 +121,18 @@ def checks(state_dir: Path, port: int) -> list[dict[str, Any]]:
         verdict, told = _gateway_answers(state_dir, port)
         add("gateway", verdict)
     add("share sandbox", _confinement(told.get("sandbox")))
+    add("client folders", _client_folders())
     return out
+
+
+def _client_folders() -> tuple[str, str]:
+    """Whether a share can mount its client's folder here (`--files`)."""
+    from gateway import sandbox
+
+    why = sandbox.files_unavailable()
+    if why:
+        return WARN, f"shares cannot mount a client's folder (--files): {why}"
+    return OK, "sshfs and /dev/fuse: shares can mount a client's folder (--files)"
 
 
 def run(state_dir: Path, port: int, as_json: bool) -> int:

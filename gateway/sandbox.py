@@ -222,6 +222,16 @@ class Layout:
         return [*out, "/bin/sh", str(PRELUDE), *command]
 
 
+def files_unavailable() -> str | None:
+    """Why this server cannot mount a client's folder in its shares (a few words that say
+    what to do), or None when it can: sshfs, and FUSE's /dev/fuse."""
+    if shutil.which("sshfs") is None:
+        return "sshfs is not installed (Debian: apt-get install sshfs)"
+    if not os.path.exists("/dev/fuse"):
+        return "there is no /dev/fuse (load the fuse module: modprobe fuse)"
+    return None
+
+
 def passed(gateway_env: Mapping[str, str], sandboxed: bool) -> dict[str, str]:
     """What of the gateway's own environment a share's process gets (see ``_PASSED``); an
     unconfined one also keeps the gateway's HOME and user, as it runs in them."""

@@ -918,6 +918,13 @@ class Gateway:
                 f"{self.cfg.hostname} runs shares unconfined, where your folder cannot be "
                 "mounted; run with --no-files.",
             )
+        missing = sandbox.files_unavailable()
+        if missing:
+            raise RequestError(
+                protocol.E_SPAWN,
+                f"{self.cfg.hostname} cannot mount your folder: {missing}; ask its admin, "
+                "or run with --no-files.",
+            )
         why = self.layout.files_refusal(path, share.owner)
         if why:
             raise RequestError(

@@ -77,6 +77,8 @@ def test_localhealth_reports_each_check(gateway):
     assert checks["share sandbox"]["status"] == "ok"
     assert "sandboxed by bubblewrap" in checks["share sandbox"]["detail"]
     assert checks["kernel channels"]["status"] == "ok"  # ipykernel 7.3+, as installed
+    # sshfs and /dev/fuse are here (install-system-packages): shares can mount a folder.
+    assert checks["client folders"]["status"] == "ok", checks["client folders"]
     down = gateway.bf(
         "localhealth", "--state-dir", str(gateway.state_dir), "--port", str(free_port())
     )
