@@ -290,7 +290,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     req = share_request.from_args(args)
     env = env_options.from_args(args)
     try:
-        folder = file_server.choose(os.getcwd(), args.files, args.files is None).folder
+        choice = file_server.choose(os.getcwd(), args.files, args.files is None)
+        folder = choice.folder
+        if choice.note:
+            say(choice.note)
         if folder is not None:
             file_server.argv(folder, 0)  # sftp-server and bwrap are here, before any share
     except file_server.FilesError as exc:
@@ -311,31 +314,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             grant = pool.allocate(req, release_on_exit=True, on_queue=say)
             ephemeral = True
-        server = None
         try:
-            files = {}
-            if folder is not None:
-                server = file_server.start(folder)  # ready before sshfs's first request
-                files = {"files": str(folder)}
             data = grant.conn.request(
                 "spawn",
                 share_id=grant.share_id,
                 argv=argv,
                 env={**env, "BITFUSION_CLIENT_HOST": socket.gethostname()},
-                **files,
+                **({"files": str(folder)} if folder is not None else {}),
             )
             stream = ProcessStream(grant.conn, grant.share_id, data["proc_id"], grant.lease_s)
-            if server is not None:
-                stream.files = FilesPump(grant.conn, data["proc_id"], server)
+            if folder is not None:
+                # Started once the gateway took the command (a refusal starts nothing); what
+                # sshfs asks meanwhile waits in the stream until the loop runs.
+                stream.files = FilesPump(grant.conn, data["proc_id"], file_server.start(folder))
                 say(f"the command runs on {grant.conn.address}, in your folder {folder}.")
             return stream.run()
         finally:
-            if server is not None:
-                if stream is not None and stream.files is not None:
-                    stream.files.close()
-                else:
-                    server.kill()
-                    server.wait()
+            if stream is not None and stream.files is not None:
+                stream.files.close()
             # A share whose lease ran out is gone already: say so now, not after a release
             # that cannot reach anyone.
             if ephemeral and not (stream and stream.lease_gone):

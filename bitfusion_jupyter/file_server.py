@@ -40,13 +40,14 @@ def choose(cwd: str | Path, files: str | None, no_files: bool, home: str | Path 
     if no_files:
         return Choice(None, "")
     home = Path(home or os.path.expanduser("~")).resolve()
-    if files is not None:
+    if files is not None and files != ".":
         folder = Path(files).expanduser().resolve()
         if not folder.is_dir():
             raise FilesError(f"--files {files}: no such folder on this machine.")
         if folder == Path("/"):
             raise FilesError("--files /: the whole disk is not carried; name a project folder.")
         return Choice(folder, "")
+    # The current folder: by default, or named as "." (a kernelspec's notebook folder).
     folder = Path(cwd).resolve()
     if folder == Path("/") or folder == home or home.is_relative_to(folder):
         return Choice(

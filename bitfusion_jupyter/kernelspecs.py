@@ -94,6 +94,9 @@ def share_summary(request: ShareRequest) -> str:
     return gpus
 
 
+FILES_SUFFIX = " · its folder"  # a kernelspec whose kernels work in their notebook's folder
+
+
 def display_name_for(request: ShareRequest, kernel_display: str = "Python 3") -> str:
     return f"{kernel_display} · {share_summary(request)}"
 
@@ -135,6 +138,7 @@ def kernel_json(
                 "wait_s": request.wait_s,
                 "kernel": kernel,
                 "servers": servers,
+                "files": files,
             },
             "debugger": False,
         },
@@ -206,7 +210,10 @@ def install(
     if not kernel:
         raise UsageError("--kernel is empty; name the kernel to run on the share, e.g. python3.")
     servers = _check_servers(servers)
-    name = default_name(request) if name is None else _check_name(name)
+    if name is None:  # beside the same share without the folder, not over it
+        name = default_name(request) + ("-files" if files else "")
+    else:
+        name = _check_name(name)
     manager = _manager()
     existing = manager.get_all_specs().get(name)
     if existing is not None and _spec_of(existing) is None:
@@ -219,7 +226,8 @@ def install(
         request,
         kernel=kernel,
         servers=servers,
-        display_name=display_name or display_name_for(request, _kernel_display(kernel)),
+        display_name=display_name
+        or display_name_for(request, _kernel_display(kernel)) + (FILES_SUFFIX if files else ""),
         files=files,
     )
     logos = resources.files("bitfusion_jupyter") / "resources"

@@ -246,7 +246,10 @@ class BitfusionMagics(Magics):
         from remoting.client import GatewayError
 
         try:  # this kernel runs on the notebook's machine: its folder is read here
-            folder = file_server.choose(os.getcwd(), files, files is None).folder
+            choice = file_server.choose(os.getcwd(), files, files is None)
+            folder = choice.folder
+            if choice.note:
+                print(f"bitfusion: {choice.note}", file=sys.stderr)
             if folder is not None:
                 file_server.argv(folder, 0)  # sftp-server and bwrap are here
         except file_server.FilesError as exc:

@@ -22,23 +22,18 @@ def start_kernel(
 ) -> tuple[dict, subprocess.Popen[bytes] | None]:
     """Have the gateway start ``kernel`` in the share; with ``folder``, the kernel works in
     that folder of this machine, served by a confined sftp-server (also returned)."""
-    server = file_server.start(folder) if folder is not None else None
-    try:
-        started = grant.conn.request(
-            "kernel_start",
-            share_id=grant.share_id,
-            key=info.get("key", ""),
-            signature_scheme=info.get("signature_scheme", "hmac-sha256"),
-            kernel=kernel,
-            timeout=KERNEL_START_TIMEOUT_S,
-            **({"files": str(folder)} if folder is not None else {}),
-        )
-    except BaseException:
-        if server is not None:
-            server.kill()
-            server.wait()
-        raise
-    return started, server
+    started = grant.conn.request(
+        "kernel_start",
+        share_id=grant.share_id,
+        key=info.get("key", ""),
+        signature_scheme=info.get("signature_scheme", "hmac-sha256"),
+        kernel=kernel,
+        timeout=KERNEL_START_TIMEOUT_S,
+        **({"files": str(folder)} if folder is not None else {}),
+    )
+    # Once the gateway took the kernel (a refusal starts nothing); sshfs's first requests
+    # wait in the connection until the shim's loop pumps them.
+    return started, file_server.start(folder) if folder is not None else None
 
 
 class RemoteKernel:

@@ -339,7 +339,10 @@ class Shim:
             if request.get("no_files"):
                 folder = None
             elif request.get("files"):
-                folder = file_server.choose(os.getcwd(), request["files"], False).folder
+                choice = file_server.choose(os.getcwd(), request["files"], False)
+                if choice.note:
+                    return {"ok": False, "error": choice.note}
+                folder = choice.folder
         except file_server.FilesError as exc:
             return {"ok": False, "error": str(exc)}
         pool = Pool.from_config(request.get("servers") or self.server_list, zero_copy=True)
@@ -519,7 +522,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         req = share_request.from_args(args)
         info = json.loads(args.connection_file.read_text())
-        folder = file_server.choose(os.getcwd(), args.files, args.files is None).folder
+        choice = file_server.choose(os.getcwd(), args.files, args.files is None)
+        folder = choice.folder
+        if choice.note:  # `--files .` in a folder that holds the whole home: said, not done
+            print(f"bitfusion: {choice.note}", file=sys.stderr)
     except (share_request.UsageError, OSError, ValueError, file_server.FilesError) as exc:
         print(f"bitfusion: {exc}", file=sys.stderr)
         return 2

@@ -30,10 +30,11 @@ the package). The contract, under the server's base URL:
 
 ``GET /bitfusion/api/presets``
     ``{"presets": [{"name", "display_name", "gpus", "mib": int|null, "fraction":
-    float|null}]}``: the installed bitfusion kernelspecs.
+    float|null, "files": bool}]}``: the installed bitfusion kernelspecs.
 
 ``POST /bitfusion/api/kernelspecs`` with ``{"gpus": int, "mib": int|null, "fraction":
-float|null}``
+float|null, "files": bool (default false: the kernels work in their notebook's folder,
+carried to the share)}``
     200 ``{"name", "display_name"}``: an installed bitfusion kernelspec for that share,
     else a new user kernelspec. 400 ``{"message": one sentence}`` for a bad request.
 

@@ -111,8 +111,10 @@ class KernelspecsHandler(_Handler):
         except ValueError:
             body = None
         try:
-            request = specs.read_request(body)
-            made = await asyncio.get_running_loop().run_in_executor(None, specs.ensure, request)
+            request, files = specs.read_request(body), specs.read_files(body)
+            made = await asyncio.get_running_loop().run_in_executor(
+                None, specs.ensure, request, files
+            )
         except specs.SpecError as exc:
             raise web.HTTPError(400, str(exc)) from None
         self.reply(made)

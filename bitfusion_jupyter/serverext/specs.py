@@ -30,6 +30,7 @@ def presets() -> list[dict[str, Any]]:
                 "gpus": meta.get("gpus") or 1,
                 "mib": meta.get("mib"),
                 "fraction": meta.get("fraction"),
+                "files": bool(meta.get("files")),
             }
         )
     return out
@@ -71,9 +72,18 @@ def read_request(body: Any) -> ShareRequest:
     return ShareRequest(gpus, mib, fraction)
 
 
-def _same(meta: dict[str, Any], request: ShareRequest) -> bool:
+def read_files(body: Any) -> bool:
+    """Whether the kernels work in their notebook's folder, carried to the share."""
+    files = body.get("files", False) if isinstance(body, dict) else False
+    if not isinstance(files, bool):
+        raise SpecError(f"files must be true or false, not {files!r}.")
+    return files
+
+
+def _same(meta: dict[str, Any], request: ShareRequest, files: bool) -> bool:
     return (
-        (meta.get("gpus") or 1) == request.gpus
+        bool(meta.get("files")) == files
+        and (meta.get("gpus") or 1) == request.gpus
         and meta.get("mib") == request.mib
         and meta.get("fraction") == request.fraction
         and not meta.get("filters")
@@ -83,10 +93,11 @@ def _same(meta: dict[str, Any], request: ShareRequest) -> bool:
     )
 
 
-def ensure(request: ShareRequest) -> dict[str, str]:
-    """A kernelspec for ``request``: an installed one that matches, else a new user one."""
+def ensure(request: ShareRequest, files: bool = False) -> dict[str, str]:
+    """A kernelspec for ``request``: an installed one that matches, else a new user one.
+    ``files``: its kernels work in their notebook's folder, carried to the share."""
     for spec in kernelspecs.installed():
-        if _same(spec[kernelspecs.METADATA_KEY], request):
+        if _same(spec[kernelspecs.METADATA_KEY], request, files):
             return {"name": spec["name"], "display_name": spec["display_name"]}
     # As `bitfusion kernelspec install` does: a kernel that could never start is no choice.
     why = kernelspecs.never_held(request, kernelspecs.ask_pool(None))
@@ -104,7 +115,9 @@ def ensure(request: ShareRequest) -> dict[str, str]:
             servers=None,
             user=True,
             sys_prefix=False,
+            files=files,
         )
     except UsageError as exc:
         raise SpecError(str(exc)) from None
-    return {"name": path.name, "display_name": kernelspecs.display_name_for(request)}
+    suffix = kernelspecs.FILES_SUFFIX if files else ""
+    return {"name": path.name, "display_name": kernelspecs.display_name_for(request) + suffix}

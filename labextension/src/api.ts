@@ -86,6 +86,7 @@ export interface IShareRequest {
   gpus: number;
   mib: number | null;
   fraction: number | null;
+  files?: boolean; // the kernels work in their notebook's folder, carried to the share
 }
 
 export interface ILive {

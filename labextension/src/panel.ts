@@ -357,12 +357,19 @@ export class GpuPanel extends Widget {
       { type: 'submit', class: 'jp-mod-styled jp-mod-accept', 'data-testid': 'bf-start' },
       'Start notebook'
     ) as HTMLButtonElement;
+    const files = h('input', {
+      type: 'checkbox',
+      'data-testid': 'bf-files',
+      title:
+        "The kernel works in its notebook's folder, carried live to the share at the same path"
+    }) as HTMLInputElement;
     const form = h(
       'form',
       { class: 'bf-form', 'data-testid': 'bf-form' },
       h('label', {}, gpus, ' GPUs × '),
       size,
       kind,
+      h('label', { class: 'bf-files' }, files, " in the notebook's folder"),
       start
     ) as HTMLFormElement;
     form.addEventListener('submit', event => {
@@ -372,7 +379,8 @@ export class GpuPanel extends Widget {
       const req: IShareRequest = {
         gpus: n,
         mib: kind.value === 'mib' ? value : null,
-        fraction: kind.value === 'fraction' ? value : null
+        fraction: kind.value === 'fraction' ? value : null,
+        files: files.checked
       };
       const problem = checkRequest(req);
       if (problem) {

@@ -170,6 +170,38 @@ def test_policing_is_said_in_the_cell_a_notification_and_the_panel(
     assert pool_gateway.no_shares_within(20), "the share outlived its kernel's shutdown"
 
 
+def test_a_notebook_from_the_panel_works_in_its_folder_on_the_share(
+    page: Page, lab: Lab, pool_gateway: GatewayProcess, shoot
+):
+    """The form's "in the notebook's folder": the kernel runs on the share in the folder
+    the notebook is in, at the same path, and what it writes is there on this machine."""
+    folder = lab.log_path.parent / "project"
+    folder.mkdir(exist_ok=True)
+    (folder / "data.csv").write_text("a,b\n")
+    base, _, query = lab.url.partition("?")
+    page.goto(f"{base.rstrip('/')}/tree/project?{query}&reset")  # the file browser there
+    expect(page.locator(".jp-DirListing-itemText", has_text="data.csv")).to_be_visible(
+        timeout=30_000
+    )  # new notebooks go where the file browser is
+    page.locator('.jp-SideBar [data-id="bitfusion-gpu-pool"]').click()
+    panel = page.locator("#bitfusion-gpu-pool")
+    panel.get_by_test_id("bf-size").fill("2048")
+    panel.get_by_test_id("bf-files").check()
+    panel.get_by_test_id("bf-start").click()
+    wait_for_idle_kernel(page)
+    run_cell(page, "import os; print(os.getcwd(), open('data.csv').read().strip()); "
+                   "open('out.txt', 'w').write('from the share')")  # fmt: skip
+    out = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output").first
+    expect(out).to_contain_text(f"{folder} a,b", timeout=30_000)
+    assert (folder / "out.txt").read_text() == "from the share"
+    expect(panel.get_by_test_id("bf-preset").filter(has_text="its folder")).to_have_count(1)
+    shoot("notebook-in-its-folder")
+    kernel = panel.get_by_test_id("bf-kernel").first
+    kernel.get_by_test_id("bf-shutdown").click()
+    expect(kernel).to_have_count(0, timeout=30_000)
+    assert pool_gateway.no_shares_within(20)
+
+
 def test_no_servers_configured_says_what_to_do(page: Page, lab_without_servers: Lab, shoot):
     open_panel(page, lab_without_servers)
     message = page.get_by_test_id("bf-message")

@@ -151,6 +151,9 @@ def test_a_folder_that_holds_the_home_is_not_carried_unless_named(tmp_path):
         assert choice.folder is None and "whole home directory" in choice.note
     assert file_server.choose(home / "project", None, False, home=home).folder == home / "project"
     assert file_server.choose("/", str(home), False, home=home).folder == home  # on purpose
+    # "." is the current folder (a kernelspec's notebook folder), under the same rule.
+    assert file_server.choose(home, ".", False, home=home).folder is None
+    assert file_server.choose(home / "project", ".", False, home=home).folder == home / "project"
     assert file_server.choose(home / "project", None, True, home=home).folder is None
     with pytest.raises(file_server.FilesError, match="no such folder"):
         file_server.choose("/", str(tmp_path / "nope"), False, home=home)

@@ -81,6 +81,7 @@ def test_install_writes_a_kernelspec_jupyter_can_start(jupyter: Path, capsys) ->
             "wait_s": 30.0,
             "kernel": "python3",
             "servers": "gpu1:56001,gpu2:56002",
+            "files": False,
         },
         "debugger": False,
         "supported_encryption": ["curve"],  # Jupyter servers may hand the shim CurveZMQ keys
@@ -114,7 +115,7 @@ def test_install_files_makes_kernels_work_in_their_notebooks_folder(jupyter: Pat
     from bitfusion_jupyter import shim
 
     assert bf("install", "-m", "1024", "--files", "--user") == 0
-    argv = KernelSpecManager().get_kernel_spec("bitfusion-1gpu-1024mib").argv
+    argv = KernelSpecManager().get_kernel_spec("bitfusion-1gpu-1024mib-files").argv
     assert shim.parse_args(argv[3:]).files == "."  # the kernel's cwd: its notebook's folder
 
 
