@@ -453,7 +453,10 @@ def _jupyter_parts(frames: list[Any]) -> dict | None:
 
 
 def _is_starting(frames: list[Any]) -> bool:
-    """An iopub status "starting" (the header is read first: outputs are not parsed)."""
+    """An iopub status "starting". Only a message whose topic says status (ipykernel's
+    ``kernel.ID.status``) is parsed: outputs pass on this hot path untouched."""
+    if not frames or len(frames[0]) > 128 or not as_bytes(frames[0]).endswith(b"status"):
+        return False
     if _header(frames).get("msg_type") != "status":
         return False
     found = _json_parts(frames, 5)
