@@ -47,13 +47,18 @@ def stopped_sentence(notice: Message, code: int) -> str:
     )
 
 
+def stopped_note(notice: Message, code: int) -> dict[str, Any]:
+    """What is kept, and shown, of a kernel that policing stopped."""
+    return {**fields(notice), "action": "kernel_stopped", "message": stopped_sentence(notice, code)}
+
+
 def kernel_stopped(
     session: Any, cell: tuple[bytes, dict] | None, notice: Message, code: int
 ) -> tuple[list[list[Any]], tuple[bytes, list[Any]] | None]:
     """The iopub messages (an error, then idle) and the shell reply that end the running
     ``cell`` (its routing id and header) of a kernel that policing stopped."""
-    evalue = stopped_sentence(notice, code)
-    note = {**fields(notice), "action": "kernel_stopped", "message": evalue}
+    note = stopped_note(notice, code)
+    evalue = note["message"]
     meta = {METADATA_KEY: {"notice": note}}
     parent = cell[1] if cell else {}
     error = {"ename": ENAME, "evalue": evalue, "traceback": [f"\x1b[0;31m{ENAME}\x1b[0m: {evalue}"]}

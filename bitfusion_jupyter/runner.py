@@ -54,15 +54,13 @@ class Input:
     def room(self) -> bool:
         return self.kept_bytes < STDIN_WINDOW
 
-    def send(self, data: bytes) -> None:
-        self._send(data)
-
     def close(self) -> None:
         if self.open:
             self.open = False
-            self._send(None)
+            self.send(None)
 
-    def _send(self, data: bytes | None) -> None:
+    def send(self, data: bytes | None) -> None:
+        """One chunk, or None for the close."""
         self.seq += 1
         self.kept.append((self.seq, data))
         self.kept_bytes += len(data or b"")
@@ -225,19 +223,15 @@ class ProcessStream:
             self.conn.send("attach", proc_id=self.proc_id, out_from=self.next_seq)
             return None
         self.next_seq += 1
-        if msg.type == "out" and msg["stream"] == FILES_STREAM:
-            data = msg.payloads[0]
-            if self.files is not None:
-                self.files.to_server(bytes(data))
-            self.unacked_bytes += len(data)
-            if self.unacked_bytes >= ACK_EVERY_BYTES:
-                self._ack()
-            return None
         if msg.type == "out":
-            stream = sys.stdout.buffer if msg["stream"] == 1 else sys.stderr.buffer
             data = msg.payloads[0]
-            stream.write(self._prefixed(msg["stream"], data) if self.prefix else data)
-            stream.flush()
+            if msg["stream"] == FILES_STREAM:  # sshfs's requests, for the folder's server
+                if self.files is not None:
+                    self.files.to_server(bytes(data))
+            else:
+                stream = sys.stdout.buffer if msg["stream"] == 1 else sys.stderr.buffer
+                stream.write(self._prefixed(msg["stream"], data) if self.prefix else data)
+                stream.flush()
             self.unacked_bytes += len(data)
             if self.unacked_bytes >= ACK_EVERY_BYTES:
                 self._ack()

@@ -236,14 +236,7 @@ class Shim:
         if reply is not None:
             self._deliver("shell", *reply)
         self.stopped = True
-        share_sidecar.write_notice(
-            self.info["__file__"],
-            {
-                **kernel_notices.fields(notice),
-                "action": "kernel_stopped",
-                "message": kernel_notices.stopped_sentence(notice, code),
-            },
-        )
+        share_sidecar.write_notice(self.info["__file__"], kernel_notices.stopped_note(notice, code))
 
     def _deliver_last(self, backend: RemoteKernel | LocalChild) -> None:
         """What an ended kernel sent just before it went (a shutdown's reply)."""
