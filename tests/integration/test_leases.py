@@ -91,7 +91,8 @@ def test_a_gateway_stopped_as_systemctl_does_keeps_the_command_for_the_next(tmp_
         gw.stop(sig)
         assert "exited with None" not in gw.log()
         gw.start()
-        assert "adopted process" in gw.start_log()
+        # The port listens before the gateway adopts (it binds, then serves): wait for it.
+        assert wait_for(lambda: "adopted process" in gw.start_log(), 10), gw.start_log()
         out = client.stdout.read()
         client.wait(60)
         assert client.returncode == 0, client.stderr.read()
