@@ -110,10 +110,14 @@ def _run(p: argparse.ArgumentParser) -> None:
     files.add_argument(
         "--files",
         metavar="DIR",
-        help="this folder of yours is the command's working folder on the server, live, at "
-        "the same path (served from here, confined to it)",
+        help="this folder of yours (default: the current one) is the command's working folder "
+        "on the server, live, at the same path (served from here, confined to it)",
     )
-    files.add_argument("--no-files", action="store_true", help="carry no folder (the default)")
+    files.add_argument(
+        "--no-files",
+        action="store_true",
+        help="carry no folder: the command works in your home on the server",
+    )
     _command(p)
 
 
@@ -290,12 +294,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     req = share_request.from_args(args)
     env = env_options.from_args(args)
     try:
-        choice = file_server.choose(os.getcwd(), args.files, args.files is None)
-        folder = choice.folder
+        choice = file_server.choose(os.getcwd(), args.files, args.no_files)
         if choice.note:
             say(choice.note)
-        if folder is not None:
-            file_server.argv(folder, 0)  # sftp-server and bwrap are here, before any share
     except file_server.FilesError as exc:
         raise share_request.UsageError(str(exc)) from None
     current = held.current(on_lost=say)
@@ -315,12 +316,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             grant = pool.allocate(req, release_on_exit=True, on_queue=say)
             ephemeral = True
         try:
-            data = grant.conn.request(
-                "spawn",
-                share_id=grant.share_id,
-                argv=argv,
-                env={**env, "BITFUSION_CLIENT_HOST": socket.gethostname()},
-                **({"files": str(folder)} if folder is not None else {}),
+            data, folder = file_server.carried(
+                lambda folder: grant.conn.request(
+                    "spawn",
+                    share_id=grant.share_id,
+                    argv=argv,
+                    env={**env, "BITFUSION_CLIENT_HOST": socket.gethostname()},
+                    **({"files": str(folder)} if folder is not None else {}),
+                ),
+                choice,
+                say,
             )
             stream = ProcessStream(grant.conn, grant.share_id, data["proc_id"], grant.lease_s)
             if folder is not None:

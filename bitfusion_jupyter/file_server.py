@@ -16,8 +16,15 @@ import pwd
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+from remoting import protocol
+from remoting.client import GatewayError
+
+T = TypeVar("T")
 
 SFTP_SERVER_PATHS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
                      "/usr/libexec/sftp-server")  # fmt: skip
@@ -31,12 +38,18 @@ class FilesError(Exception):
 class Choice:
     folder: Path | None  # None: nothing is carried
     note: str  # one sentence for the user when nothing is carried though they did not say so
+    named: bool = False  # the user named it: not carrying it is an error, not a note
 
 
-def choose(cwd: str | Path, files: str | None, no_files: bool, home: str | Path | None = None
-           ) -> Choice:  # fmt: skip
+RUN_HINT = "run from a project folder, or name one with --files DIR (--no-files keeps this quiet)"
+KERNEL_HINT = "keep the notebook in a project folder, and its kernel works there on the share"
+
+
+def choose(cwd: str | Path, files: str | None, no_files: bool, home: str | Path | None = None,
+           hint: str = RUN_HINT) -> Choice:  # fmt: skip
     """The folder a share gets: ``--files DIR``, none with ``--no-files``, else the current
-    folder, unless that is ``/`` or holds the user's whole home (where ``~/.ssh`` lives)."""
+    folder, unless that is ``/`` or holds the user's whole home (where ``~/.ssh`` lives), or
+    this machine cannot serve it (then the note says why, and nothing is carried)."""
     if no_files:
         return Choice(None, "")
     home = Path(home or os.path.expanduser("~")).resolve()
@@ -46,16 +59,45 @@ def choose(cwd: str | Path, files: str | None, no_files: bool, home: str | Path 
             raise FilesError(f"--files {files}: no such folder on this machine.")
         if folder == Path("/"):
             raise FilesError("--files /: the whole disk is not carried; name a project folder.")
-        return Choice(folder, "")
-    # The current folder: by default, or named as "." (a kernelspec's notebook folder).
+        _ready()
+        return Choice(folder, "", named=True)
+    # The current folder, by default: "." says the same (a notebook's, where the Jupyter
+    # server starts its kernel), so this machine or the gateway not taking it is a note.
     folder = Path(cwd).resolve()
     if folder == Path("/") or folder == home or home.is_relative_to(folder):
         return Choice(
             None,
-            f"not carrying {folder} to the share: it holds your whole home directory; run "
-            "from a project folder, or name one with --files DIR (--no-files to keep this quiet).",
+            f"not carrying {folder} to the share: it holds your whole home directory; {hint}.",
         )
+    try:
+        _ready()
+    except FilesError as exc:
+        return Choice(None, f"not carrying {folder} to the share: {exc}")
     return Choice(folder, "")
+
+
+def carried(send: Callable[[Path | None], T], choice: Choice, say: Callable[[str], object]
+            ) -> tuple[T, Path | None]:  # fmt: skip
+    """``send(folder)`` (a spawn or kernel start) carrying the chosen folder. Where the
+    gateway cannot mount a folder the user did not name, they are told, and it goes again
+    without: a command that needs no files should not fail for them."""
+    try:
+        return send(choice.folder), choice.folder
+    except GatewayError as exc:
+        if choice.folder is None or choice.named or exc.code != protocol.E_NO_FILES:
+            raise
+        say(f"{exc.told()} It runs without it.")
+    return send(None), None
+
+
+def _ready() -> None:
+    """bubblewrap and sftp-server are here (a folder is only served confined to itself)."""
+    if shutil.which("bwrap") is None:
+        raise FilesError(
+            "bubblewrap is not installed here, and your folder is only served confined to "
+            "itself; install it (Debian: apt-get install bubblewrap) or run with --no-files."
+        )
+    sftp_server()
 
 
 def sftp_server() -> str:
@@ -77,11 +119,7 @@ def _libraries(program: str) -> list[str]:
 def argv(folder: Path, passwd_fd: int) -> tuple[list[str], bytes]:
     """The command that serves ``folder`` over SFTP on its stdin and stdout, and the
     /etc/passwd it needs (sftp-server looks its user up), to give it on ``passwd_fd``."""
-    if shutil.which("bwrap") is None:
-        raise FilesError(
-            "bubblewrap is not installed here, and your folder is only served confined to "
-            "itself; install it (Debian: apt-get install bubblewrap) or run with --no-files."
-        )
+    _ready()
     program = sftp_server()
     out = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
     for path in [program, *_libraries(program)]:

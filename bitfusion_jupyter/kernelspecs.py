@@ -57,7 +57,7 @@ def _number(value: float) -> str:
 
 
 def shim_argv(
-    request: ShareRequest, kernel: str, servers: str | None, files: bool = False
+    request: ShareRequest, kernel: str, servers: str | None, files: bool = True
 ) -> list[str]:
     """The kernel's command line: the shim, with options that mirror the share options."""
     argv = [
@@ -78,8 +78,8 @@ def shim_argv(
         argv += ["--wait", _number(request.wait_s)]
     if servers:
         argv += ["-l", servers]
-    if files:  # the notebook's folder: where the Jupyter server starts the kernel
-        argv += ["--files", "."]
+    if not files:  # else the shim carries the notebook's folder, where the kernel starts
+        argv += ["--no-files"]
     return argv + ["--kernel", kernel]
 
 
@@ -94,7 +94,7 @@ def share_summary(request: ShareRequest) -> str:
     return gpus
 
 
-FILES_SUFFIX = " · its folder"  # a kernelspec whose kernels work in their notebook's folder
+NO_FILES_SUFFIX = " · no folder"  # a kernelspec whose kernels leave their notebook's folder
 
 
 def display_name_for(request: ShareRequest, kernel_display: str = "Python 3") -> str:
@@ -120,7 +120,7 @@ def kernel_json(
     kernel: str,
     servers: str | None,
     display_name: str,
-    files: bool = False,
+    files: bool = True,
 ) -> dict[str, Any]:
     return {
         "argv": shim_argv(request, kernel, servers, files),
@@ -201,7 +201,7 @@ def install(
     user: bool,
     sys_prefix: bool,
     prefix: str | None = None,
-    files: bool = False,
+    files: bool = True,
 ) -> Path:
     """Write a kernelspec for ``request``; returns its directory. Replaces a bitfusion one.
     ``files``: its kernels work in their notebook's folder, carried to the share."""
@@ -211,7 +211,7 @@ def install(
         raise UsageError("--kernel is empty; name the kernel to run on the share, e.g. python3.")
     servers = _check_servers(servers)
     if name is None:  # beside the same share without the folder, not over it
-        name = default_name(request) + ("-files" if files else "")
+        name = default_name(request) + ("" if files else "-nofiles")
     else:
         name = _check_name(name)
     manager = _manager()
@@ -227,7 +227,7 @@ def install(
         kernel=kernel,
         servers=servers,
         display_name=display_name
-        or display_name_for(request, _kernel_display(kernel)) + (FILES_SUFFIX if files else ""),
+        or display_name_for(request, _kernel_display(kernel)) + ("" if files else NO_FILES_SUFFIX),
         files=files,
     )
     logos = resources.files("bitfusion_jupyter") / "resources"
@@ -253,6 +253,9 @@ def installed() -> list[dict[str, Any]]:
     for name, entry in sorted(_manager().get_all_specs().items()):
         meta = _spec_of(entry)
         if meta is not None:
+            # Its command line says what its kernels do with their folder, whatever an
+            # older install wrote beside it.
+            meta = {**meta, "files": "--no-files" not in entry["spec"].get("argv", [])}
             out.append(
                 {
                     "name": name,
@@ -331,10 +334,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     inst.add_argument("--name", help="kernelspec name (default e.g. bitfusion-2gpu-4096mib)")
     inst.add_argument(
-        "--files",
+        "--no-files",
         action="store_true",
-        help="its kernels work in their notebook's folder, carried live to the share at the "
-        "same path (see 'bitfusion run --files')",
+        help="its kernels leave their notebook's folder here and work in your home on the "
+        "server (by default the folder is carried live to the share, at the same path)",
     )
     inst.add_argument(
         "--display-name", help="name in the launcher (default e.g. 'Python 3 · 1 GPU')"
@@ -385,7 +388,7 @@ def _cmd_install(args: argparse.Namespace) -> int:
         "user": args.user,
         "sys_prefix": args.sys_prefix,
         "prefix": args.prefix,
-        "files": args.files,
+        "files": not args.no_files,
     }
     pool = ask_pool(args.server_list)
     if args.kernel.strip() != DEFAULT_KERNEL:  # every gateway offers python3 by default

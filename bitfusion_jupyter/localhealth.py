@@ -126,13 +126,13 @@ def checks(state_dir: Path, port: int) -> list[dict[str, Any]]:
 
 
 def _client_folders() -> tuple[str, str]:
-    """Whether a share can mount its client's folder here (`--files`)."""
+    """Whether a share can mount its client's folder here (what `run` and kernels carry)."""
     from gateway import sandbox
 
     why = sandbox.files_unavailable()
     if why:
-        return WARN, f"shares cannot mount a client's folder (--files): {why}"
-    return OK, "sshfs and /dev/fuse: shares can mount a client's folder (--files)"
+        return WARN, f"shares cannot mount their client's folder (they work in a home here): {why}"
+    return OK, "sshfs and /dev/fuse: shares can mount their client's folder"
 
 
 def run(state_dir: Path, port: int, as_json: bool) -> int:

@@ -102,6 +102,7 @@ def _become_shim(connection_file: str, adopt: dict[str, Any]) -> None:
         "--kernel",
         adopt["kernel"],
         *(["--files", adopt["files"]] if adopt.get("files") else []),
+        *(["--no-files"] if adopt.get("no_files") else []),
     ]
     os.execve(sys.executable, argv, env)
 
@@ -181,10 +182,14 @@ class BitfusionMagics(Magics):
         "--files",
         metavar="DIR",
         default=None,
-        help="this folder of the notebook's machine (. : the kernel's) is the kernel's "
-        "working folder on the share, at the same path",
+        help="this folder of the notebook's machine (default, or . : the kernel's) is the "
+        "kernel's working folder on the share, at the same path",
     )
-    @argument("--no-files", action="store_true", help="carry no folder to the share")
+    @argument(
+        "--no-files",
+        action="store_true",
+        help="carry no folder: the kernel works in your home on the server",
+    )
     @line_magic
     def bitfusion(self, line: str) -> None:
         """Run this notebook's kernel on a share of the GPU pool.
@@ -233,10 +238,15 @@ class BitfusionMagics(Magics):
                 }
             )
         else:
-            self._move_local_kernel(req, args.server_list, args.kernel, args.files)
+            self._move_local_kernel(req, args.server_list, args.kernel, args.files, args.no_files)
 
     def _move_local_kernel(
-        self, req: share_request.ShareRequest, servers: str | None, kernel: str, files: str | None
+        self,
+        req: share_request.ShareRequest,
+        servers: str | None,
+        kernel: str,
+        files: str | None,
+        no_files: bool,
     ) -> None:
         from ipykernel.connect import get_connection_file
 
@@ -246,12 +256,10 @@ class BitfusionMagics(Magics):
         from remoting.client import GatewayError
 
         try:  # this kernel runs on the notebook's machine: its folder is read here
-            choice = file_server.choose(os.getcwd(), files, files is None)
+            choice = file_server.choose(os.getcwd(), files, no_files, hint=file_server.KERNEL_HINT)
             folder = choice.folder
             if choice.note:
                 print(f"bitfusion: {choice.note}", file=sys.stderr)
-            if folder is not None:
-                file_server.argv(folder, 0)  # sftp-server and bwrap are here
         except file_server.FilesError as exc:
             print(f"bitfusion: {exc} The kernel stays as it was.", file=sys.stderr)
             return
@@ -267,7 +275,8 @@ class BitfusionMagics(Magics):
                 pool.close()
         from bitfusion_jupyter.shim import MOVE_NOTE, describe
 
-        print(f"This kernel moves to the {describe(grant, kernel)}.")
+        where = f"\nIt works in your folder {folder} there." if folder is not None else ""
+        print(f"This kernel moves to the {describe(grant, kernel)}.{where}")
         print(MOVE_NOTE, flush=True)
         adopt = {
             "server": grant.conn.address,
@@ -275,7 +284,8 @@ class BitfusionMagics(Magics):
             "lease_s": grant.lease_s,
             "env": grant.env,
             "kernel": kernel,
-            "files": str(folder) if folder is not None else None,
+            "files": files,  # the shim, in this same folder, chooses as this did
+            "no_files": no_files,
         }
         _move_when_cell_ends(self.shell, get_connection_file(), adopt)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bitfusion_jupyter import file_server, share_sidecar
-from bitfusion_jupyter.pool import Grant
+from bitfusion_jupyter.pool import Grant, say
 from bitfusion_jupyter.runner import FilesPump, ProcessStream
 from remoting.protocol import Message
 
@@ -18,22 +18,31 @@ KERNEL_START_TIMEOUT_S = 60.0
 
 
 def start_kernel(
-    grant: Grant, info: dict, kernel: str, folder: Path | None = None
-) -> tuple[dict, subprocess.Popen[bytes] | None]:
-    """Have the gateway start ``kernel`` in the share; with ``folder``, the kernel works in
-    that folder of this machine, served by a confined sftp-server (also returned)."""
-    started = grant.conn.request(
-        "kernel_start",
-        share_id=grant.share_id,
-        key=info.get("key", ""),
-        signature_scheme=info.get("signature_scheme", "hmac-sha256"),
-        kernel=kernel,
-        timeout=KERNEL_START_TIMEOUT_S,
-        **({"files": str(folder)} if folder is not None else {}),
+    grant: Grant, info: dict, kernel: str, choice: file_server.Choice
+) -> tuple[dict, subprocess.Popen[bytes] | None, Path | None, str]:
+    """Have the gateway start ``kernel`` in the share, working in the chosen folder of this
+    machine, served by a confined sftp-server (also returned). Returns the folder carried
+    and a sentence for the notebook when the one chosen by default could not be."""
+    notes = [choice.note] if choice.note else []
+    started, folder = file_server.carried(
+        lambda folder: grant.conn.request(
+            "kernel_start",
+            share_id=grant.share_id,
+            key=info.get("key", ""),
+            signature_scheme=info.get("signature_scheme", "hmac-sha256"),
+            kernel=kernel,
+            timeout=KERNEL_START_TIMEOUT_S,
+            **({"files": str(folder)} if folder is not None else {}),
+        ),
+        choice,
+        notes.append,
     )
+    for note in notes:
+        say(note)
     # Once the gateway took the kernel (a refusal starts nothing); sshfs's first requests
     # wait in the connection until the shim's loop pumps them.
-    return started, file_server.start(folder) if folder is not None else None
+    server = file_server.start(folder) if folder is not None else None
+    return started, server, folder, " ".join(notes)
 
 
 class RemoteKernel:
@@ -47,6 +56,7 @@ class RemoteKernel:
         started: dict,
         connection_file: str,
         files_server: subprocess.Popen[bytes] | None = None,
+        files_note: str = "",
     ) -> None:
         self.grant = grant
         self.conn = grant.conn
@@ -64,6 +74,9 @@ class RemoteKernel:
             self.stream.files = FilesPump(grant.conn, started["proc_id"], files_server)
         self._code: int | None = None
         self.notices: list[Message] = []  # policing's, not yet shown
+        if files_note:  # the folder stayed behind: said in the first cell that runs
+            note = {"share_id": grant.share_id, "action": "files", "message": files_note}
+            self.notices.append(Message("notice", note))
         share_sidecar.write(connection_file, grant.conn.address, grant.share, self.kernel,
                             grant.lease_s)  # fmt: skip
 

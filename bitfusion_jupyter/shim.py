@@ -90,12 +90,13 @@ class Shim:
         info: dict,
         backend: RemoteKernel,
         server_list: str | None,
-        folder: Path | None = None,
+        files: file_server.Choice | None = None,
     ) -> None:
         self.ports = ports
         self.info = info
         self.server_list = server_list
-        self.folder = folder  # of this machine, the kernels' working folder on the share
+        # The folder of this machine the kernels work in, on any share they move to.
+        self.files = files or file_server.Choice(None, "")
         self.backend: RemoteKernel | LocalChild = backend
         self.stop = False
         self.stopped = False  # policing stopped the kernel: its note stays for the panel
@@ -218,9 +219,11 @@ class Shim:
     def _show_notices(self, backend: RemoteKernel | LocalChild) -> None:
         if not isinstance(backend, RemoteKernel):
             return
-        while backend.notices:
-            notice = backend.notices.pop(0)
-            cell = self._running_cell()
+        cell = self._running_cell()
+        for notice in list(backend.notices):
+            if cell is None and notice.get("action") == "files":
+                continue  # before any cell, no frontend may listen yet: the first cell says it
+            backend.notices.remove(notice)
             frames = kernel_notices.in_cell(self._session(), cell[1] if cell else {}, notice)
             self._deliver("iopub", None, frames)
             share_sidecar.write_notice(self.info["__file__"], kernel_notices.fields(notice))
@@ -327,15 +330,14 @@ class Shim:
             filters=request["request"].get("filters") or [],
             wait_s=request.get("wait_s", 0),
         )
-        folder = self.folder
+        choice = self.files
         try:  # the magic's --files is read here, on the notebook's machine
             if request.get("no_files"):
-                folder = None
+                choice = file_server.Choice(None, "")
             elif request.get("files"):
                 choice = file_server.choose(os.getcwd(), request["files"], False)
-                if choice.note:
+                if choice.note and request["files"] != ".":
                     return {"ok": False, "error": choice.note}
-                folder = choice.folder
         except file_server.FilesError as exc:
             return {"ok": False, "error": str(exc)}
         pool = Pool.from_config(request.get("servers") or self.server_list, zero_copy=True)
@@ -349,8 +351,9 @@ class Shim:
             "grant": grant,
             "pool": pool,
             "kernel": request.get("kernel") or "python3",
-            "folder": folder,
+            "files": choice,
         }
+        folder = choice.folder
         where = f"\nIt works in your folder {folder} there." if folder is not None else ""
         return {
             "ok": True,
@@ -393,8 +396,8 @@ class Shim:
         else:
             grant: Grant = pending["grant"]
             try:
-                started, server = start_kernel(
-                    grant, self.info, pending["kernel"], pending["folder"]
+                started, server, _, note = start_kernel(
+                    grant, self.info, pending["kernel"], pending["files"]
                 )
             except (GatewayError, file_server.FilesError) as exc:
                 say(f"could not start the kernel on the new share ({exc}); staying where it was.")
@@ -409,8 +412,8 @@ class Shim:
                 old.close()  # the local kernel
             if isinstance(old, RemoteKernel):
                 old.close_files()
-            self.backend = RemoteKernel(grant, started, connection_file, server)
-            self.folder = pending["folder"]
+            self.backend = RemoteKernel(grant, started, connection_file, server, note)
+            self.files = pending["files"]
             say(describe(grant, started["kernel"]))
         self.in_flight = {}
         self.replays.extend(pending["behind"].values())
@@ -483,12 +486,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-l", "--server_list", dest="server_list", default=None)
     parser.add_argument("--kernel", default="python3", help="the gateway's kernel environment")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
-    parser.add_argument(
+    files = parser.add_mutually_exclusive_group()
+    files.add_argument(
         "--files",
         metavar="DIR",
-        help="this folder (. : the notebook's, where the Jupyter server starts the kernel) is "
-        "the kernel's working folder on the share, at the same path",
+        help="this folder (default, or . : the notebook's, where the Jupyter server starts "
+        "the kernel) is the kernel's working folder on the share, at the same path",
     )
+    files.add_argument("--no-files", action="store_true", help="carry no folder to the share")
     # Jupyter clients may pass a local kernel more arguments (`jupyter run --kernel K FILE`
     # passes FILE, others `--Class.trait=value`): the kernel on the share starts with its
     # own, so those are set aside, saying so. Any other unknown option is still a mistake.
@@ -518,10 +523,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         req = share_request.from_args(args)
         info = json.loads(args.connection_file.read_text())
-        choice = file_server.choose(os.getcwd(), args.files, args.files is None)
-        folder = choice.folder
-        if choice.note:  # `--files .` in a folder that holds the whole home: said, not done
-            print(f"bitfusion: {choice.note}", file=sys.stderr)
+        choice = file_server.choose(
+            os.getcwd(), args.files, args.no_files, hint=file_server.KERNEL_HINT
+        )
     except (share_request.UsageError, OSError, ValueError, file_server.FilesError) as exc:
         print(f"bitfusion: {exc}", file=sys.stderr)
         return 2
@@ -553,12 +557,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             grant = pool.allocate(req, release_on_exit=True, on_queue=say)
-        started, server = start_kernel(grant, info, args.kernel, folder)
+        started, server, folder, note = start_kernel(grant, info, args.kernel, choice)
         say(describe(grant, started["kernel"]))
         if folder is not None:
             say(f"the kernel works in your folder {folder}, at the same path on the share.")
-        remote = RemoteKernel(grant, started, str(args.connection_file), server)
-        shim = Shim(ports, info, remote, args.server_list, folder)
+        remote = RemoteKernel(grant, started, str(args.connection_file), server, note)
+        shim = Shim(ports, info, remote, args.server_list, choice)
         for cell in held.get("replay", []) if adopt else []:
             shim.replay(cell)  # what the local kernel was sent while it moved
         try:

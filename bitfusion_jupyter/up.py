@@ -252,8 +252,10 @@ def run(
         _say(f"Recording a token for {user} in {config.config_dir()}.")
         _bitfusion("init", "--token", token, "--server", gateway.address, env=env)
         _bitfusion("list_gpus", env=env)
+        # --no-files: it needs no folder, and this one is often the checkout the gateway
+        # itself runs from, which a share cannot show at its own path.
         _bitfusion(
-            "run", "-n", "1", "-m", "1024", "--", sys.executable, "-c",
+            "run", "-n", "1", "-m", "1024", "--no-files", "--", sys.executable, "-c",
             'import os; e = os.environ; print("inside share", e["BITFUSION_SHARE_ID"], "on",'
             ' e["CUDA_VISIBLE_DEVICES"], "capped at", e["BITFUSION_MEMORY_MIB"], "MiB")',
             env=env,

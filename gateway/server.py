@@ -914,21 +914,21 @@ class Gateway:
             return None
         if not self.sandbox.sandboxed:
             raise RequestError(
-                protocol.E_SPAWN,
+                protocol.E_NO_FILES,
                 f"{self.cfg.hostname} runs shares unconfined, where your folder cannot be "
                 "mounted; run with --no-files.",
             )
         missing = sandbox.files_unavailable()
         if missing:
             raise RequestError(
-                protocol.E_SPAWN,
+                protocol.E_NO_FILES,
                 f"{self.cfg.hostname} cannot mount your folder: {missing}; ask its admin, "
                 "or run with --no-files.",
             )
         why = self.layout.files_refusal(path, share.owner)
         if why:
             raise RequestError(
-                protocol.E_BAD_REQUEST,
+                protocol.E_NO_FILES,
                 f"Your folder {path} cannot appear at the same path on {self.cfg.hostname}: "
                 f"{why}; run from another folder, or with --no-files.",
             )

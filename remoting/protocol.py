@@ -178,6 +178,7 @@ E_NEVER_FITS = "never_fits"  # nothing on this server could ever fit
 E_GAVE_UP = "gave_up"  # the answer to a queued allocate whose client gave its place up
 E_BAD_REQUEST = "bad_request"
 E_SPAWN = "spawn"
+E_NO_FILES = "no_files"  # the client's folder cannot be mounted there; the rest could start
 E_NO_KERNEL = "no_kernel"  # the gateway offers no kernel environment of that name
 E_INTERNAL = "internal"
 

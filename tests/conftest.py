@@ -63,8 +63,9 @@ class GatewayProcess(SpawnedGateway):
         input: str | None = None,
         timeout: float = 60,
         env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> subprocess.CompletedProcess:
-        """Run the real `bitfusion` CLI as ``user``."""
+        """Run the real `bitfusion` CLI as ``user`` (in ``cwd``, the folder `run` carries)."""
         return subprocess.run(
             [*CLI, *args],
             input=input,
@@ -73,7 +74,7 @@ class GatewayProcess(SpawnedGateway):
             timeout=timeout,
             env=env or self.env(user, admin),
             stdin=None if input is not None else subprocess.DEVNULL,
-            cwd=self.client_cwd,
+            cwd=cwd or self.client_cwd,
         )
 
     def bf_background(

@@ -33,8 +33,8 @@ the package). The contract, under the server's base URL:
     float|null, "files": bool}]}``: the installed bitfusion kernelspecs.
 
 ``POST /bitfusion/api/kernelspecs`` with ``{"gpus": int, "mib": int|null, "fraction":
-float|null, "files": bool (default false: the kernels work in their notebook's folder,
-carried to the share)}``
+float|null, "files": bool (default true: the kernels work in their notebook's folder,
+carried to the share; false: in the user's home on the server)}``
     200 ``{"name", "display_name"}``: an installed bitfusion kernelspec for that share,
     else a new user kernelspec. 400 ``{"message": one sentence}`` for a bad request.
 

@@ -74,7 +74,7 @@ def read_request(body: Any) -> ShareRequest:
 
 def read_files(body: Any) -> bool:
     """Whether the kernels work in their notebook's folder, carried to the share."""
-    files = body.get("files", False) if isinstance(body, dict) else False
+    files = body.get("files", True) if isinstance(body, dict) else True
     if not isinstance(files, bool):
         raise SpecError(f"files must be true or false, not {files!r}.")
     return files
@@ -93,7 +93,7 @@ def _same(meta: dict[str, Any], request: ShareRequest, files: bool) -> bool:
     )
 
 
-def ensure(request: ShareRequest, files: bool = False) -> dict[str, str]:
+def ensure(request: ShareRequest, files: bool = True) -> dict[str, str]:
     """A kernelspec for ``request``: an installed one that matches, else a new user one.
     ``files``: its kernels work in their notebook's folder, carried to the share."""
     for spec in kernelspecs.installed():
@@ -119,5 +119,5 @@ def ensure(request: ShareRequest, files: bool = False) -> dict[str, str]:
         )
     except UsageError as exc:
         raise SpecError(str(exc)) from None
-    suffix = kernelspecs.FILES_SUFFIX if files else ""
+    suffix = "" if files else kernelspecs.NO_FILES_SUFFIX
     return {"name": path.name, "display_name": kernelspecs.display_name_for(request) + suffix}

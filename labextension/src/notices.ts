@@ -1,4 +1,4 @@
-// Policing's notices as JupyterLab notifications. The kernel shim puts each notice in the
+// Policing's notices (and a folder that stayed behind) as JupyterLab notifications. The kernel shim puts each notice in the
 // running cell's output with its numbers under metadata.bitfusion.notice; this raises a
 // notification for it, so a user looking at another cell, or another notebook, sees it too.
 
@@ -7,7 +7,7 @@ import { ISessionContext, Notification } from '@jupyterlab/apputils';
 import { KernelMessage } from '@jupyterlab/services';
 
 export interface IPoliceNotice {
-  action: 'warn' | 'stop' | 'kernel_stopped';
+  action: 'warn' | 'stop' | 'kernel_stopped' | 'files';
   message: string;
   share_id?: string;
   gpu_index?: number;
@@ -27,7 +27,7 @@ export function noticeOf(msg: KernelMessage.IMessage): IPoliceNotice | null {
  * dismissed, since its variables are gone. */
 export function notify(notice: IPoliceNotice, where: string): void {
   const text = `${where}: ${notice.message}`;
-  if (notice.action === 'warn') {
+  if (notice.action === 'warn' || notice.action === 'files') {
     Notification.warning(text, { autoClose: 15000 });
   } else if (notice.action === 'stop') {
     Notification.error(text, { autoClose: 30000 });

@@ -359,6 +359,7 @@ export class GpuPanel extends Widget {
     ) as HTMLButtonElement;
     const files = h('input', {
       type: 'checkbox',
+      checked: true,
       'data-testid': 'bf-files',
       title:
         "The kernel works in its notebook's folder, carried live to the share at the same path"
@@ -487,13 +488,18 @@ function noticeLine(notice: IPoliceNotice | null): HTMLElement | null {
     return null;
   }
   const when = notice.at ? new Date(notice.at * 1000).toLocaleTimeString() : '';
-  const what = { warn: 'Warned', stop: 'Stopped over its share', kernel_stopped: 'Kernel stopped' }[
-    notice.action
-  ];
+  const what = {
+    warn: 'Warned',
+    stop: 'Stopped over its share',
+    kernel_stopped: 'Kernel stopped',
+    files: 'Folder not carried'
+  }[notice.action];
   return h(
     'div',
     {
-      class: notice.action === 'warn' ? 'bf-policed bf-warn' : 'bf-policed bf-error',
+      class: ['warn', 'files'].includes(notice.action)
+        ? 'bf-policed bf-warn'
+        : 'bf-policed bf-error',
       'data-testid': 'bf-policed',
       'data-action': notice.action
     },

@@ -79,8 +79,12 @@ def test_a_notebook_on_a_share_from_the_panel(
     # The form made a kernelspec and opened a notebook with it; a cell runs inside the share.
     wait_for_idle_kernel(page)
     run_cell(page, 'import os; os.environ["BITFUSION_SHARE_ID"]')
-    out = page.locator(".jp-OutputArea-output").first
-    expect(out).to_contain_text(re.compile(r"'s-[0-9a-f]+'"), timeout=30_000)
+    outputs = page.locator(".jp-OutputArea-output")
+    out = outputs.filter(has_text=re.compile(r"'s-[0-9a-f]+'"))
+    expect(out).to_have_count(1, timeout=30_000)
+    # The notebook is at the top of the home folder, which is never carried: the first cell
+    # says so (and how to have a folder on the share), once.
+    expect(outputs.filter(has_text="it holds your whole home directory")).to_have_count(1)
     share_id = re.search(r"s-[0-9a-f]+", out.inner_text()).group(0)  # type: ignore[union-attr]
     assert [s["share_id"] for s in pool_gateway.shares()] == [share_id]
 
@@ -186,7 +190,7 @@ def test_a_notebook_from_the_panel_works_in_its_folder_on_the_share(
     page.locator('.jp-SideBar [data-id="bitfusion-gpu-pool"]').click()
     panel = page.locator("#bitfusion-gpu-pool")
     panel.get_by_test_id("bf-size").fill("2048")
-    panel.get_by_test_id("bf-files").check()
+    expect(panel.get_by_test_id("bf-files")).to_be_checked()  # the default
     panel.get_by_test_id("bf-start").click()
     wait_for_idle_kernel(page)
     run_cell(page, "import os; print(os.getcwd(), open('data.csv').read().strip()); "
@@ -194,7 +198,7 @@ def test_a_notebook_from_the_panel_works_in_its_folder_on_the_share(
     out = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output").first
     expect(out).to_contain_text(f"{folder} a,b", timeout=30_000)
     assert (folder / "out.txt").read_text() == "from the share"
-    expect(panel.get_by_test_id("bf-preset").filter(has_text="its folder")).to_have_count(1)
+    expect(panel.get_by_test_id("bf-preset").filter(has_text="1 GPU × 2 GiB")).to_have_count(1)
     shoot("notebook-in-its-folder")
     kernel = panel.get_by_test_id("bf-kernel").first
     kernel.get_by_test_id("bf-shutdown").click()

@@ -31,6 +31,42 @@ SHORT_LEASE_GRACE_S = 3.0
 
 
 PRINTS_ITS_PID_AND_WAITS = f"{PRINTS_ITS_PID}\nimport time\ntime.sleep(300)\n"
+
+# Makes FOLDER a tmpfs in this process's own mount namespace (`unshare --mount` before it),
+# fills it with FILES, then runs ARGV there. What ARGV leaves in it is written to
+# FOLDER.client.json at the end: the gateways' hosts never see any of it.
+CLIENT_ONLY = r"""
+import json, os, subprocess, sys
+folder, files = sys.argv[1], json.loads(sys.argv[2])
+subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "client-only", folder], check=True)
+for name, text in files.items():
+    with open(os.path.join(folder, name), "w") as f:
+        f.write(text)
+if sys.argv[3] == "--":
+    code = subprocess.run(sys.argv[4:], cwd=folder).returncode
+else:  # a frontend: it runs until the test ends it
+    os.chdir(folder)
+    code = subprocess.run(sys.argv[3:]).returncode
+left = {n: open(os.path.join(folder, n)).read() for n in sorted(os.listdir(folder))
+        if os.path.isfile(os.path.join(folder, n))}
+with open(folder + ".client.json", "w") as f:
+    json.dump(left, f)
+sys.exit(code)
+"""
+
+
+def client_only(folder: Path, files: dict[str, str], argv: list[str]) -> list[str]:
+    """``argv`` run from ``folder``, which holds ``files`` on the client host alone."""
+    folder.mkdir(parents=True)  # the empty mount point every host sees
+    return ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
+            CLIENT_ONLY, str(folder), json.dumps(files), *argv]  # fmt: skip
+
+
+def client_left(folder: Path) -> dict[str, str]:
+    """What the client host's folder held when its command ended."""
+    return json.loads(Path(f"{folder}.client.json").read_text())
+
+
 FIGURES = REPO / "test-output" / "faults.json"
 
 
@@ -87,9 +123,9 @@ def network() -> Iterator[Network]:
 class Frontend:
     """A Jupyter frontend on the client host (tests/faults/frontend.py), one command a line."""
 
-    def __init__(self, host: Host, env: dict[str, str]) -> None:
+    def __init__(self, host: Host, env: dict[str, str], prefix: list[str] | None = None) -> None:
         self.proc = subprocess.Popen(
-            host.command([sys.executable, "-m", "tests.faults.frontend"]),
+            host.command([*(prefix or []), sys.executable, "-m", "tests.faults.frontend"]),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -214,8 +250,23 @@ class Cluster:
         argv = ("run", *share_args, "--", sys.executable, "-u", "-c", code)
         return self.bf_background(*argv, stdin=stdin)
 
-    def frontend(self, user: str = "alice") -> Frontend:
-        fe = Frontend(self.client, {**self.env(user), "PYTHONPATH": str(REPO)})
+    def run_python_in(self, folder: Path, files: dict[str, str], code: str, *share_args: str
+                      ) -> subprocess.Popen:  # fmt: skip
+        """`run_python`, run from ``folder``, which only the client host has (holding
+        ``files``): what the command sees there came over the files stream."""
+        argv = [*CLI, "run", *share_args, "--", sys.executable, "-u", "-c", code]
+        proc = subprocess.Popen(
+            self.client.command(client_only(folder, files, ["--", *argv])),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env(),
+        )
+        self._clients.append(proc)
+        return proc
+
+    def frontend(self, user: str = "alice", prefix: list[str] | None = None) -> Frontend:
+        fe = Frontend(self.client, {**self.env(user), "PYTHONPATH": str(REPO)}, prefix)
         self._frontends.append(fe)
         return fe
 

@@ -35,10 +35,10 @@ class Frontend:
         self.km: KernelManager | None = None
         self.kc: Any = None
 
-    def start(self, args: list[str], timeout: float = 60) -> dict:
+    def start(self, args: list[str], timeout: float = 60, cwd: str | None = None) -> dict:
         self.km = KernelManager()
-        self.km._kernel_spec = shim_spec(*args)
-        self.km.start_kernel()
+        self.km._kernel_spec = shim_spec(*args, carry=cwd is not None)
+        self.km.start_kernel(**({"cwd": cwd} if cwd else {}))  # the notebook's folder
         return self._connect(timeout)
 
     def _connect(self, timeout: float) -> dict:

@@ -7,11 +7,22 @@ server ends it and its processes, and the client says so in one sentence.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 from tests.conftest import ECHOES_ITS_STDIN, PRINTS_ITS_PID, host_pid
-from tests.faults.conftest import PRINTS_ITS_PID_AND_WAITS, wait_for
+from tests.faults.conftest import (
+    PRINTS_ITS_PID_AND_WAITS,
+    client_left,
+    client_only,
+    wait_for,
+)
 
 PRINTS_FOR_10_S = (
     "import time\n"
@@ -78,32 +89,72 @@ def test_a_command_rides_out_a_5_s_cut(cluster):
     assert wait_for(lambda: not cluster.shares(), 15), "share not given back"
 
 
-def test_reading_the_clients_folder_rides_out_a_5_s_cut(cluster, tmp_path):
+@pytest.fixture
+def client_folder() -> Iterator[Path]:
+    """A folder path for a project only the client host has (see client_only)."""
+    folder = Path("/var/tmp") / f"bf-client-only-{os.getpid()}-{time.monotonic_ns()}"
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
+    shutil.rmtree(folder, ignore_errors=True)
+    Path(f"{folder}.client.json").unlink(missing_ok=True)
+
+
+PROJECT = {"helper.py": "def hi():\n    return 'hi from helper'\n", "data.csv": "a,b\n1,2\n"}
+
+
+def test_a_command_on_a_gpu_server_works_in_a_folder_only_the_client_has(cluster, client_folder):
+    """The project exists on the client host alone (the GPU servers' hosts see an empty
+    folder): the command imports from it, reads it and writes its result back there."""
+    code = (
+        "import os, helper; print(os.getcwd(), helper.hi());"
+        "print(open('data.csv').read().split());"
+        "open('model.txt', 'w').write('trained on gpu1')"
+    )
+    client = cluster.run_python_in(client_folder, PROJECT, code, "-m", "1024")
+    out, err = client.communicate(timeout=60)
+    assert client.returncode == 0, err
+    assert out.splitlines() == [f"{client_folder} hi from helper", "['a,b', '1,2']"], err
+    assert client_left(client_folder)["model.txt"] == "trained on gpu1"
+    assert os.listdir(client_folder) == [], "the folder was on the servers' disk after all"
+    assert wait_for(lambda: not cluster.shares(), 15), "share not given back"
+
+
+def test_a_notebook_on_a_gpu_server_works_in_its_folder_only_the_client_has(cluster, client_folder):
+    """A bitfusion kernel started in the notebook's folder, on the client host alone: its
+    cells import from it, read it, and write back, before and after a %bitfusion move."""
+    fe = cluster.frontend(prefix=client_only(client_folder, PROJECT, []))
+    fe.call("start", args=["-m", "1024"], cwd=str(client_folder))
+    cell = fe.run_cell("import os, helper; print(os.getcwd(), helper.hi())")
+    assert cell["stdout"] == f"{client_folder} hi from helper\n", cell
+    fe.run_cell("open('model.txt', 'w').write('saved from the notebook')")
+    assert "moves to" in fe.run_cell("%bitfusion -m 2048")["stdout"]
+    cell = fe.run_cell(
+        "import os; print(os.environ['BITFUSION_MEMORY_MIB'], open('model.txt').read())"
+    )
+    assert cell["stdout"] == "2048 saved from the notebook\n", cell
+    fe.close()
+    assert client_left(client_folder)["model.txt"] == "saved from the notebook"
+    assert os.listdir(client_folder) == []
+    assert wait_for(lambda: not cluster.shares(), 15), "share not given back"
+
+
+def test_reading_the_clients_folder_rides_out_a_5_s_cut(cluster, client_folder):
     """File operations on the client's folder wait while the cable is out and go on after:
     every read arrives, whole, and the command exits 0 (issue #19)."""
-    import os
-    import shutil
-    from pathlib import Path
-
-    folder = Path("/var/tmp") / f"bf-cut-{os.getpid()}"
-    folder.mkdir()
-    try:
-        (folder / "data.txt").write_text("payload " * 1000)
-        reads = (
-            "import time\nfor i in range(80):\n"
-            "    n = len(open('data.txt').read())\n    print(i, n)\n    time.sleep(0.1)\n"
-        )
-        client = cluster.run_python(reads, "-m", "1024", "--files", str(folder))
-        assert client.stdout.readline() == "0 8000\n"
-        cluster.client.cut()
-        time.sleep(5)
-        cluster.client.restore()
-        out, err = client.communicate(timeout=60)
-        assert client.returncode == 0, err
-        assert out.splitlines() == [f"{i} 8000" for i in range(1, 80)], "a read failed or lost"
-        assert wait_for(lambda: not cluster.shares(), 15), "share not given back"
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    reads = (
+        "import time\nfor i in range(80):\n"
+        "    n = len(open('data.txt').read())\n    print(i, n)\n    time.sleep(0.1)\n"
+    )
+    client = cluster.run_python_in(client_folder, {"data.txt": "payload " * 1000}, reads, "-m",
+                                   "1024")  # fmt: skip
+    assert client.stdout.readline() == "0 8000\n", client.stderr.read()
+    cluster.client.cut()
+    time.sleep(5)
+    cluster.client.restore()
+    out, err = client.communicate(timeout=60)
+    assert client.returncode == 0, err
+    assert out.splitlines() == [f"{i} 8000" for i in range(1, 80)], "a read failed or lost"
+    assert wait_for(lambda: not cluster.shares(), 15), "share not given back"
 
 
 def test_lines_typed_during_a_5_s_cut_reach_the_command_once(cluster):
@@ -148,6 +199,44 @@ def test_a_cut_longer_than_the_lease_ends_the_command_and_says_so(short_lease_cl
     )
     events = cluster.gateways["gpu1"].bf("list_shares", "--json", user="root", admin=True)
     assert "lease_expired" in events.stdout
+
+
+def test_a_cut_past_the_grace_ends_writing_to_the_folder_and_writes_nowhere_else(
+    short_lease_cluster, client_folder, figures
+):
+    """Past the lease grace the share ends with its processes: the command writing to the
+    client's folder is stopped, what it wrote before the cut is on the client, whole, and
+    nothing went on in an empty folder of the server's."""
+    cluster = short_lease_cluster
+    code = (
+        f"{PRINTS_ITS_PID}\nimport time\n"
+        "for i in range(100000):\n"
+        "    with open('log.txt', 'a') as f: f.write(f'line {i}\\n')\n"
+        "    time.sleep(0.05)\n"
+    )
+    client = cluster.run_python_in(client_folder, {}, code, "-m", "1024")
+    remote_pid = host_pid(client.stdout.readline())
+    time.sleep(0.5)
+    cluster.client.cut()
+    cut_at = time.monotonic()
+    try:
+        cluster.expect_freed(figures, "s from cut to share freed (writing files)", cut_at,
+                             remote_pid)  # fmt: skip
+        client.wait(timeout=cluster.lease_grace_s * 3 + 15)
+    finally:
+        cluster.client.restore()
+    err = client.stderr.read()
+    assert client.returncode == 1 and "Traceback" not in err, err
+    assert "the share and its processes have been ended there." in err
+    lines = client_left(client_folder)["log.txt"].splitlines()
+    assert lines and lines == [f"line {i}" for i in range(len(lines))], "a write lost or torn"
+    assert os.listdir(client_folder) == []
+    assert wait_for(lambda: not _sshfs_of(client_folder), 10), "its sshfs kept running"
+
+
+def _sshfs_of(folder: Path) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", f"sshfs.* {folder}"], capture_output=True, text=True)
+    return found.stdout.split()
 
 
 def test_a_cut_longer_than_the_lease_ends_the_kernel_and_frees_its_share(

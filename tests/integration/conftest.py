@@ -6,6 +6,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +14,11 @@ from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpec
 
 
-def shim_spec(*share_args: str) -> KernelSpec:
+def shim_spec(*share_args: str, carry: bool = False) -> KernelSpec:
+    """A kernelspec as `bitfusion kernelspec install` writes it. Unless ``carry``, with
+    `--no-files`: test kernels start in this checkout, which the test gateway runs from and
+    so cannot show at its own path, and most tests are about something else (test_files.py
+    and the fault suite start kernels in project folders, without it, as users do)."""
     return KernelSpec(
         argv=[
             sys.executable,
@@ -22,6 +27,7 @@ def shim_spec(*share_args: str) -> KernelSpec:
             "--connection-file",
             "{connection_file}",
             *share_args,
+            *([] if carry else ["--no-files"]),
         ],
         display_name="Python 3 · test share",
         language="python",
@@ -36,9 +42,10 @@ def point_client_at(gateway, monkeypatch) -> None:
             monkeypatch.setenv(key, value)
 
 
-def start_kernel(km: KernelManager) -> tuple[KernelManager, object]:
-    """Start ``km``'s kernel, as a Jupyter server does, and return it with a client."""
-    km.start_kernel()
+def start_kernel(km: KernelManager, cwd: Path | None = None) -> tuple[KernelManager, object]:
+    """Start ``km``'s kernel, as a Jupyter server does (in its notebook's folder ``cwd``),
+    and return it with a client."""
+    km.start_kernel(**({"cwd": str(cwd)} if cwd is not None else {}))
     kc = km.client()
     kc.start_channels()
     return km, kc
@@ -51,9 +58,9 @@ def start_shim_kernel(*share_args: str) -> tuple[KernelManager, object]:
     return start_kernel(km)
 
 
-def start_local_kernel() -> tuple[KernelManager, object]:
+def start_local_kernel(cwd: Path | None = None) -> tuple[KernelManager, object]:
     """A plain local python3 kernel (what a notebook has before `%bitfusion`), and its client."""
-    return start_kernel(KernelManager(kernel_name="python3"))
+    return start_kernel(KernelManager(kernel_name="python3"), cwd)
 
 
 def reply_to(kc, msg_id: str, timeout: float = 30.0) -> dict[str, Any]:

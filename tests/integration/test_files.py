@@ -1,6 +1,6 @@
-"""`bitfusion run --files DIR`: the client's folder is the command's working folder on the
-GPU server, live, at the same path, carried as its own stream on the one connection (issue
-#19; kernels, the magic and the fault-suite cases are still to come)."""
+"""Files follow you: `bitfusion run`, a bitfusion kernel and a `%bitfusion` move work in the
+client's folder (the current one, the notebook's, or --files DIR), live, at the same path on
+the GPU server, carried as its own stream on the one connection (issue #19)."""
 
 from __future__ import annotations
 
@@ -154,16 +154,48 @@ def test_two_users_each_see_only_their_own_folder(gateway, tmp_path):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_without_files_the_command_runs_in_its_server_home(gateway, project):
-    r = gateway.bf("run", "-m", "1024", "--", PY, "-c", "import os; print(os.getcwd())")
+def test_run_carries_the_folder_it_is_run_from(gateway, project):
+    """No option: the current folder is the one that goes, and the user is told where."""
+    code = "import os, helper; print(os.getcwd(), helper.hi())"
+    r = gateway.bf("run", "-m", "1024", "--", PY, "-c", code, cwd=project)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(project), "hi", "from", "helper"]
+    assert f"in your folder {project}." in r.stderr
+
+
+def test_with_no_files_the_command_runs_in_its_server_home(gateway, project):
+    r = gateway.bf("run", "-m", "1024", "--no-files", "--", PY, "-c",
+                   "import os; print(os.getcwd())", cwd=project)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "/home/alice" and "your folder" not in r.stderr
 
 
-def test_a_notebook_on_a_kernel_with_files_works_in_its_folder(client_env, project, tmp_path,
-                                                               monkeypatch):  # fmt: skip
-    """A kernelspec made with `kernelspec install --files` (the shim's `--files .`): the
-    kernel works in its notebook's folder, and keeps it after a %bitfusion move."""
+def test_a_folder_the_server_cannot_show_is_said_and_the_command_still_runs(gateway):
+    """Run from a folder that is the server's own (/usr/share): not named, so not an error;
+    the one sentence says why it stayed behind, and the command works in the server home."""
+    r = gateway.bf("run", "-m", "1024", "--", PY, "-c", "import os; print(os.getcwd())",
+                   cwd=Path("/usr/share"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "/home/alice"
+    note = [line for line in r.stderr.splitlines() if "/usr/share" in line]
+    assert len(note) == 1 and "cannot appear at the same path" in note[0], r.stderr
+    assert "It runs without it." in note[0]
+    assert gateway.no_shares_within(10)
+
+
+def test_run_from_the_home_directory_carries_nothing_and_says_so(gateway):
+    home = Path(gateway.env()["HOME"])
+    r = gateway.bf("run", "-m", "1024", "--", PY, "-c", "import os; print(os.getcwd())",
+                   cwd=home)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "/home/alice"
+    assert f"not carrying {home.resolve()} to the share: it holds your whole home" in r.stderr
+
+
+def test_a_notebook_on_a_bitfusion_kernel_works_in_its_folder(client_env, project, tmp_path,
+                                                              monkeypatch):  # fmt: skip
+    """A kernelspec as `kernelspec install` makes it, no option: the kernel works in its
+    notebook's folder, and keeps it after a %bitfusion move."""
     import json
 
     import nbformat
@@ -173,7 +205,7 @@ def test_a_notebook_on_a_kernel_with_files_works_in_its_folder(client_env, proje
 
     spec_dir = tmp_path / "share" / "jupyter" / "kernels" / "bf-files"
     spec_dir.mkdir(parents=True)
-    spec = shim_spec("-m", "1024", "--files", ".").to_dict()
+    spec = shim_spec("-m", "1024", carry=True).to_dict()
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
     nb = nbformat.v4.new_notebook()
@@ -202,15 +234,43 @@ def test_a_notebook_on_a_kernel_with_files_works_in_its_folder(client_env, proje
     assert client_env.no_shares_within(15)
 
 
-def test_the_magic_takes_a_local_kernel_onto_a_share_with_a_folder(client_env, project):
+def test_a_notebook_whose_folder_cannot_go_is_told_in_its_first_cell(client_env, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    """A notebook in a folder the server cannot show at its path: the kernel still starts,
+    in the user's server home, and the first cell that runs says why, where they look."""
+    import json
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    from tests.integration.conftest import shim_spec
+
+    spec_dir = tmp_path / "share" / "jupyter" / "kernels" / "bf-files"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps(shim_spec("-m", "1024", carry=True).to_dict()))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import os; print(os.getcwd())")]
+    NotebookClient(
+        nb, kernel_name="bf-files", timeout=60, resources={"metadata": {"path": "/usr/share"}}
+    ).execute()
+    streams = {o["name"]: o["text"] for o in nb.cells[0].outputs if o["output_type"] == "stream"}
+    assert streams["stdout"] == "/home/alice\n"
+    assert "Your folder /usr/share cannot appear at the same path" in streams["stderr"]
+    assert "It runs without it." in streams["stderr"]
+    assert client_env.no_shares_within(15)
+
+
+def test_the_magic_takes_a_local_kernel_onto_a_share_with_its_folder(client_env, project):
     from tests.integration.conftest import ready, start_local_kernel
     from tests.integration.test_kernels import _stream_text, _until, run_cell
 
-    with ready(start_local_kernel()) as (km, kc):
+    with ready(start_local_kernel(cwd=project)) as (km, kc):
         run_cell(kc, "%load_ext bitfusion_jupyter")
-        reply, outputs = run_cell(kc, f"%bitfusion -m 1024 --files {project}")
+        reply, outputs = run_cell(kc, "%bitfusion -m 1024")  # its folder, by default
         text = _stream_text(outputs)
         assert reply["status"] == "ok" and "moves to" in text, text
+        assert f"It works in your folder {project} there." in text
         _until(kc, "import os; print(os.getcwd())", f"{project}\n")
         _until(kc, "print(open('data.csv').read().split())", "['a,b', '1,2']\n")
         # From the share to another, keeping the folder; then without it.

@@ -42,6 +42,8 @@ def server(gateway, tmp_path):
         )
     )
     port, token = free_port(), uuid.uuid4().hex
+    project = tmp_path / "project"
+    project.mkdir()
     env = {
         **gateway.env(),
         "JUPYTER_PATH": str(tmp_path / "jupyter"),
@@ -58,7 +60,7 @@ def server(gateway, tmp_path):
                 f"--port={port}",
                 "--ServerApp.ip=127.0.0.1",
                 f"--IdentityProvider.token={token}",
-                f"--ServerApp.root_dir={tmp_path}",
+                f"--ServerApp.root_dir={project}",  # kernels carry it, as users' do
                 "--allow-root",
             ],
             env=env,
@@ -141,7 +143,9 @@ def test_jupyter_server_runs_a_cell_on_a_share(server, gateway):
     base, token = server
     specs = _api(base, token, "GET", "/api/kernelspecs")
     assert "bitfusion-1gpu" in specs["kernelspecs"]
-    kernel = _api(base, token, "POST", "/api/kernels", {"name": "bitfusion-1gpu"})
+    # With its notebook's path, as JupyterLab starts one: it works in that folder.
+    body = {"name": "bitfusion-1gpu", "path": "Untitled.ipynb"}
+    kernel = _api(base, token, "POST", "/api/kernels", body)
     status, out = asyncio.run(
         _execute(base, token, kernel["id"], "import os; print(os.environ['BITFUSION_MEMORY_MIB'])")
     )

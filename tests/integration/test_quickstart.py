@@ -38,6 +38,8 @@ def test_up_starts_a_labelled_simulated_pool_and_runs_in_a_share(tmp_path):
     assert "No NVIDIA GPU found through NVML: starting a SIMULATED pool" in r.stdout
     assert "SIMULATED" in r.stdout.split("$ bitfusion list_gpus")[1]
     assert "inside share s-" in r.stdout and "capped at 1024 MiB" in r.stdout
+    said = r.stdout + r.stderr
+    assert "not carrying" not in said and "cannot appear" not in said  # it needs no folder
     assert (tmp_path / "cfg" / "client.json").exists()  # the client is set up for later use
 
 

@@ -134,7 +134,7 @@ def test_kernelspecs_are_made_once_and_bad_requests_refused(jp_fetch, jp_asyncio
                 "gpus": 1,
                 "mib": 3072,
                 "fraction": None,
-                "files": False,
+                "files": True,
             }
         ]
         assert await post(jp_fetch, "kernelspecs", body={"gpus": 1, "mib": 3072}) == (200, made)

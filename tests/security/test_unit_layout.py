@@ -98,14 +98,14 @@ def test_run_echo(unit: UnitGateway) -> None:
 
 
 def _share(gw: UnitGateway, user: str, script: str) -> subprocess.CompletedProcess:
-    """``script`` run by `sh` in a share of ``user``'s."""
-    return gw.bf("run", "-m", "1024", "--", "sh", "-c", script, user=user)
+    """``script`` run by `sh` in a share of ``user``'s, in their server home."""
+    return gw.bf("run", "-m", "1024", "--no-files", "--", "sh", "-c", script, user=user)
 
 
 def _probe(gw: UnitGateway, user: str, paths: list[str]) -> dict[str, list[str]]:
     """What a share of ``user``'s can open, stat, list and write of ``paths`` (the share's
     own python3: the suite's interpreter, under /root, is not in a share)."""
-    r = gw.bf("run", "-m", "1024", "--", "python3", "-c", PROBE, *paths, user=user)
+    r = gw.bf("run", "-m", "1024", "--no-files", "--", "python3", "-c", PROBE, *paths, user=user)
     assert r.returncode == 0, f"{r.stderr}\n{describe(gw)}"
     return json.loads(r.stdout)
 

@@ -81,7 +81,7 @@ def test_install_writes_a_kernelspec_jupyter_can_start(jupyter: Path, capsys) ->
             "wait_s": 30.0,
             "kernel": "python3",
             "servers": "gpu1:56001,gpu2:56002",
-            "files": False,
+            "files": True,
         },
         "debugger": False,
         "supported_encryption": ["curve"],  # Jupyter servers may hand the shim CurveZMQ keys
@@ -111,12 +111,19 @@ def test_the_shim_reads_its_options_back_as_the_same_share() -> None:
         assert str(parsed.connection_file) == "{connection_file}"
 
 
-def test_install_files_makes_kernels_work_in_their_notebooks_folder(jupyter: Path) -> None:
+def test_kernels_carry_their_notebooks_folder_unless_installed_with_no_files(jupyter: Path):
     from bitfusion_jupyter import shim
 
-    assert bf("install", "-m", "1024", "--files", "--user") == 0
-    argv = KernelSpecManager().get_kernel_spec("bitfusion-1gpu-1024mib-files").argv
-    assert shim.parse_args(argv[3:]).files == "."  # the kernel's cwd: its notebook's folder
+    assert bf("install", "-m", "1024", "--user") == 0
+    assert bf("install", "-m", "1024", "--no-files", "--user") == 0
+    manager = KernelSpecManager()
+    carrying = shim.parse_args(manager.get_kernel_spec("bitfusion-1gpu-1024mib").argv[3:])
+    assert carrying.files is None and not carrying.no_files  # the kernel's cwd: its notebook's
+    spec = manager.get_kernel_spec("bitfusion-1gpu-1024mib-nofiles")
+    assert shim.parse_args(spec.argv[3:]).no_files
+    assert spec.display_name == "Python 3 · 1 GPU × 1 GiB · no folder"
+    files = {s["name"]: s["bitfusion"]["files"] for s in kernelspecs.installed()}
+    assert files == {"bitfusion-1gpu-1024mib": True, "bitfusion-1gpu-1024mib-nofiles": False}
 
 
 @pytest.mark.parametrize(
