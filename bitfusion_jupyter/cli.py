@@ -12,7 +12,6 @@ import re
 import socket
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import NoReturn
 
 from bitfusion_jupyter import __version__, config, held, pool_views, share_request
@@ -20,6 +19,8 @@ from bitfusion_jupyter.pool import Grant, Pool, say
 from remoting import tokens
 from remoting.client import DEFAULT_TIMEOUT_S, GatewayError
 from remoting.protocol import DEFAULT_PORT
+from remoting.util import cli as cli_util
+from remoting.util.cli import Command
 
 EXIT_USAGE = 2
 
@@ -78,12 +79,6 @@ def _command(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _gateway(p: argparse.ArgumentParser) -> None:
-    from gateway import app as gateway_app
-
-    gateway_app.add_arguments(p)
-
-
 def _init(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", required=True, help="a token from 'bitfusion gateway token create'")
     p.add_argument("--server", metavar="HOST[:PORT]", help="a gateway to add to servers.conf")
@@ -91,12 +86,6 @@ def _init(p: argparse.ArgumentParser) -> None:
 
 def _view(p: argparse.ArgumentParser) -> None:
     _server_list(p)
-    _json(p)
-
-
-def _localhealth(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state-dir", type=Path, default=None)
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
     _json(p)
 
 
@@ -136,38 +125,6 @@ def _request(p: argparse.ArgumentParser) -> None:
     _server_list(p)
 
 
-def _up(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state-dir", type=Path, default=None)
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    p.add_argument(
-        "--simulate-gpus",
-        metavar="SPEC",
-        default=None,
-        help="use a simulated pool even if NVML finds GPUs",
-    )
-    p.add_argument("--exit", action="store_true", help="stop after the first run (for tests)")
-    p.add_argument(
-        "--no-lab",
-        dest="lab",
-        action="store_false",
-        help="keep only the gateway running: no kernelspec presets, no JupyterLab",
-    )
-    p.add_argument(
-        "--lab-port",
-        type=int,
-        default=None,
-        metavar="PORT",
-        help="JupyterLab's port (default 8888, or a free one when 8888 is taken)",
-    )
-    p.add_argument(
-        "--web-port",
-        type=int,
-        default=None,
-        metavar="PORT",
-        help="the gateway's dashboard (default 54000, or a free one when 54000 is taken)",
-    )
-
-
 def _kernelspec(p: argparse.ArgumentParser) -> None:
     from bitfusion_jupyter import kernelspecs  # imports jupyter_client: only when asked for
 
@@ -184,12 +141,23 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "smi": ("driver, GPU state and GPU processes on each server", _view),
     "health": ("can each server be reached, and does it accept your token", _view),
     "list_shares": ("your shares, their usage, and recent events", _view),
-    "localhealth": ("on a GPU server: NVML, driver, MPS, port, state dir", _localhealth),
     "kernelspec": ("install Jupyter kernelspecs whose kernels run on a share", _kernelspec),
     "init": ("record your token and a server", _init),
-    "gateway": ("run the gateway on a GPU server (or manage its tokens)", _gateway),
-    "up": ("quick start: a gateway on this machine, a token, a first run, JupyterLab", _up),
 }
+# The GPU server's commands come from the gateway's package, through entry points; listed
+# in this order, after the client's own.
+SERVER_COMMANDS = ("localhealth", "gateway", "up")
+
+
+def server_commands(only: str | None = None) -> dict[str, Command]:
+    """The GPU-server commands installed (entry point group bitfusion.commands): loaded only
+    when one is named, or for --help, so a client command never imports the gateway."""
+    from importlib.metadata import entry_points
+
+    found = {e.name: e for e in entry_points(group=cli_util.GROUP) if only in (None, e.name)}
+    order = {name: i for i, name in enumerate(SERVER_COMMANDS)}
+    names = sorted(found, key=lambda n: (order.get(n, len(order)), n))
+    return {name: found[name].load() for name in names}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -212,6 +180,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, (text, add) in COMMANDS.items():
         if only is None or name == only:
             add(sub.add_parser(name, help=text))
+    if only is None or only not in COMMANDS:
+        found = server_commands(only)
+        if only is not None and only not in found:
+            parser.error(
+                f"'{only}' is a GPU server's command, from the gateway's package, which this "
+                "installation does not list; install bitfusion-jupyter with pip (a wheel or "
+                "pip install -e .), not only its files"
+            )
+        for name, command in found.items():
+            command.add_arguments(sub.add_parser(name, help=command.help))
     parser.set_defaults(_commands=sub.choices)
     return parser
 
@@ -241,7 +219,9 @@ def _command_named(argv: list[str]) -> str | None:
             continue
         if argv[i].startswith("-"):
             return None  # --help, --version, or a mistake: build everything
-        return argv[i] if argv[i] in COMMANDS else None
+        if argv[i] in COMMANDS or argv[i] in SERVER_COMMANDS:
+            return argv[i]
+        return None
     return None
 
 
@@ -412,32 +392,17 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    if args.cmd == "gateway":
-        from gateway import app as gateway_app
-
-        return gateway_app.run(args)
-    if args.cmd == "localhealth":
-        from bitfusion_jupyter import localhealth
-        from gateway.app import default_state_dir
-
-        return localhealth.run(args.state_dir or default_state_dir(), args.port, args.json)
+    if args.cmd not in COMMANDS:
+        command = server_commands(args.cmd)[args.cmd]
+        try:
+            return command.run(args)
+        except command.usage_errors as exc:
+            print(f"bitfusion: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     if args.cmd == "kernelspec":
         from bitfusion_jupyter import kernelspecs
 
         return kernelspecs.run(args)
-    if args.cmd == "up":
-        from bitfusion_jupyter import up
-        from gateway.app import default_state_dir
-
-        return up.run(
-            args.state_dir or default_state_dir(),
-            args.port,
-            args.simulate_gpus,
-            stay=not args.exit,
-            lab=args.lab,
-            lab_port=args.lab_port,
-            web_port=args.web_port,
-        )
     simple = {
         "list_gpus": pool_views.list_gpus,
         "smi": pool_views.smi,
@@ -461,8 +426,6 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gateway.app import UsageError as GatewayUsageError
-
     raw = sys.argv[1:] if argv is None else argv
     args = _parse(raw)
     if args.timeout <= 0:
@@ -470,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return dispatch(args)
-    except (share_request.UsageError, GatewayUsageError) as exc:
+    except share_request.UsageError as exc:
         print(f"bitfusion: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (config.ConfigError, tokens.TokenError, GatewayError) as exc:

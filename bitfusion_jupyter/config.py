@@ -15,17 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from remoting import tokens
-from remoting.client import split_address
 from remoting.json_file import write_json
 from remoting.protocol import DEFAULT_PORT
+from remoting.servers_conf import ConfigError, normalise, parse_list, read_servers_conf
 
 SYSTEM_SERVERS_CONF = Path(
     os.environ.get("BITFUSION_SYSTEM_SERVERS_CONF", "/etc/bitfusionio/servers.conf")
 )
-
-
-class ConfigError(Exception):
-    """A setting the user must fix; the text says what and where."""
 
 
 def config_dir() -> Path:
@@ -47,11 +43,6 @@ def _read_client() -> dict:
         return data
     except (OSError, ValueError):
         raise ConfigError(f"{path} is damaged; run 'bitfusion init --token TOKEN' again.") from None
-
-
-def normalise(address: str) -> str:
-    host, port = split_address(address)
-    return f"{host}:{port}"
 
 
 def init(token_text: str, server: str | None) -> tuple[Path, bool]:
@@ -109,37 +100,13 @@ class ServerList:
     source: str
 
 
-def read_servers_conf(path: Path) -> list[tuple[str, int]]:
-    out = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
-            continue
-        try:
-            out.append((normalise(text), number))
-        except ValueError as exc:
-            raise ConfigError(f"{path}, line {number}: {exc}; fix or remove that line.") from None
-    return out
-
-
-def _parse_list(text: str, source: str) -> list[str]:
-    out = []
-    for item in text.split(","):
-        if item.strip():
-            try:
-                out.append(normalise(item))
-            except ValueError as exc:
-                raise ConfigError(f"{source}: {exc}.") from None
-    return out
-
-
 def servers(cli_list: str | None = None) -> ServerList:
     """The servers to use, in order, with where they came from."""
     if cli_list:
-        return ServerList(_parse_list(cli_list, "-l/--server_list"), "-l")
+        return ServerList(parse_list(cli_list, "-l/--server_list"), "-l")
     env = os.environ.get("BITFUSION_SERVERS")
     if env:
-        return ServerList(_parse_list(env, "BITFUSION_SERVERS"), "BITFUSION_SERVERS")
+        return ServerList(parse_list(env, "BITFUSION_SERVERS"), "BITFUSION_SERVERS")
     found: list[str] = []
     sources = []
     for path in (SYSTEM_SERVERS_CONF, config_dir() / "servers.conf"):

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bitfusion_jupyter import config
-from gateway.processes import pid_alive, running
 from remoting.json_file import write_json
 from remoting.protocol import renew_every
+from remoting.util.procs import pid_alive, running
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,11 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bitfusion_jupyter import config, share_request, tables
+from bitfusion_jupyter import config, share_request
 from bitfusion_jupyter.share_request import ShareRequest, UsageError
-from gateway.placement import Slot, Want, never_fits
 from remoting import filters as share_filters
+from remoting.shares import Slot, Want, never_fits
+from remoting.util import tables
 
 if TYPE_CHECKING:
     from jupyter_client.kernelspec import KernelSpecManager

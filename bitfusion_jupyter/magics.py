@@ -25,12 +25,13 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from bitfusion_jupyter import share_request
 from bitfusion_jupyter.local_child import UNDER_SHIM_ENV
 from bitfusion_jupyter.shim import ADOPT_ENV, SHIM_REQUEST
+from remoting import share_env as names
 
 EXEC_DELAY_S = 0.5  # lets the cell's reply and idle status leave before the exec
 
 
 def in_share() -> bool:
-    return bool(os.environ.get("BITFUSION_KERNEL_ID"))
+    return bool(os.environ.get(names.KERNEL_ID))
 
 
 def under_shim() -> bool:
@@ -46,10 +47,10 @@ def share_status() -> str:
             "a share of the pool."
         )
     env = os.environ
-    indices = env.get("BITFUSION_GPU_INDICES", "").split(",")
-    mibs = env.get("BITFUSION_MEMORY_MIB", "").split(",")
-    totals = env.get("BITFUSION_GPU_MEMORY_TOTAL_MIB", "").split(",")
-    sim = " (SIMULATED)" if env.get("BITFUSION_SIMULATED") == "1" else ""
+    indices = env.get(names.GPU_INDICES, "").split(",")
+    mibs = env.get(names.MEMORY_MIB, "").split(",")
+    totals = env.get(names.GPU_MEMORY_TOTAL_MIB, "").split(",")
+    sim = " (SIMULATED)" if env.get(names.SIMULATED) == "1" else ""
     lines = [
         f"This kernel runs in share {env.get('BITFUSION_SHARE_ID')} on "
         f"{env.get('BITFUSION_SERVER')}{sim}:"

@@ -42,19 +42,6 @@ def configured() -> tuple[list[str], str | None]:
         return [], NO_SERVERS if text.startswith("No servers are configured") else text
 
 
-def state_of(exc: Exception) -> str:
-    """'unreachable', 'unauthorized' or 'error' for a GatewayError."""
-    from remoting import protocol
-
-    code = getattr(exc, "code", "error")
-    if code == protocol.E_AUTH:
-        return "unauthorized"
-    if code == "unreachable":
-        # A token of another pool fails the encrypted handshake; remoting.client says so.
-        return "unauthorized" if "handshake" in str(exc) else "unreachable"
-    return "error"
-
-
 def ask(server: str, timeout: float = TIMEOUT_S) -> Answer:
     """list_gpus and list_shares of one gateway, over one connection."""
     from remoting.client import GatewayConnection, GatewayError
@@ -66,12 +53,12 @@ def ask(server: str, timeout: float = TIMEOUT_S) -> Answer:
     try:
         conn = GatewayConnection(server, token, timeout)
     except GatewayError as exc:
-        return Answer(server, state_of(exc), str(exc), user=token.user)
+        return Answer(server, exc.state, str(exc), user=token.user)
     try:
         gpus = conn.request("list_gpus")
         shares = conn.request("list_shares")
     except GatewayError as exc:
-        return Answer(server, state_of(exc), str(exc), user=token.user)
+        return Answer(server, exc.state, str(exc), user=token.user)
     finally:
         conn.close()
     return Answer(server, gpus=gpus, shares=shares, user=token.user)

@@ -7,9 +7,9 @@ import sys
 import time
 from typing import Any
 
-from bitfusion_jupyter import tables
 from bitfusion_jupyter.pool import Pool
 from remoting.client import GatewayError, server_label
+from remoting.util import tables
 
 SIM = "SIMULATED"
 
@@ -151,12 +151,8 @@ def health(pool: Pool, as_json: bool) -> int:
                 name=first["server"],
             )
         except GatewayError as exc:
-            from bitfusion_jupyter.pool_status import state_of
-
             # A token of another pool fails the encrypted handshake: the server did answer.
-            row.update(
-                reachable=state_of(exc) != "unreachable", token_accepted=False, error=exc.told()
-            )
+            row.update(reachable=exc.state != "unreachable", token_accepted=False, error=exc.told())
         results.append(row)
     if as_json:
         print(json.dumps(results, indent=2))

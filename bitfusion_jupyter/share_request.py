@@ -7,8 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.placement import Want
 from remoting import filters
+from remoting.shares import Want
 
 
 class UsageError(Exception):

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.usage_files import ENV as USAGE_FILE_ENV
+from remoting.share_env import USAGE_FILE as USAGE_FILE_ENV
 
 INTERVAL_S = 1.0
 STALE_S = 5.0  # the gateway samples every second; this long without a sample means trouble

@@ -14,6 +14,7 @@ from typing import Any
 
 from gateway import cluster_keys, state_lock
 from remoting import protocol, tokens
+from remoting.util.cli import Command
 
 # The server, NVML and asyncio are imported where the gateway starts, not here: this module
 # also builds the `bitfusion gateway` options for every `bitfusion` command, which must start fast.
@@ -217,8 +218,8 @@ def _revoke(
     if not peers:
         print(f"Revoked the token of {tok.user}.")
         return 0
-    from bitfusion_jupyter.tables import render
     from gateway.web.cluster import ask_each, outcomes
+    from remoting.util.tables import render
 
     admin = tokens.parse(admin_token(state_dir, keys).read_text(encoding="ascii").strip())
     said = outcomes(ask_each(peers, admin, [("revoke", {"nonce": tok.nonce})]))
@@ -333,7 +334,7 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
 
 def _peers(path: Path | None, state_dir: Path) -> list[str]:
     """The other gateways of the cluster, from a servers.conf of the gateway's own."""
-    from bitfusion_jupyter.config import ConfigError, read_servers_conf
+    from remoting.servers_conf import ConfigError, read_servers_conf
 
     if path is None:
         path = state_dir / "servers.conf"
@@ -384,3 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+# `bitfusion gateway`, found by the client's CLI through the entry point group
+# bitfusion.commands (pyproject.toml), as `localhealth` and `up` are.
+COMMAND = Command(
+    "run the gateway on a GPU server (or manage its tokens)", add_arguments, run, (UsageError,)
+)

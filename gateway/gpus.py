@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import simulated_claims
-from gateway.processes import running
+from remoting.util.procs import running
 
 MIB = 1024 * 1024
 # More simulated GPUs than any real server holds is a typo, not a pool.

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.gpus import GpuInfo
-from gateway.placement import Slot, Want
+from remoting.shares import Slot, Want
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS shares (

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.processes import session_of
+from remoting.util.procs import session_of
 
 Usage = Mapping[int, Mapping[int, int]]  # pid -> {GPU index: MiB}
 SessionOf = Callable[[int], int | None]

@@ -45,13 +45,13 @@ from gateway.log_limit import LogLimit
 from gateway.mps import mps_pipe_dir, mps_running
 from gateway.nanny_link import NannyGone
 from gateway.nanny_wire import FILES_FDS
-from gateway.placement import Want, never_fits, place
 from gateway.police import Police, PolicedShare, Verdict
-from gateway.processes import kill_group, pid_alive, session_of
 from gateway.relay import Relay
 from gateway.share_env import ShareGpu, share_environment
 from remoting import filters, protocol, tokens
 from remoting.protocol import Message, ProtocolError
+from remoting.shares import Want, never_fits, place
+from remoting.util.procs import kill_group, pid_alive, session_of
 
 log = logging.getLogger("bitfusion.gateway")
 MAX_CONNECTIONS_TRACKED = 10_000  # request ids remembered per connection, for replays

@@ -11,13 +11,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from remoting import share_env as names
+
 MIB = 1024 * 1024
 SHARE_SITE = Path(__file__).resolve().parent / "share_site"
 
 # Set here from the share alone, so a stale value inherited from the base is never kept.
 _OWNED = (
     "BITFUSION_SIMULATED_USAGE_DIR",
-    "BITFUSION_USAGE_FILE",
+    names.USAGE_FILE,
     "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT",
 )
 
@@ -52,18 +54,18 @@ def share_environment(
             "CUDA_VISIBLE_DEVICES": comma([g.uuid for g in gpus]),
             # Ordinals inside the process then follow the order of CUDA_VISIBLE_DEVICES.
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-            "BITFUSION_SERVER": server,
-            "BITFUSION_SHARE_ID": share_id,
-            "BITFUSION_GPU_INDICES": comma([g.index for g in gpus]),
-            "BITFUSION_GPU_UUIDS": comma([g.uuid for g in gpus]),
-            "BITFUSION_MEMORY_MIB": comma([g.mib for g in gpus]),
-            "BITFUSION_GPU_MEMORY_TOTAL_MIB": comma([g.total_mib for g in gpus]),
-            "BITFUSION_SIMULATED": "1" if simulated_usage_dir is not None else "0",
+            names.SERVER: server,
+            names.SHARE_ID: share_id,
+            names.GPU_INDICES: comma([g.index for g in gpus]),
+            names.GPU_UUIDS: comma([g.uuid for g in gpus]),
+            names.MEMORY_MIB: comma([g.mib for g in gpus]),
+            names.GPU_MEMORY_TOTAL_MIB: comma([g.total_mib for g in gpus]),
+            names.SIMULATED: "1" if simulated_usage_dir is not None else "0",
             "PYTHONPATH": _with_share_site(base.get("PYTHONPATH", "")),
         }
     )
     if usage_file is not None:
-        env["BITFUSION_USAGE_FILE"] = str(usage_file)
+        env[names.USAGE_FILE] = str(usage_file)
     if simulated_usage_dir is not None:
         env["BITFUSION_SIMULATED_USAGE_DIR"] = str(simulated_usage_dir)
     if gpus:

@@ -15,9 +15,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from remoting import share_env
 from remoting.json_file import write_json
 
-ENV = "BITFUSION_USAGE_FILE"
+ENV = share_env.USAGE_FILE
 
 
 FILE_NAME = "usage.json"

@@ -1,1 +1,2 @@
-"""The remoting layer: the one wire protocol between clients and gateways."""
+"""What the gateway and the client agree on, and the only code they share: the wire protocol,
+tokens, the placement rule, the names a share's processes get, servers.conf, small helpers."""

@@ -36,6 +36,16 @@ class GatewayError(Exception):
         self.server = server
         self.code = code
 
+    @property
+    def state(self) -> str:
+        """'unreachable', 'unauthorized' or 'error': how a pool view shows the server."""
+        if self.code == protocol.E_AUTH:
+            return "unauthorized"
+        if self.code == "unreachable":
+            # A token of another pool fails the encrypted handshake, which says so.
+            return "unauthorized" if "handshake" in str(self) else "unreachable"
+        return "error"
+
     def told(self, fmt: str = "{server}: {message}") -> str:
         """The sentence with its server in front (``fmt``), unless it names it already."""
         message = str(self)

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from bitfusion_jupyter.pool_status import state_of
 from remoting import tokens
 from remoting.client import GatewayConnection, GatewayError
 
@@ -39,7 +38,7 @@ def ask_server(
     try:
         conn = GatewayConnection(server, token, TIMEOUT_S)
     except GatewayError as exc:
-        return [Reply(server, state=state_of(exc), error=str(exc), code=exc.code)] * len(questions)
+        return [Reply(server, state=exc.state, error=str(exc), code=exc.code)] * len(questions)
     replies: list[Reply] = []
     try:
         for kind, fields in questions:
@@ -62,7 +61,7 @@ def _ask(conn: GatewayConnection, server: str, kind: str, fields: dict[str, Any]
         conn.request("hello")
         return Reply(server, data, rtt_ms=round(1000 * (time.perf_counter() - start), 2))
     except GatewayError as exc:
-        return Reply(server, state=state_of(exc), error=str(exc), code=exc.code)
+        return Reply(server, state=exc.state, error=str(exc), code=exc.code)
 
 
 def outcomes(replies: dict[str, list[Reply]]) -> dict[str, str]:

@@ -20,7 +20,7 @@ from urllib.request import Request, urlopen
 
 import pytest
 
-from bitfusion_jupyter.up import JupyterLab
+from gateway.quickstart import JupyterLab
 from gateway.spawned import free_port, stop_leftovers
 from tests.conftest import REPO, GatewayProcess, base_env, start_web_gateway
 

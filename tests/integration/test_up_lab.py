@@ -13,8 +13,8 @@ from urllib.request import Request, urlopen
 
 import pytest
 
-from gateway.processes import running
 from gateway.spawned import free_port
+from remoting.util.procs import running
 from tests.conftest import base_env, wait_for
 
 pytest.importorskip("jupyterlab")

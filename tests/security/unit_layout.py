@@ -64,7 +64,7 @@ SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 UNIT_PROGRAM = "/usr/local/bin/bitfusion"
 UNIT_STATE_ROOT = Path("/var/lib")
 # Bump when the venv recipe below changes, so that old cached venvs are not reused.
-RECIPE = "2"
+RECIPE = "3"
 STALE_BUILD_S = 3600
 
 BITFUSION_SCRIPT = """#!{python}
@@ -269,6 +269,27 @@ def _deps_venv(versions: dict[str, str], python_version: str) -> Path:
     return final
 
 
+def _write_dist_info(site: Path) -> None:
+    """The package's metadata, as pip writes it: the CLI finds the GPU server's commands
+    (`bitfusion gateway`) through its entry points."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    info = site / f"bitfusion_jupyter-{project['version']}.dist-info"
+    info.mkdir(mode=0o755)
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: bitfusion-jupyter\nVersion: {project['version']}\n"
+    )
+    groups = project.get("entry-points", {})
+    text = "".join(
+        f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in names.items())
+        for group, names in groups.items()
+    )
+    (info / "entry_points.txt").write_text(text)
+    for path in info.iterdir():
+        path.chmod(0o644)
+
+
 def service_python() -> Path:
     """The python of a venv the service user can run, holding the gateway, its kernels'
     packages and this checkout's packages (copied, so the checkout need not be readable).
@@ -284,6 +305,7 @@ def service_python() -> Path:
         RECIPE.encode(),
         python_version.encode(),
         repr(sorted(versions.items())).encode(),
+        (REPO / "pyproject.toml").read_bytes(),  # its entry points
         *(part for rel in sources for part in (str(rel).encode(), (REPO / rel).read_bytes())),
     )
     final = VENV_CACHE / key
@@ -306,6 +328,7 @@ def service_python() -> Path:
             target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             shutil.copyfile(REPO / rel, target)
             target.chmod(0o644)
+        _write_dist_info(site)
         bitfusion = build / "bin" / "bitfusion"
         bitfusion.write_text(BITFUSION_SCRIPT.format(python=final / "bin" / "python3"))
         bitfusion.chmod(0o755)

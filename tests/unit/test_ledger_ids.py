@@ -3,7 +3,7 @@
 from gateway import ledger as ledger_module
 from gateway.gpus import GpuInfo
 from gateway.ledger import Ledger
-from gateway.placement import Want
+from remoting.shares import Want
 
 
 def test_a_new_share_never_gets_the_id_of_an_ended_one(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-from gateway.placement import Slot, Want, never_fits, place
+from remoting.shares import Slot, Want, never_fits, place
 
 POOL = [Slot(0, 16384, 16384), Slot(1, 16384, 16384)]
 

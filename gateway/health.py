@@ -3,13 +3,16 @@ gateway's port, its state dir and disk, each with a verdict an admin can act on.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import socket
 from pathlib import Path
 from typing import Any
 
-from bitfusion_jupyter import tables
+from remoting.protocol import DEFAULT_PORT
+from remoting.util import tables
+from remoting.util.cli import Command
 
 OK, WARN, FAIL = "ok", "WARN", "FAIL"
 
@@ -147,3 +150,18 @@ def run(state_dir: Path, port: int, as_json: bool) -> int:
             )
         )
     return 1 if any(r["status"] == FAIL for r in results) else 0
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", type=Path, default=None)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gateway.app import default_state_dir
+
+    return run(args.state_dir or default_state_dir(), args.port, args.json)
+
+
+COMMAND = Command("on a GPU server: NVML, driver, MPS, port, state dir", _add_arguments, _run)

@@ -11,6 +11,7 @@ back). `--no-lab` keeps only the gateway running; `--exit` stops after the first
 
 from __future__ import annotations
 
+import argparse
 import getpass
 import os
 import secrets
@@ -24,11 +25,11 @@ from pathlib import Path
 from urllib.error import URLError
 from urllib.request import urlopen
 
-from bitfusion_jupyter import config
-from bitfusion_jupyter.share_request import UsageError
 from gateway import state_lock
+from gateway.app import UsageError
 from gateway.spawned import SpawnedGateway, SpawnError, free_port
-from remoting.protocol import DASHBOARD_PORT
+from remoting.protocol import DASHBOARD_PORT, DEFAULT_PORT
+from remoting.util.cli import Command
 
 DEMO_SIMULATION = "2x16GiB"
 LAB_PORT = 8888  # JupyterLab's usual port; a free one when something else has it
@@ -249,7 +250,7 @@ def run(
         token = gateway.token(user)
         env = {**os.environ, "BITFUSION_SERVERS": gateway.address}
         env.pop("BITFUSION_TOKEN", None)
-        _say(f"Recording a token for {user} in {config.config_dir()}.")
+        _say(f"Recording a token for {user}.")  # `bitfusion init` says where
         _bitfusion("init", "--token", token, "--server", gateway.address, env=env)
         _bitfusion("list_gpus", env=env)
         # --no-files: it needs no folder, and this one is often the checkout the gateway
@@ -276,3 +277,57 @@ def run(
         if gateway.proc is not None and gateway.proc.poll() is None:
             _say("Stopping the gateway.")
         gateway.stop()
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", type=Path, default=None)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument(
+        "--simulate-gpus",
+        metavar="SPEC",
+        default=None,
+        help="use a simulated pool even if NVML finds GPUs",
+    )
+    p.add_argument("--exit", action="store_true", help="stop after the first run (for tests)")
+    p.add_argument(
+        "--no-lab",
+        dest="lab",
+        action="store_false",
+        help="keep only the gateway running: no kernelspec presets, no JupyterLab",
+    )
+    p.add_argument(
+        "--lab-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="JupyterLab's port (default 8888, or a free one when 8888 is taken)",
+    )
+    p.add_argument(
+        "--web-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="the gateway's dashboard (default 54000, or a free one when 54000 is taken)",
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gateway.app import default_state_dir
+
+    return run(
+        args.state_dir or default_state_dir(),
+        args.port,
+        args.simulate_gpus,
+        stay=not args.exit,
+        lab=args.lab,
+        lab_port=args.lab_port,
+        web_port=args.web_port,
+    )
+
+
+COMMAND = Command(
+    "quick start: a gateway on this machine, a token, a first run, JupyterLab",
+    _add_arguments,
+    _run,
+    (UsageError,),
+)
