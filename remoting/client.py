@@ -116,7 +116,7 @@ class GatewayConnection:
         address: str,
         token: Token,
         timeout: float = DEFAULT_TIMEOUT_S,
-        context: zmq.Context | None = None,
+        context: zmq.Context[Any] | None = None,
         zero_copy: bool = False,
     ):
         self.address = address

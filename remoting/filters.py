@@ -72,14 +72,16 @@ def _compare(actual: Any, op: str, wanted: Any) -> bool:
         # Names match by case-insensitive substring: "A100" finds "NVIDIA A100-SXM4-80GB".
         hit = wanted.lower() in actual.lower()
         return hit if op == "=" else not hit
-    return {
-        "=": actual == wanted,
-        "!=": actual != wanted,
-        ">=": actual >= wanted,
-        "<=": actual <= wanted,
-        ">": actual > wanted,
-        "<": actual < wanted,
-    }[op]
+    return bool(
+        {
+            "=": actual == wanted,
+            "!=": actual != wanted,
+            ">=": actual >= wanted,
+            "<=": actual <= wanted,
+            ">": actual > wanted,
+            "<": actual < wanted,
+        }[op]
+    )
 
 
 def gpu_attrs(name: str, memory_mib: int, index: int, hostname: str) -> dict[str, Any]:
