@@ -192,52 +192,9 @@ def test_run_from_the_home_directory_carries_nothing_and_says_so(gateway):
     assert f"not carrying {home.resolve()} to the share: it holds your whole home" in r.stderr
 
 
-def test_a_notebook_on_a_bitfusion_kernel_works_in_its_folder(client_env, project, tmp_path,
-                                                              monkeypatch):  # fmt: skip
-    """A kernelspec as `kernelspec install` makes it, no option: the kernel works in its
-    notebook's folder, and keeps it after a %bitfusion move."""
-    import json
-
-    import nbformat
-    from nbclient import NotebookClient
-
-    from tests.integration.conftest import shim_spec
-
-    spec_dir = tmp_path / "share" / "jupyter" / "kernels" / "bf-files"
-    spec_dir.mkdir(parents=True)
-    spec = shim_spec("-m", "1024", carry=True).to_dict()
-    (spec_dir / "kernel.json").write_text(json.dumps(spec))
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [
-        nbformat.v4.new_code_cell(
-            "import os, helper\n"
-            "print(os.getcwd(), helper.hi(), open('data.csv').read().split())\n"
-            "open('model.txt', 'w').write('saved from the notebook')"
-        ),
-        nbformat.v4.new_code_cell("%bitfusion -m 2048"),
-        nbformat.v4.new_code_cell(
-            "import os\nprint(os.environ['BITFUSION_MEMORY_MIB'], os.getcwd(), "
-            "open('model.txt').read())"
-        ),
-    ]
-    NotebookClient(
-        nb, kernel_name="bf-files", timeout=60, resources={"metadata": {"path": str(project)}}
-    ).execute()
-
-    def out(cell):
-        return "".join(o.get("text", "") for o in cell.outputs if o.get("name") == "stdout")
-
-    assert out(nb.cells[0]).split() == [str(project), "hi", "from", "helper", "['a,b',", "'1,2']"]
-    assert (project / "model.txt").read_text() == "saved from the notebook"
-    assert out(nb.cells[2]).split() == ["2048", str(project), "saved", "from", "the", "notebook"]
-    assert client_env.no_shares_within(15)
-
-
-def test_a_notebook_whose_folder_cannot_go_is_told_in_its_first_cell(client_env, tmp_path,
-                                                                     monkeypatch):  # fmt: skip
-    """A notebook in a folder the server cannot show at its path: the kernel still starts,
-    in the user's server home, and the first cell that runs says why, where they look."""
+def run_notebook(sources: list[str], folder: Path | str, tmp_path, monkeypatch):
+    """``sources`` as a notebook in ``folder``, run by nbclient on a kernelspec as
+    `kernelspec install` writes it (no folder option); returns its cells."""
     import json
 
     import nbformat
@@ -250,11 +207,43 @@ def test_a_notebook_whose_folder_cannot_go_is_told_in_its_first_cell(client_env,
     (spec_dir / "kernel.json").write_text(json.dumps(shim_spec("-m", "1024", carry=True).to_dict()))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("import os; print(os.getcwd())")]
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in sources]
     NotebookClient(
-        nb, kernel_name="bf-files", timeout=60, resources={"metadata": {"path": "/usr/share"}}
+        nb, kernel_name="bf-files", timeout=60, resources={"metadata": {"path": str(folder)}}
     ).execute()
-    streams = {o["name"]: o["text"] for o in nb.cells[0].outputs if o["output_type"] == "stream"}
+    return nb.cells
+
+
+def test_a_notebook_on_a_bitfusion_kernel_works_in_its_folder(client_env, project, tmp_path,
+                                                              monkeypatch):  # fmt: skip
+    """The kernel works in its notebook's folder, and keeps it after a %bitfusion move."""
+    cells = run_notebook(
+        [
+            "import os, helper\n"
+            "print(os.getcwd(), helper.hi(), open('data.csv').read().split())\n"
+            "open('model.txt', 'w').write('saved from the notebook')",
+            "%bitfusion -m 2048",
+            "import os\nprint(os.environ['BITFUSION_MEMORY_MIB'], os.getcwd(), "
+            "open('model.txt').read())",
+        ],
+        project, tmp_path, monkeypatch,
+    )  # fmt: skip
+
+    def out(cell):
+        return "".join(o.get("text", "") for o in cell.outputs if o.get("name") == "stdout")
+
+    assert out(cells[0]).split() == [str(project), "hi", "from", "helper", "['a,b',", "'1,2']"]
+    assert (project / "model.txt").read_text() == "saved from the notebook"
+    assert out(cells[2]).split() == ["2048", str(project), "saved", "from", "the", "notebook"]
+    assert client_env.no_shares_within(15)
+
+
+def test_a_notebook_whose_folder_cannot_go_is_told_in_its_first_cell(client_env, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    """A notebook in a folder the server cannot show at its path: the kernel still starts,
+    in the user's server home, and the first cell that runs says why, where they look."""
+    [cell] = run_notebook(["import os; print(os.getcwd())"], "/usr/share", tmp_path, monkeypatch)
+    streams = {o["name"]: o["text"] for o in cell.outputs if o["output_type"] == "stream"}
     assert streams["stdout"] == "/home/alice\n"
     assert "Your folder /usr/share cannot appear at the same path" in streams["stderr"]
     assert "It runs without it." in streams["stderr"]
