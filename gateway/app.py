@@ -17,7 +17,7 @@ from remoting import protocol, tokens
 from remoting.util.cli import Command
 
 # The server, NVML and asyncio are imported where the gateway starts, not here: this module
-# also builds the `bitfusion gateway` options for every `bitfusion` command, which must start fast.
+# also builds the `bitfusion gateway` options for `bitfusion --help`, which must start fast.
 
 
 class UsageError(Exception):
