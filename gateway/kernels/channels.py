@@ -1,18 +1,4 @@
-"""Jupyter kernels inside shares: which kernels the gateway offers, and one kernel's channels.
-
-The gateway starts a kernel like any process in a share (under a nanny), with a connection
-file of its own on the server's loopback but the *client's* HMAC key, so Jupyter frames are
-forwarded between the client's shim and the kernel without being re-signed or re-serialised.
-`KernelChannels` holds the gateway's sockets to one kernel: a DEALER per frontend identity on
-shell, control and stdin (with the frontend's own identity, so the kernel routes replies and
-input requests exactly as it would locally), and a SUB on iopub.
-
-Code in every share runs as the same user on the same machine, so a kernel's channels are
-kept from the other shares (`channel_kind`): unix sockets in the abstract namespace, which
-Landlock lets only the kernel's own share and the gateway connect to; else loopback TCP with
-a fresh CurveZMQ key pair in the connection file, which only the gateway and the kernel's
-confined share can read; else, by the admin's choice or for lack of both, plain TCP.
-"""
+"""One kernel's channels, as the gateway holds them (see gateway/kernels/__init__.py)."""
 
 from __future__ import annotations
 
@@ -20,14 +6,10 @@ import asyncio
 import json
 import logging
 import os
-import re
 import secrets
 import socket
-import sys
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -52,135 +34,6 @@ _HANDSHAKE_EVENTS = (
 )
 
 _Dealer = tuple[zmq.asyncio.Socket, "asyncio.Task[None]"]
-
-
-@dataclass(frozen=True)
-class KernelEnv:
-    """A kernel environment the gateway offers: its argv ({connection_file} is replaced),
-    whether its kernels encrypt their channels with keys from the connection file, and
-    whether they can listen on unix sockets (``"transport": "ipc"``, as ipykernel can)."""
-
-    argv: list[str]
-    curve: bool
-    ipc: bool = False
-
-
-# How a kernel's channels are kept from code in other shares (--kernel-channels):
-# "auto": unix sockets in the abstract namespace, which Landlock (ABI 6+) scopes so that only
-# the gateway and the kernel's own share can connect, for kernels that can use them; else
-# TCP on loopback with CurveZMQ, for kernels that take keys; else plain TCP (said at start).
-# "curve": never unix sockets. "plain": TCP with no encryption at all.
-CHANNEL_MODES = ("auto", "curve", "plain")
-SCOPED_UNIX_ABI = 6  # the Landlock ABI that scopes abstract unix sockets
-
-
-def channel_kind(env: KernelEnv, mode: str, landlock_abi: int) -> str:
-    """What the channels of ``env``'s kernels will be: "ipc", "curve" or "plain"."""
-    if mode == "auto" and env.ipc and landlock_abi >= SCOPED_UNIX_ABI:
-        return "ipc"
-    return "curve" if env.curve and mode != "plain" else "plain"
-
-
-def _runs_ipykernel(argv: list[str]) -> bool:
-    return any(a in ("ipykernel_launcher", "ipykernel") for a in argv)
-
-
-def _ipykernel_takes_curve_keys() -> bool:
-    """True when this Python's ipykernel reads CurveZMQ keys from its connection file."""
-    try:
-        found = re.match(r"(\d+)\.(\d+)", metadata.version("ipykernel"))
-    except metadata.PackageNotFoundError:
-        return False
-    return bool(found) and (int(found[1]), int(found[2])) >= (7, 3) and zmq.has("curve")
-
-
-# The default is this Python with ipykernel.
-DEFAULT_KERNELS: dict[str, KernelEnv] = {
-    "python3": KernelEnv(
-        [
-            sys.executable,
-            "-P",  # the kernel's modules come from its environment, never its working folder
-            "-m",
-            "ipykernel_launcher",
-            "-f",
-            "{connection_file}",
-            "--IPKernelApp.extensions=bitfusion_jupyter",  # the %bitfusion magic, ready to use
-        ],
-        curve=_ipykernel_takes_curve_keys(),
-        ipc=True,
-    ),
-}
-
-
-class KernelConfigError(ValueError):
-    """A kernels file that cannot be used; the text names the file and the problem."""
-
-
-def _says_curve(metadata_: Any) -> bool:
-    """Whether kernelspec-style metadata declares CurveZMQ support, as Jupyter's does."""
-    said = metadata_.get("supported_encryption") if isinstance(metadata_, dict) else None
-    said = [said] if isinstance(said, str) else said
-    return isinstance(said, list) and "curve" in [str(x).strip().lower() for x in said]
-
-
-def load_kernels(path: Path | None) -> dict[str, KernelEnv]:
-    """The kernel environments: the default, plus those of a JSON file whose entries are
-    ``name: argv`` or, as in a kernel.json, ``name: {"argv": [...], "metadata": {...}}``."""
-    kernels = dict(DEFAULT_KERNELS)
-    if path is not None:
-        kernels.update(_read_kernels_file(path))
-    return kernels
-
-
-def _read_kernels_file(path: Path) -> dict[str, KernelEnv]:
-    kernels = {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise KernelConfigError(f"--kernels {path} cannot be read as JSON ({exc}).") from None
-    if not isinstance(data, dict):
-        raise KernelConfigError(f"--kernels {path} must hold a JSON object {{name: argv}}.")
-    for name, entry in data.items():
-        argv = entry.get("argv") if isinstance(entry, dict) else entry
-        if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
-            raise KernelConfigError(
-                f"--kernels {path}: {name!r} needs a list of strings (argv), or an object "
-                'with one under "argv".'
-            )
-        if not any("{connection_file}" in a for a in argv):
-            raise KernelConfigError(
-                f"--kernels {path}: the argv of {name!r} never mentions {{connection_file}}."
-            )
-        curve = isinstance(entry, dict) and _says_curve(entry.get("metadata"))
-        kernels[name] = KernelEnv(argv, curve and zmq.has("curve"), _runs_ipykernel(argv))
-    return kernels
-
-
-def kernels_line(kernels: dict[str, KernelEnv], mode: str = "auto", landlock_abi: int = 0) -> str:
-    """The banner's word on the kernel environments: how each keeps its channels from other
-    shares, and why those that do not, do not."""
-    by_kind: dict[str, list[str]] = {"ipc": [], "curve": [], "plain": []}
-    for name, env in sorted(kernels.items()):
-        by_kind[channel_kind(env, mode, landlock_abi)].append(name)
-    parts = []
-    if by_kind["ipc"]:
-        parts.append(
-            f"{', '.join(by_kind['ipc'])} on unix sockets that Landlock keeps to its share"
-        )
-    if by_kind["curve"]:
-        parts.append(f"{', '.join(by_kind['curve'])} with CurveZMQ-encrypted channels")
-    if by_kind["plain"]:
-        why = (
-            "--kernel-channels plain"
-            if mode == "plain"
-            else 'needs ipykernel 7.3+; in --kernels, add "metadata": '
-            '{"supported_encryption": "curve"}'
-        )
-        parts.append(
-            f"{', '.join(by_kind['plain'])} NOT encrypted on the loopback, so code in other "
-            f"shares can listen ({why})"
-        )
-    return "; ".join(parts)
 
 
 def _free_ports(n: int) -> list[int]:
