@@ -52,8 +52,7 @@ def share_status() -> str:
     totals = env.get(names.GPU_MEMORY_TOTAL_MIB, "").split(",")
     sim = " (SIMULATED)" if env.get(names.SIMULATED) == "1" else ""
     lines = [
-        f"This kernel runs in share {env.get('BITFUSION_SHARE_ID')} on "
-        f"{env.get('BITFUSION_SERVER')}{sim}:"
+        f"This kernel runs in share {env.get(names.SHARE_ID)} on {env.get(names.SERVER)}{sim}:"
     ]
     for index, mib, total in zip(indices, mibs, totals, strict=False):
         lines.append(f"  GPU {index}: {mib} MiB of {total} MiB")

@@ -335,9 +335,9 @@ class Shim:
             if request.get("no_files"):
                 choice = file_server.Choice(None, "")
             elif request.get("files"):
+                # A named folder that cannot go raises; "." may come back with a note, shown
+                # in the new kernel's first cell.
                 choice = file_server.choose(os.getcwd(), request["files"], False)
-                if choice.note and request["files"] != ".":
-                    return {"ok": False, "error": choice.note}
         except file_server.FilesError as exc:
             return {"ok": False, "error": str(exc)}
         pool = Pool.from_config(request.get("servers") or self.server_list, zero_copy=True)
