@@ -319,9 +319,11 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
             f"Cannot listen on {args.bind}:{args.port} ({exc}); is another gateway running? "
             "Pick another --port or --bind."
         ) from None
-    state_lock.mark_listening(lock)
     token_path = admin_token(state_dir, keys)
     _banner(gateway, token_path)
+    # Marked after the banner: whoever waits for the mark (tests, `bitfusion up`) then
+    # finds the banner already in the log.
+    state_lock.mark_listening(lock)
     try:
         asyncio.run(gateway.serve())
     except OSError as exc:  # the dashboard's port
