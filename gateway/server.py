@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -33,9 +32,7 @@ from gateway.gpus import GpuInventory, GpuState
 from gateway.history import RANGES, History
 from gateway.idle import IdleTracker
 from gateway.kernels import (
-    DEFAULT_KERNELS,
     KernelChannels,
-    KernelEnv,
     channel_info,
     channel_kind,
     write_connection_file,
@@ -47,6 +44,7 @@ from gateway.nanny_link import NannyGone
 from gateway.nanny_wire import FILES_FDS
 from gateway.police import Police, PolicedShare, Verdict
 from gateway.relay import Relay
+from gateway.service.config import GatewayConfig
 from gateway.share_env import ShareGpu, share_environment
 from remoting import filters, protocol, tokens
 from remoting.protocol import Message, ProtocolError
@@ -55,25 +53,6 @@ from remoting.util.procs import kill_group, pid_alive, session_of
 
 log = logging.getLogger("bitfusion.gateway")
 MAX_CONNECTIONS_TRACKED = 10_000  # request ids remembered per connection, for replays
-
-
-@dataclass
-class GatewayConfig:
-    state_dir: Path
-    bind: str = "0.0.0.0"
-    port: int = protocol.DEFAULT_PORT
-    hostname: str = field(default_factory=socket.gethostname)
-    lease_grace_s: float = 30.0
-    police_mode: str = "stop"  # or "warn"
-    police_grace_s: float = 5.0
-    police_interval_s: float = 1.0
-    terminate_grace_s: float = 5.0
-    homes_dir: Path | None = None  # users' homes on this server; None: STATE_DIR/homes
-    confine: bool = True  # a bubblewrap sandbox per share; False: --unconfined, said everywhere
-    kernels: dict[str, KernelEnv] = field(default_factory=lambda: dict(DEFAULT_KERNELS))
-    kernel_channels: str = "auto"  # see gateway.kernels.CHANNEL_MODES
-    web_port: int = 0  # the dashboard's HTTP port; 0: none
-    peers: list[str] = field(default_factory=list)  # the cluster's other gateways, host:port
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The gateway's service, split by job (see gateway.service.core)."""
