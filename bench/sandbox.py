@@ -43,7 +43,8 @@ from pathlib import Path
 # bench/kernels.py, beside this script (its folder is sys.path[0] when run as a script).
 from kernels import Flavour, shim_spec, start, stop  # noqa: I001
 
-from gateway import landlock, nanny, sandbox
+from gateway import landlock, sandbox
+from gateway.nanny import startup as nanny_startup
 from gateway.spawned import SpawnedGateway, free_port, stop_leftovers
 
 GOAL_MS = 20.0
@@ -85,7 +86,7 @@ def as_the_nanny(argv: Sequence[str], env: dict[str, str], sandboxed: bool) -> f
     its own session and, for a sandbox, the nanny's own confiner (signals shielded from
     bwrap's monitor, Landlock's scopes where the kernel has them); raises if it fails."""
     flags = ["--shield", *(["--scope"] if landlock.abi() >= landlock.SCOPED_ABI else [])]
-    opts, _ = nanny.parse_args(["--socket", "-", "--status", "-", *flags, "--", *argv])
+    opts, _ = nanny_startup.parse_args(["--socket", "-", "--status", "-", *flags, "--", *argv])
     start = time.perf_counter()
     done = subprocess.run(
         argv,
@@ -93,7 +94,7 @@ def as_the_nanny(argv: Sequence[str], env: dict[str, str], sandboxed: bool) -> f
         input=b"",
         capture_output=True,
         start_new_session=True,
-        preexec_fn=nanny._confiner(opts) if sandboxed else None,
+        preexec_fn=nanny_startup._confiner(opts) if sandboxed else None,
     )
     elapsed = (time.perf_counter() - start) * 1000
     if done.returncode != 0:

@@ -154,7 +154,7 @@ def stop_leftovers(state_dir: Path) -> None:
 
     For tests and benchmarks, so that one that fails halfway leaks no process.
     """
-    from gateway import launcher
+    from gateway.nanny import launcher
 
     run_dir = state_dir / "run"
     for path in run_dir.glob("*.json") if run_dir.exists() else []:

@@ -1,6 +1,6 @@
 """The nanny with real processes and real Unix sockets: what a gateway (and so a user) relies on.
 
-Each test launches a real nanny through gateway.launcher and talks to it with NannyLink, the
+Each test launches a real nanny through gateway.nanny.launcher and talks to it with NannyLink, the
 same client the gateway uses.
 """
 
@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from gateway.launcher import Launched, LaunchError, kill_orphan, launch, read_status
 from gateway.nanny import MAX_UNACKED, READ_CHUNK
-from gateway.nanny_link import NannyGone, NannyLink
+from gateway.nanny.launcher import Launched, LaunchError, kill_orphan, launch, read_status
+from gateway.nanny.link import NannyGone, NannyLink
 from tests.conftest import wait_for
 
 PY = sys.executable
@@ -401,7 +401,7 @@ def test_nanny_survives_sigkill_of_the_process_that_launched_it(run_dir: Path) -
         f"""
         import os, sys, time
         from pathlib import Path
-        from gateway.launcher import launch
+        from gateway.nanny.launcher import launch
         launched = launch([sys.executable, "-c", {child!r}], dict(os.environ), None,
                           Path({str(run_dir)!r}), "p-orphan")
         print(launched.nanny_pid, launched.socket_path, flush=True)

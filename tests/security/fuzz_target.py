@@ -28,7 +28,7 @@ import atheris
 with atheris.instrument_imports(include=["remoting", "gateway"]):
     from gateway import cluster_keys
     from gateway.gpus import open_inventory
-    from gateway.server import Gateway, GatewayConfig
+    from gateway.service import Gateway, GatewayConfig
     from remoting import protocol, tokens
 
 RISKY = {"spawn", "kernel_start", "register_pid"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+from enum import StrEnum  # enum is loaded anyway (socket, signal): free for the nanny
 
 TYPE_CHECKING = False  # typing is slow to import and only a type checker needs it here
 if TYPE_CHECKING:
@@ -17,19 +18,25 @@ PREFIX = struct.Struct("!II")
 MAX_HEADER = 64 * 1024
 MAX_PAYLOAD = 16 * 1024 * 1024
 
-# gateway -> nanny
-ATTACH = "attach"  # {out_from}: send output from this seq on, then stream live
-ACK = "ack"  # {seq}: the client has everything up to seq; forget it
-STDIN = "stdin"  # {seq, stream?} + bytes for the child's stdin (stream 3: the files stream)
-STDIN_CLOSE = "stdin_close"  # {seq, stream?}: close that input (shares its seq space)
-SIGNAL = "signal"  # {signum}: deliver to the child's process group
-TERMINATE = "terminate"  # {grace_s}: SIGTERM the group, SIGKILL after grace
 
-# nanny -> gateway
-ATTACHED = "attached"  # {child_pid, stdin_seq, files_seq?, running, exit_code}
-STDIN_SEQ = "stdin_seq"  # {seq, stream?}: that input up to seq is written (or moot): forget it
-OUT = "out"  # {seq, stream: 1|2|3} + bytes
-EXIT = "exit"  # {seq, code}: always the last seq
+class NannyMsg(StrEnum):
+    """Every "type" of a frame between the gateway and a nanny; a str, so it goes on the wire
+    and compares with a decoded header's plain string as is."""
+
+    # gateway -> nanny
+    ATTACH = "attach"  # {out_from}: send output from this seq on, then stream live
+    ACK = "ack"  # {seq}: the client has everything up to seq; forget it
+    STDIN = "stdin"  # {seq, stream?} + bytes for the child's stdin (stream 3: the files stream)
+    STDIN_CLOSE = "stdin_close"  # {seq, stream?}: close that input (shares its seq space)
+    SIGNAL = "signal"  # {signum}: deliver to the child's process group
+    TERMINATE = "terminate"  # {grace_s}: SIGTERM the group, SIGKILL after grace
+
+    # nanny -> gateway
+    ATTACHED = "attached"  # {child_pid, stdin_seq, files_seq?, running, exit_code}
+    STDIN_SEQ = "stdin_seq"  # {seq, stream?}: that input up to seq is written (or moot): forget it
+    OUT = "out"  # {seq, stream: 1|2|3} + bytes
+    EXIT = "exit"  # {seq, code}: always the last seq
+
 
 STDOUT = 1
 STDERR = 2

@@ -1,4 +1,4 @@
-"""The gateway's asyncio connection to one nanny (see gateway.nanny and gateway.nanny_wire)."""
+"""The gateway's asyncio connection to one nanny (see gateway.nanny.process and .wire)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from gateway.nanny_wire import FrameDecoder, WireError, encode_frame
+from gateway.nanny.wire import FrameDecoder, WireError, encode_frame
 
 READ_CHUNK = 64 * 1024
 

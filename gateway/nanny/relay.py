@@ -12,12 +12,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from gateway.nanny_link import NannyGone, NannyLink
-from gateway.nanny_wire import FILES
+from gateway.nanny.link import NannyGone, NannyLink
+from gateway.nanny.wire import FILES, NannyMsg
 
 log = logging.getLogger("bitfusion.gateway")
 
-# Called with (client ident, frames-ready message fields) to deliver to the watching client.
+# Called with (client ident, frames-ready message fields) to deliver to the watching client;
+# the message types are the client protocol's (remoting.protocol), not NannyMsg.
 Deliver = Callable[[bytes, str, dict, bytes | None], Awaitable[None]]
 
 
@@ -50,14 +51,14 @@ class Relay:
 
     async def start(self, out_from: int = 1) -> None:
         self.link = await NannyLink.connect(self.socket_path)
-        await self.link.send({"type": "attach", "out_from": out_from})
+        await self.link.send({"type": NannyMsg.ATTACH, "out_from": out_from})
         self._task = asyncio.create_task(self._pump())
 
     async def attach(self, subscriber: bytes, out_from: int) -> None:
         """A client (re)subscribes; the nanny replays output from ``out_from``."""
         self.subscriber = subscriber
         if self.link is not None:
-            await self.link.send({"type": "attach", "out_from": out_from})
+            await self.link.send({"type": NannyMsg.ATTACH, "out_from": out_from})
 
     async def send(self, header: dict, payload: bytes = b"") -> None:
         if self.link is not None:
@@ -67,7 +68,7 @@ class Relay:
                 pass  # the pump notices and reports the end
 
     async def ack(self, seq: int) -> None:
-        await self.send({"type": "ack", "seq": seq})
+        await self.send({"type": NannyMsg.ACK, "seq": seq})
         if self.exit_seq is not None and seq >= self.exit_seq:
             await self.close()  # everything delivered; the nanny exits on this ack
 
@@ -86,22 +87,22 @@ class Relay:
             while True:
                 header, payload = await self.link.receive()
                 kind = header.get("type")
-                if kind == "attached":
+                if kind == NannyMsg.ATTACHED:
                     self.on_pid(int(header["child_pid"]))
                     await self._stdin_seq(int(header.get("stdin_seq", 0)), resend=True)
                     if "files_seq" in header:
                         await self._stdin_seq(int(header["files_seq"]), True, FILES)
-                elif kind == "stdin_seq":
+                elif kind == NannyMsg.STDIN_SEQ:
                     stream = int(header.get("stream") or 0)
                     await self._stdin_seq(int(header["seq"]), resend=False, stream=stream)
-                elif kind == "out" and self.subscriber is not None:
+                elif kind == NannyMsg.OUT and self.subscriber is not None:
                     await self.deliver(
                         self.subscriber,
                         "out",
                         {"proc_id": self.proc_id, "seq": header["seq"], "stream": header["stream"]},
                         payload,
                     )
-                elif kind == "exit":
+                elif kind == NannyMsg.EXIT:
                     if self.exit_seq is None:
                         self.exit_seq, self.exit_code = header["seq"], header["code"]
                         self.on_exit(self.exit_code)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds gateway/
 START_TIMEOUT_S = 10.0
 # sockaddr_un holds 108 bytes with the NUL; keep a margin for other platforms.
 MAX_SOCKET_PATH = 100

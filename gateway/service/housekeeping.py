@@ -1,0 +1,168 @@
+"""Periodic work: expired leases, the queue, policing GPU memory, usage files, idle shares
+and the history samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+from gateway import usage_files
+from gateway.gpus import GpuState
+from gateway.police import PolicedShare, Verdict
+from gateway.service.state import ServiceState
+from remoting import protocol
+from remoting.util.procs import pid_alive, session_of
+
+log = logging.getLogger("bitfusion.gateway")
+
+
+class Housekeeping(ServiceState):
+    async def _tick_loop(self) -> None:
+        n = 0
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                for share in self.ledger.expired(time.time()):
+                    if share.id not in self.ending:
+                        self.ledger.event(
+                            "lease_expired", share.owner, share.id, "the holder stopped renewing"
+                        )
+                        # A client that died or lost its network: admins read this in the log.
+                        log.info(
+                            "the lease of share %s (%s) expired: its holder stopped renewing "
+                            "it for %g s; ending the share and its processes",
+                            share.id,
+                            share.owner,
+                            self.cfg.lease_grace_s,
+                        )
+                        self._spawn_task(self.end_share(share, "lease expired"))
+                await self._serve_queue()
+                for proc in list(self.ledger.processes.values()):
+                    if proc.socket_path is None and proc.pid and not pid_alive(proc.pid):
+                        self.ledger.finish_process(proc.id, None)
+                n += 1
+                if n % 2400 == 0:
+                    self.ledger.trim_events()
+            except Exception:
+                log.exception("periodic work failed")
+
+    async def _police_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.police_interval_s)
+            try:
+                usage = await asyncio.to_thread(self.inventory.process_memory)
+                policed = [
+                    PolicedShare(
+                        s.id,
+                        s.owner,
+                        dict(s.gpus),
+                        frozenset(p.pid for p in self.ledger.processes_of(s.id) if p.pid),
+                    )
+                    for s in self.ledger.shares.values()
+                ]
+                self.usage = self.police.usage_by_share(usage, policed, session_of)
+                states = {st.index: st for st in self.inventory.states()}  # one NVML sample
+                await self._write_usage_files(states)
+                self._note_activity(states)
+                await self._reclaim_idle()
+                for verdict in self.police.review(usage, policed, session_of):
+                    await self._execute(verdict)
+            except Exception:
+                log.exception("policing failed")
+
+    async def _write_usage_files(self, states: dict[int, GpuState]) -> None:
+        # Built on the loop, written by a thread: with many shares the writes took a tenth
+        # of every second of the loop. A share that ends meanwhile must not keep its file.
+        utilization = {i: st.utilization_pct for i, st in states.items()}
+        records = {
+            share.id: usage_files.record(
+                share_id=share.id,
+                server=self.cfg.hostname,
+                lease=usage_files.lease_state(share.lease_expires, self.cfg.lease_grace_s),
+                gpus=share.public(self.gpus)["gpus"],
+                used_mib=self.usage.get(share.id, {}),
+                utilization=utilization,
+            )
+            for share in list(self.ledger.shares.values())
+            if share.id not in self.ending
+        }
+        await asyncio.to_thread(usage_files.write_all, self.cfg.state_dir, records)
+        for share_id in records:
+            if share_id not in self.ledger.shares or share_id in self.ending:
+                usage_files.remove(usage_files.path_for(self.cfg.state_dir, share_id))
+
+    def _touch_proc(self, proc_id: str | None) -> None:
+        proc = self.ledger.processes.get(proc_id or "")
+        if proc is not None:
+            self.idle.touch(proc.share_id)
+
+    def _note_activity(self, states: dict[int, GpuState]) -> None:
+        """Sampled work: running commands, GPU memory held on a computing GPU; and history."""
+        for share in self.ledger.shares.values():
+            procs = self.ledger.processes_of(share.id)
+            computing = any(
+                used and (states[i].utilization_pct or 0) > 0
+                for i, used in self.usage.get(share.id, {}).items()
+                if i in states
+            )
+            if computing or any(p.kernel is None for p in procs):
+                self.idle.touch(share.id)
+        self.history.record(
+            [
+                {
+                    "index": g.index,
+                    "used_mib": states[g.index].memory_used_mib if g.index in states else None,
+                    "granted_mib": self.ledger.granted_mib(g.index),
+                    "utilization_pct": (
+                        states[g.index].utilization_pct if g.index in states else None
+                    ),
+                }
+                for g in self.gpus
+            ]
+        )
+
+    async def _reclaim_idle(self) -> None:
+        for share in self.idle.overdue(list(self.ledger.shares.values()), self.idle_timeout_s):
+            if share.id in self.ending:
+                continue
+            reason = f"idle for over {self.idle_timeout_s:g} s, reclaimed"
+            self.ledger.event("idle_reclaim", share.owner, share.id, reason)
+            self._spawn_task(self.end_share(share, reason))
+
+    async def _execute(self, verdict: Verdict) -> None:
+        self.ledger.event(
+            f"police_{verdict.action}", verdict.owner, verdict.share_id, verdict.message
+        )
+        log.warning("%s", verdict.message)
+        stop_in = (
+            {"stop_in_s": self.police.grace_s}
+            if verdict.action == "warn" and self.police.mode == "stop"
+            else {}
+        )
+        for proc in self.ledger.processes_of(verdict.share_id):
+            relay = self.relays.get(proc.id)
+            if relay is not None and relay.subscriber is not None:
+                await self._send(
+                    relay.subscriber,
+                    protocol.encode(
+                        "notice",
+                        message=verdict.message,
+                        share_id=verdict.share_id,
+                        proc_id=proc.id,
+                        action=verdict.action,
+                        gpu_index=verdict.gpu_index,
+                        used_mib=verdict.used_mib,
+                        limit_mib=verdict.limit_mib,
+                        **stop_in,
+                    ),
+                )
+        if verdict.action == "stop":
+            for pid in verdict.pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
