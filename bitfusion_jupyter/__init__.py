@@ -19,8 +19,11 @@ def load_ipython_extension(ipython: object) -> None:
 
 
 def _jupyter_server_extension_points() -> list[dict[str, Any]]:
-    """jupyter_server finds the extension (enabled as "bitfusion_jupyter") through this."""
-    return [{"module": "bitfusion_jupyter.serverext"}]
+    """jupyter_server finds the extension (enabled as "bitfusion_jupyter") through this.
+    Imported here, when the server asks, so a kernel importing this package loads no server."""
+    from bitfusion_jupyter.serverext import BitfusionExtension
+
+    return [{"module": "bitfusion_jupyter.serverext", "app": BitfusionExtension}]
 
 
 def _jupyter_labextension_paths() -> list[dict[str, str]]:

@@ -18,6 +18,7 @@ from bitfusion_jupyter import __version__, config, held, pool_views, share_reque
 from bitfusion_jupyter.pool import Grant, Pool, say
 from remoting import tokens
 from remoting.client import DEFAULT_TIMEOUT_S, GatewayError
+from remoting.messages import ErrorCode
 from remoting.protocol import DEFAULT_PORT
 from remoting.util import cli as cli_util
 from remoting.util.cli import Command
@@ -371,7 +372,7 @@ def cmd_release_gpus(args: argparse.Namespace) -> int:
     try:
         pool.connect(current.server).request("release", share_id=current.share_id)
     except GatewayError as exc:
-        if exc.code != "not_found":
+        if exc.code != ErrorCode.NOT_FOUND:
             raise
     finally:
         held.stop_holder(current)

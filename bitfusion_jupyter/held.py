@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bitfusion_jupyter import config
 from remoting.json_file import write_json
+from remoting.messages import ErrorCode
 from remoting.protocol import renew_every
 from remoting.util.procs import pid_alive, running
 
@@ -137,7 +138,10 @@ def _hold(server: str, share_id: str, lease_s: float, watch_pid: int, path: Path
                 conn.request("renew", share_id=share_id, timeout=every)
                 last_ok = time.monotonic()
             except GatewayError as exc:
-                if exc.code != "unreachable" or time.monotonic() - last_ok > lease_s + every:
+                if (
+                    exc.code != ErrorCode.UNREACHABLE
+                    or time.monotonic() - last_ok > lease_s + every
+                ):
                     return 1  # the share is gone (released elsewhere or expired)
             deadline = time.monotonic() + every
             while not stop and time.monotonic() < deadline:

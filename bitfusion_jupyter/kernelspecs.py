@@ -2,7 +2,10 @@
 
 A bitfusion kernelspec starts the kernel shim (``python -m bitfusion_jupyter.shim``) with the
 share options; ``metadata["bitfusion"]`` records the share, which is how `list` and `remove`
-(and the Jupyter extensions) tell our kernelspecs from everyone else's.
+(and the Jupyter extensions) tell our kernelspecs from everyone else's. With ``--provisioner``
+it also names the `bitfusion-provisioner` (``metadata["kernel_provisioner"]``), which takes the
+share in the Jupyter server and hands it to the shim; the argv stays the shim's, for frontends
+that ignore provisioners.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from typing import TYPE_CHECKING, Any
 from bitfusion_jupyter import config, share_request
 from bitfusion_jupyter.share_request import ShareRequest, UsageError
 from remoting import filters as share_filters
-from remoting.shares import Slot, Want, never_fits
+from remoting.shares import Slot, never_fits
 from remoting.util import tables
 
 if TYPE_CHECKING:
     from jupyter_client.kernelspec import KernelSpecManager
 
 METADATA_KEY = "bitfusion"
+PROVISIONER = "bitfusion-provisioner"  # the entry point of bitfusion_jupyter.provisioner
 DEFAULT_KERNEL = "python3"
 LOGOS = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg")
 _FRACTIONS = {0.25: "¼", 0.5: "½", 0.75: "¾"}
@@ -115,6 +119,23 @@ def _kernel_display(kernel: str) -> str:
     return "Python 3" if kernel == DEFAULT_KERNEL else kernel
 
 
+def provisioner_config(
+    request: ShareRequest, kernel: str, servers: str | None, files: bool = True
+) -> dict[str, Any]:
+    """The `bitfusion-provisioner`'s traits for ``request``: the shim's options in words,
+    filters as --filter takes them (what someone editing kernel.json would write)."""
+    return {
+        "gpus": request.gpus,
+        "mib": request.mib,
+        "fraction": request.fraction,
+        "filters": [f"{key}{op}{value}" for key, op, value in request.filters],
+        "wait_s": request.wait_s,
+        "servers": servers,
+        "kernel": kernel,
+        "files": files,
+    }
+
+
 def kernel_json(
     request: ShareRequest,
     *,
@@ -122,8 +143,11 @@ def kernel_json(
     servers: str | None,
     display_name: str,
     files: bool = True,
+    provisioner: bool = False,
 ) -> dict[str, Any]:
-    return {
+    """``provisioner``: the share is taken by the `bitfusion-provisioner` (opt-in for now: a
+    kernelspec that names a provisioner is hidden where its entry point is not installed)."""
+    spec: dict[str, Any] = {
         "argv": shim_argv(request, kernel, servers, files),
         "display_name": display_name,
         "language": "python",
@@ -144,6 +168,12 @@ def kernel_json(
             "debugger": False,
         },
     }
+    if provisioner:
+        spec["metadata"]["kernel_provisioner"] = {
+            "provisioner_name": PROVISIONER,
+            "config": provisioner_config(request, kernel, servers, files),
+        }
+    return spec
 
 
 def _check_name(name: str) -> str:
@@ -203,9 +233,11 @@ def install(
     sys_prefix: bool,
     prefix: str | None = None,
     files: bool = True,
+    provisioner: bool = False,
 ) -> Path:
     """Write a kernelspec for ``request``; returns its directory. Replaces a bitfusion one.
-    ``files``: its kernels work in their notebook's folder, carried to the share."""
+    ``files``: its kernels work in their notebook's folder, carried to the share.
+    ``provisioner``: the `bitfusion-provisioner` takes their share (see kernel_json)."""
     prefix = _place(user, sys_prefix, prefix)
     kernel = kernel.strip()
     if not kernel:
@@ -230,6 +262,7 @@ def install(
         display_name=display_name
         or display_name_for(request, _kernel_display(kernel)) + ("" if files else NO_FILES_SUFFIX),
         files=files,
+        provisioner=provisioner,
     )
     logos = resources.files("bitfusion_jupyter") / "resources"
     with tempfile.TemporaryDirectory() as tmp:
@@ -264,9 +297,25 @@ def installed() -> list[dict[str, Any]]:
                     "share": _share_text(meta),
                     "location": entry["resource_dir"],
                     METADATA_KEY: meta,
+                    "provisioner": _provisioner_of(entry),
                 }
             )
     return out
+
+
+def provisioner_installed() -> bool:
+    """Whether jupyter_client finds the bitfusion-provisioner here: its entry point exists
+    only where the package is installed, not where it is only on PYTHONPATH."""
+    from importlib.metadata import entry_points
+
+    return bool(entry_points(group="jupyter_client.kernel_provisioners", name=PROVISIONER))
+
+
+def _provisioner_of(entry: dict[str, Any]) -> str | None:
+    """The provisioner a kernelspec names, if any (None: the shim takes the share)."""
+    meta = entry["spec"].get("metadata") or {}
+    named = meta.get("kernel_provisioner") if isinstance(meta, dict) else None
+    return named.get("provisioner_name") if isinstance(named, dict) else None
 
 
 def _share_text(meta: dict[str, Any]) -> str:
@@ -344,6 +393,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--display-name", help="name in the launcher (default e.g. 'Python 3 · 1 GPU')"
     )
     inst.add_argument(
+        "--provisioner",
+        action="store_true",
+        help=f"the Jupyter server takes each kernel's share ({PROVISIONER}) and the shim only "
+        "forwards; needs this package installed where the Jupyter server runs (opt-in)",
+    )
+    inst.add_argument(
         "--kernel",
         default=DEFAULT_KERNEL,
         metavar="ENV",
@@ -390,7 +445,15 @@ def _cmd_install(args: argparse.Namespace) -> int:
         "sys_prefix": args.sys_prefix,
         "prefix": args.prefix,
         "files": not args.no_files,
+        "provisioner": args.provisioner,
     }
+    if args.provisioner and not provisioner_installed():
+        print(
+            f"Note: {PROVISIONER} is not installed as a Jupyter kernel provisioner in this "
+            "Python, and Jupyter hides kernelspecs whose provisioner it cannot find; "
+            "'pip install' this package where the Jupyter server runs.",
+            file=sys.stderr,
+        )
     pool = ask_pool(args.server_list)
     if args.kernel.strip() != DEFAULT_KERNEL:  # every gateway offers python3 by default
         _check_offered(args.kernel.strip(), pool)
@@ -477,7 +540,6 @@ def never_held(request: ShareRequest, pool: PoolAnswers, say_unchecked: bool = F
 
 def _whys(request: ShareRequest, pool: PoolAnswers) -> dict[str, str]:
     """Each answering server's reason it could never hold ``request``; {} if one could."""
-    want = Want(request.gpus, request.mib, request.fraction)
     whys = {}
     for server, data in pool.answered.items():
         slots = [
@@ -494,7 +556,7 @@ def _whys(request: ShareRequest, pool: PoolAnswers) -> dict[str, str]:
             )
             for g in data.get("gpus", [])
         ]
-        why = never_fits(want, slots)
+        why = never_fits(request, slots)
         if why is None:
             return {}
         whys[server] = why

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 from bitfusion_jupyter.pool import Grant
 from remoting.client import GatewayError
+from remoting.messages import ErrorCode
 from remoting.protocol import renew_every
 
 
@@ -33,7 +34,9 @@ def run_local(grant: Grant, env: Mapping[str, str], argv: list[str]) -> int:
     try:
         child = subprocess.Popen(argv, env=merged_env(env), start_new_session=True)
     except OSError as exc:
-        raise GatewayError("local", f"Cannot run {argv[0]!r}: {exc.strerror}.", "spawn") from None
+        raise GatewayError(
+            "local", f"Cannot run {argv[0]!r}: {exc.strerror}.", ErrorCode.SPAWN
+        ) from None
     forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
     def forward(signum: int, frame: object) -> None:
@@ -53,7 +56,7 @@ def run_local(grant: Grant, env: Mapping[str, str], argv: list[str]) -> int:
                 try:
                     grant.conn.request("renew", share_id=grant.share_id, timeout=every)
                 except GatewayError as exc:
-                    if exc.code != "unreachable":
+                    if exc.code != ErrorCode.UNREACHABLE:
                         raise
                 next_renew = time.monotonic() + every
         code = child.returncode

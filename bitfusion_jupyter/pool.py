@@ -20,7 +20,7 @@ from typing import Any
 
 from bitfusion_jupyter import config
 from bitfusion_jupyter.share_request import ShareRequest
-from remoting import protocol
+from remoting import fanout, protocol
 from remoting.client import DEFAULT_TIMEOUT_S, GatewayConnection, GatewayError
 
 
@@ -76,8 +76,7 @@ class Pool:
             except GatewayError as exc:
                 return exc
 
-        with ThreadPoolExecutor(max_workers=min(16, len(self.servers)) or 1) as ex:
-            return list(zip(self.servers, ex.map(ask, self.servers), strict=True))
+        return list(zip(self.servers, fanout.each(self.servers, ask), strict=True))
 
     def allocate(
         self,

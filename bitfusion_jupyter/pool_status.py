@@ -9,15 +9,15 @@ is written down in ``bitfusion_jupyter.serverext``); the widget shows the same J
 from __future__ import annotations
 
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from bitfusion_jupyter import config
+from remoting import fanout
 from remoting.protocol import DASHBOARD_PORT
 
 NO_SERVERS = "No GPU servers are configured: run `bitfusion init --token TOKEN --server HOST:PORT`."
-TIMEOUT_S = 2.0  # a browser panel or a widget waits on this; a healthy gateway answers in ms
+TIMEOUT_S = fanout.TIMEOUT_S  # a browser panel or a widget waits on this
 
 
 @dataclass
@@ -42,33 +42,23 @@ def configured() -> tuple[list[str], str | None]:
         return [], NO_SERVERS if text.startswith("No servers are configured") else text
 
 
-def ask(server: str, timeout: float = TIMEOUT_S) -> Answer:
-    """list_gpus and list_shares of one gateway, over one connection."""
-    from remoting.client import GatewayConnection, GatewayError
-
-    try:
-        token = config.token_for(server)
-    except config.ConfigError as exc:
-        return Answer(server, "unauthorized", str(exc))
-    try:
-        conn = GatewayConnection(server, token, timeout)
-    except GatewayError as exc:
-        return Answer(server, exc.state, str(exc), user=token.user)
-    try:
-        gpus = conn.request("list_gpus")
-        shares = conn.request("list_shares")
-    except GatewayError as exc:
-        return Answer(server, exc.state, str(exc), user=token.user)
-    finally:
-        conn.close()
-    return Answer(server, gpus=gpus, shares=shares, user=token.user)
-
-
 def ask_all(servers: list[str], timeout: float = TIMEOUT_S) -> list[Answer]:
-    if not servers:
-        return []
-    with ThreadPoolExecutor(max_workers=min(16, len(servers))) as ex:
-        return list(ex.map(lambda s: ask(s, timeout), servers))
+    """list_gpus and list_shares of every gateway, one connection each, in threads."""
+    replies = fanout.ask_each(
+        servers, config.token_for, [("list_gpus", {}), ("list_shares", {})], timeout
+    )
+    return [_answer(server, *replies[server]) for server in servers]
+
+
+def _answer(server: str, gpus: fanout.Reply, shares: fanout.Reply) -> Answer:
+    try:
+        user: str | None = config.token_for(server).user
+    except config.ConfigError:
+        user = None
+    failed = gpus if gpus.data is None else shares
+    if failed.data is None:
+        return Answer(server, failed.state, failed.error, user=user)
+    return Answer(server, gpus=gpus.data, shares=shares.data, user=user)
 
 
 def dashboard_url(address: str, web_port: int | None) -> str | None:

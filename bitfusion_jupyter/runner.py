@@ -26,6 +26,7 @@ import zmq
 
 from bitfusion_jupyter.pool import say
 from remoting.client import GatewayConnection, GatewayError
+from remoting.messages import ErrorCode
 from remoting.protocol import Message, renew_every
 
 STDIN_CHUNK = 64 * 1024
@@ -275,7 +276,7 @@ class ProcessStream:
             self.lost_since = None
             return self.proc_id in (answer or {}).get("gone", [])
         except GatewayError as exc:
-            if exc.code != "unreachable":
+            if exc.code != ErrorCode.UNREACHABLE:
                 raise
             now = time.monotonic()
             if self.lost_since is None:

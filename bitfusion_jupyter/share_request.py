@@ -4,36 +4,17 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field
-from typing import Any
 
 from remoting import filters
-from remoting.shares import Want
+from remoting.shares import Want, WantError
 
 
 class UsageError(Exception):
     """A bad option; the text is one sentence that says what to do."""
 
 
-@dataclass(frozen=True)
-class ShareRequest:
-    gpus: int = 1
-    mib: int | None = None
-    fraction: float | None = None
-    filters: list[list[Any]] = field(default_factory=list)
-    wait_s: float = 0.0
-
-    def wire(self) -> dict[str, Any]:
-        """The fields of an `allocate` message."""
-        return {
-            "gpus": self.gpus,
-            "mib": self.mib,
-            "fraction": self.fraction,
-            "filters": self.filters,
-        }
-
-    def describe(self) -> str:
-        return Want(self.gpus, self.mib, self.fraction).describe()
+# The one model of a share asked for lives in remoting.shares (the gateway checks the same).
+ShareRequest = Want
 
 
 def _positive_int(flag: str):
@@ -106,19 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser, wait: bool = True) -> None:
 
 
 def from_args(args: argparse.Namespace) -> ShareRequest:
-    if args.num_gpus < 1:
-        raise UsageError(f"-n {args.num_gpus} asks for no GPU; give -n 1 or more.")
-    if args.memory is not None and args.memory < 1:
-        raise UsageError(f"-m {args.memory} is not a size; give MiB per GPU, e.g. -m 2048.")
-    if args.partial is not None and not 0 < args.partial <= 1:
-        raise UsageError(
-            f"-p {args.partial:g} is outside (0, 1]; give a fraction of a GPU, e.g. -p 0.5."
-        )
-    wait = getattr(args, "wait", 0.0) or 0.0
-    if wait < 0:
-        raise UsageError(f"--wait {wait:g} is negative; give seconds to wait, e.g. --wait 60.")
     try:
         parsed = [filters.parse(f) for f in args.filter]
-    except filters.FilterError as exc:
+        wait = getattr(args, "wait", 0.0) or 0.0
+        return Want(args.num_gpus, args.memory, args.partial, parsed, wait).validate()
+    except (filters.FilterError, WantError) as exc:
         raise UsageError(str(exc)) from None
-    return ShareRequest(args.num_gpus, args.memory, args.partial, parsed, wait)

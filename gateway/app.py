@@ -1,4 +1,12 @@
-"""`bitfusion gateway ...` (also `python -m gateway`): run the server side, manage tokens."""
+"""`bitfusion gateway ...` (also `python -m gateway`): run the server side, manage tokens.
+
+The gateway's settings are traits of `GatewayApp` (and of `gateway.police.Police`), each
+default written once, there. A setting's value comes from, the later winning: its trait's
+default, ``/etc/bitfusion/bitfusion_gateway_config.{py,json}``,
+``STATE_DIR/bitfusion_gateway_config.{py,json}``, then the command line. argparse still
+parses the command line, so no flag and no error sentence changes: its options default to
+`argparse.SUPPRESS`, and the flags given are copied onto the traits after the files.
+"""
 
 from __future__ import annotations
 
@@ -8,86 +16,89 @@ import logging
 import os
 import sqlite3
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from gateway import cluster_keys, state_lock
+from gateway.kernels import CHANNEL_MODES
+from gateway.police import Police
+from gateway.settings import (
+    CONFIG_NAME,
+    FLAGS,
+    SYSTEM_CONFIG_DIR,
+    GatewayApp,
+    UsageError,
+    default_state_dir,
+    option_help,
+    trait_default,
+)
 from remoting import protocol, tokens
 from remoting.util.cli import Command
 
-# The server, NVML and asyncio are imported where the gateway starts, not here: this module
-# also builds the `bitfusion gateway` options for `bitfusion --help`, which must start fast.
-
-
-class UsageError(Exception):
-    """A bad option or setting; the text is one sentence for the admin."""
-
-
-def default_state_dir() -> Path:
-    if os.environ.get("BITFUSION_STATE_DIR"):
-        return Path(os.environ["BITFUSION_STATE_DIR"])
-    if os.geteuid() == 0:
-        return Path("/var/lib/bitfusion")
-    return Path.home() / ".bitfusion" / "gateway"
+# The server, NVML and asyncio's loop start only in _serve: this module also builds the
+# `bitfusion gateway` options for `bitfusion --help`, which must start fast. (gateway.kernels
+# brings zmq, which the kernel channel modes need; `bitfusion --help` always paid for it.)
+__all__ = ["FLAGS", "GatewayApp", "UsageError", "add_arguments", "default_state_dir", "main"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The gateway's options, shared by `bitfusion gateway` and `python -m gateway`."""
-    from gateway.kernels import CHANNEL_MODES  # here: zmq.asyncio is not every command's cost
+    """The gateway's options, shared by `bitfusion gateway` and `python -m gateway`.
 
+    Every option defaults to SUPPRESS: an option not given is absent from the namespace, so
+    it does not hide what a config file says (GatewayApp.from_args)."""
+    from gateway import tokens_cli
+
+    parser.epilog = (
+        f"Settings can also be set in {SYSTEM_CONFIG_DIR / CONFIG_NAME}.py (or .json) and "
+        f"STATE_DIR/{CONFIG_NAME}.py, e.g. c.GatewayApp.port = 56001; the options given here "
+        "win."
+    )
+    unset = argparse.SUPPRESS  # not given: absent, so a config file's value stands
     parser.add_argument(
         "--simulate-gpus",
         metavar="SPEC",
-        help="serve a simulated pool instead of NVML, e.g. 2x16GiB or 1x80GiB,1x24GiB",
+        help=option_help("GatewayApp", "simulate_gpus", show_default=False),
+        default=unset,
     )
-    parser.add_argument("--bind", default="0.0.0.0", metavar="ADDR", help="address to listen on")
     parser.add_argument(
-        "--port",
-        type=int,
-        default=protocol.DEFAULT_PORT,
-        help=f"client port (default {protocol.DEFAULT_PORT})",
+        "--bind", metavar="ADDR", help=option_help("GatewayApp", "bind"), default=unset
     )
+    parser.add_argument("--port", type=int, help=option_help("GatewayApp", "port"), default=unset)
     parser.add_argument(
         "--state-dir",
         type=Path,
-        default=None,
         metavar="DIR",
-        help="ledger, keys and tokens (default /var/lib/bitfusion as root, "
-        "else ~/.bitfusion/gateway; BITFUSION_STATE_DIR overrides)",
+        help=option_help("GatewayApp", "state_dir", show_default=False),
+        default=unset,
     )
     parser.add_argument(
-        "--name", default=None, help="server name shown to clients (default: hostname)"
+        "--name", help=option_help("GatewayApp", "hostname", show_default=False), default=unset
     )
     parser.add_argument(
         "--lease-grace",
         type=float,
-        default=30.0,
         metavar="SECONDS",
-        help="free a share this long after its holder stops renewing (default 30)",
+        help=option_help("GatewayApp", "lease_grace_s"),
+        default=unset,
     )
     parser.add_argument(
-        "--police",
-        choices=("stop", "warn"),
-        default="stop",
-        help="over-share processes: warn, then stop them (default) or only warn",
+        "--police", choices=Police.mode.values, help=option_help("Police", "mode"), default=unset
     )
     parser.add_argument(
         "--police-grace",
         type=float,
-        default=5.0,
         metavar="SECONDS",
-        help="how long a process may stay over its share after the warning",
+        help=option_help("Police", "grace_s"),
+        default=unset,
     )
     parser.add_argument(
         "--homes",
         type=Path,
-        default=None,
         metavar="DIR",
-        help="where users' homes on this server live, one folder per user, each the $HOME "
-        "of that user's shares (default: STATE_DIR/homes)",
+        help=option_help("GatewayApp", "homes_dir", show_default=False),
+        default=unset,
     )
-    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)  # gone: see run()
+    parser.add_argument("--workdir", help=argparse.SUPPRESS, default=unset)  # gone: see _serve
     parser.add_argument(
         "--unconfined",
         dest="confine",
@@ -95,77 +106,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run shares WITHOUT their bubblewrap sandbox, on purpose (containers that forbid "
         "user namespaces): code in a share can then read the state directory and every "
         "other user's files; every view says UNCONFINED",
+        default=unset,
     )
     parser.add_argument(
         "--kernel-channels",
         choices=CHANNEL_MODES,
-        default="auto",
-        help="how kernels' channels are kept from other shares: auto (unix sockets that "
-        "Landlock scopes to the share, else CurveZMQ), curve (always TCP with CurveZMQ), or "
-        "plain (TCP, unencrypted: any share can listen)",
+        help=option_help("GatewayApp", "kernel_channels"),
+        default=unset,
     )
     parser.add_argument(
         "--kernels",
         type=Path,
-        default=None,
         metavar="FILE",
-        help="JSON {name: argv} of kernel environments offered besides python3 "
-        "(this Python with ipykernel); argv must contain {connection_file}",
+        help=option_help("GatewayApp", "kernels_file", show_default=False),
+        default=unset,
     )
     parser.add_argument(
         "--web-port",
         type=int,
-        default=protocol.DASHBOARD_PORT,
         metavar="PORT",
-        help=f"the cluster dashboard and /metrics (default {protocol.DASHBOARD_PORT}; 0: none)",
+        help=f"the cluster dashboard and /metrics "
+        f"(default {trait_default('GatewayApp', 'web_port')}; 0: none)",
+        default=unset,
     )
     parser.add_argument(
         "--peers",
         type=Path,
-        default=None,
         metavar="FILE",
-        help="the cluster's other gateways for the dashboard, servers.conf format "
-        "(default STATE_DIR/servers.conf when it exists)",
+        help=option_help("GatewayApp", "peers_file", show_default=False),
+        default=unset,
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help=option_help("GatewayApp", "verbose", show_default=False),
+        default=unset,
+    )
     sub = parser.add_subparsers(dest="gateway_command")
-    token = sub.add_parser("token", help="create or revoke access tokens")
-    token_sub = token.add_subparsers(dest="token_command", required=True)
-    create = token_sub.add_parser("create", help="print a new token")
-    create.add_argument("--user", default=os.environ.get("USER", "user"))
-    create.add_argument("--admin", action="store_true", help="a token that sees every share")
-    create.add_argument(
-        "--expires",
-        metavar="DURATION",
-        default=None,
-        help="refuse the token after this long, e.g. 90m, 8h or 30d (default: never)",
-    )
-    create.add_argument("--state-dir", type=Path, default=None, dest="token_state_dir")
-    revoke = token_sub.add_parser(
-        "revoke", help="revoke a token here and on the peers (the rest of the cluster)"
-    )
-    revoke.add_argument("token")
-    revoke.add_argument("--state-dir", type=Path, default=None, dest="token_state_dir")
-    revoke.add_argument(
-        "--peers",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        dest="token_peers",
-        help="the cluster's other gateways, as the gateway's own --peers "
-        "(default STATE_DIR/servers.conf when it exists)",
-    )
+    tokens_cli.add_arguments(sub)
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point after argument parsing; returns the exit code."""
-    state_dir = getattr(args, "token_state_dir", None) or args.state_dir or default_state_dir()
     if args.gateway_command == "token":
-        return _token(args, state_dir)
-    return _serve(args, state_dir)
+        from gateway import tokens_cli
+
+        return tokens_cli.run(args)
+    return _serve(args)
 
 
-def _prepare_state_dir(state_dir: Path) -> None:
+def prepare_state_dir(state_dir: Path) -> None:
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # 0700 whoever made it: it holds the keys, tokens, the ledger (who runs what) and
@@ -182,127 +173,42 @@ def _prepare_state_dir(state_dir: Path) -> None:
         ) from None
 
 
-def _token(args: argparse.Namespace, state_dir: Path) -> int:
-    _prepare_state_dir(state_dir)
-    keys = cluster_keys.load_or_create(state_dir)
-    if args.token_command == "create":
-        expires = None
-        if args.expires is not None:
-            try:
-                expires = int(time.time()) + tokens.parse_duration(args.expires)
-            except tokens.TokenError as exc:
-                raise UsageError(f"--expires {exc}") from None
-        try:
-            tok = tokens.mint(keys.token_secret, keys.public, args.user, args.admin, expires)
-        except tokens.TokenError as exc:
-            raise UsageError(str(exc)) from None
-        print(tok)
-        if expires is not None:  # on stderr: stdout is the token alone, for `> alice.token`
-            print(f"This token of {tok.user} expires on {tok.expires_text}.", file=sys.stderr)
-        return 0
-    return _revoke(tokens.parse(args.token), state_dir, keys, args.token_peers)
-
-
-def _revoke(
-    tok: tokens.Token, state_dir: Path, keys: cluster_keys.ClusterKeys, peers_file: Path | None
-) -> int:
-    """Revoke in this server's ledger (its gateway need not run), then on every peer, as the
-    dashboard does: a token revoked on one server only would still work on the others."""
-    from gateway.ledger import Ledger
-
-    peers = _peers(peers_file, state_dir)
-    ledger = Ledger(state_dir / "ledger.sqlite3", [])
-    ledger.revoke(tok.nonce)
-    ledger.event("revoke", tok.user, None, "token revoked")
-    ledger.close()
-    if not peers:
-        print(f"Revoked the token of {tok.user}.")
-        return 0
-    from gateway.web.cluster import ask_each, outcomes
-    from remoting.util.tables import render
-
-    admin = tokens.parse(admin_token(state_dir, keys).read_text(encoding="ascii").strip())
-    said = outcomes(ask_each(peers, admin, [("revoke", {"nonce": tok.nonce})]))
-    missed = [s for s, text in said.items() if text != "ok"]
-    n = len(peers) - len(missed)
-    print(f"Revoked the token of {tok.user} here and on {n} of {len(peers)} peers.")
-    rows = [[s, "revoked" if text == "ok" else text] for s, text in said.items()]
-    print(render(["SERVER", "ANSWER"], [["this server", "revoked"], *rows]))
-    if missed:
-        print(
-            f"bitfusion: the token still works on {', '.join(missed)}; run this again when "
-            "they answer.",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
-
-
-def admin_token(state_dir: Path, keys: cluster_keys.ClusterKeys) -> Path:
-    """The admin token file, written on first start (mode 0600)."""
-    path = state_dir / "admin.token"
-    if not path.exists():
-        tok = tokens.mint(keys.token_secret, keys.public, "admin", admin=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{tok}\n")
-    return path
-
-
-def _serve(args: argparse.Namespace, state_dir: Path) -> int:
+def _serve(args: argparse.Namespace) -> int:
     from gateway.gpus import InventoryError, open_inventory, parse_simulate_spec
     from gateway.kernels import KernelConfigError, load_kernels
-    from gateway.server import Gateway, GatewayConfig
+    from gateway.service import Gateway
+    from gateway.tokens_cli import admin_token
 
-    if args.workdir is not None:
+    if hasattr(args, "workdir"):
         raise UsageError(
             "--workdir is gone: each user's shares now work in that user's own home on this "
             "server; --homes DIR sets where those homes live."
         )
+    app = GatewayApp.from_args(args)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if app.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    if not 1 <= args.port <= 65535:
-        raise UsageError(f"--port {args.port} is not a TCP port; give 1 to 65535.")
-    if not 0 <= args.web_port <= 65535:
-        raise UsageError(f"--web-port {args.web_port} is not a TCP port; give 1 to 65535, or 0.")
-    if args.lease_grace <= 0:
-        raise UsageError("--lease-grace must be more than 0 seconds.")
-    if args.simulate_gpus:
+    if app.simulate_gpus:
         try:
-            parse_simulate_spec(args.simulate_gpus)
+            parse_simulate_spec(app.simulate_gpus)
         except ValueError as exc:
-            raise UsageError(str(exc)) from None
+            raise UsageError(app.blame("simulate_gpus", str(exc))) from None
     try:
-        kernels = load_kernels(args.kernels)
+        kernels = load_kernels(app.kernels_file)
     except KernelConfigError as exc:
-        raise UsageError(str(exc)) from None
-    _prepare_state_dir(state_dir)
+        raise UsageError(app.blame("kernels_file", str(exc))) from None
+    state_dir = app.state_dir
+    prepare_state_dir(state_dir)
     try:
         lock = state_lock.hold(state_dir)  # held until this process ends
     except state_lock.StateInUse as exc:
         raise UsageError(str(exc)) from None
     keys = cluster_keys.load_or_create(state_dir)
-    config = GatewayConfig(
-        kernels=kernels,
-        kernel_channels=args.kernel_channels,
-        state_dir=state_dir,
-        bind=args.bind,
-        port=args.port,
-        lease_grace_s=args.lease_grace,
-        police_mode=args.police,
-        police_grace_s=args.police_grace,
-        homes_dir=args.homes.resolve() if args.homes else None,
-        confine=args.confine,
-        web_port=args.web_port,
-        peers=_peers(args.peers, state_dir),
-    )
-    if args.name:
-        config.hostname = args.name
+    config = app.gateway_config(kernels, read_peers(app.peers_file, state_dir, app))
     try:
-        inventory = open_inventory(args.simulate_gpus, state_dir, config.hostname)
+        inventory = open_inventory(app.simulate_gpus, state_dir, config.hostname)
     except InventoryError as exc:
         raise UsageError(str(exc)) from None
     try:
@@ -316,11 +222,11 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
         gateway.bind()
     except Exception as exc:  # zmq.ZMQError: address in use, bad address
         raise UsageError(
-            f"Cannot listen on {args.bind}:{args.port} ({exc}); is another gateway running? "
-            "Pick another --port or --bind."
+            f"Cannot listen on {config.bind}:{config.port} ({exc}); is another gateway "
+            "running? Pick another --port or --bind."
         ) from None
     token_path = admin_token(state_dir, keys)
-    _banner(gateway, token_path)
+    _banner(gateway, token_path, app.loaded_files_line)
     # Marked after the banner: whoever waits for the mark (tests, `bitfusion up`) then
     # finds the banner already in the log.
     state_lock.mark_listening(lock)
@@ -328,13 +234,13 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
         asyncio.run(gateway.serve())
     except OSError as exc:  # the dashboard's port
         raise UsageError(
-            f"Cannot serve the dashboard on {args.bind}:{args.web_port} ({exc.strerror}); pick "
-            "another --web-port, or 0 for none."
+            f"Cannot serve the dashboard on {config.bind}:{config.web_port} ({exc.strerror}); "
+            "pick another --web-port, or 0 for none."
         ) from None
     return 0
 
 
-def _peers(path: Path | None, state_dir: Path) -> list[str]:
+def read_peers(path: Path | None, state_dir: Path, app: GatewayApp | None = None) -> list[str]:
     """The other gateways of the cluster, from a servers.conf of the gateway's own."""
     from remoting.servers_conf import ConfigError, read_servers_conf
 
@@ -345,12 +251,13 @@ def _peers(path: Path | None, state_dir: Path) -> list[str]:
     try:
         return [server for server, _ in read_servers_conf(path)]
     except FileNotFoundError:
-        raise UsageError(f"--peers {path} does not exist; give a servers.conf file.") from None
+        said = f"--peers {path} does not exist; give a servers.conf file."
+        raise UsageError(app.blame("peers_file", said) if app else said) from None
     except (OSError, ConfigError) as exc:
         raise UsageError(str(exc)) from None
 
 
-def _banner(gateway: Any, token_path: Path) -> None:
+def _banner(gateway: Any, token_path: Path, config_files: str) -> None:
     from gateway.kernels import kernels_line
 
     cfg, inv = gateway.cfg, gateway.inventory
@@ -370,6 +277,7 @@ def _banner(gateway: Any, token_path: Path) -> None:
         f"  shares: {gateway.sandbox_line}",
         f"  users' homes on this server: {gateway.layout.homes_dir}/USER",
         f"  kernels: {kernels_line(cfg.kernels, cfg.kernel_channels, gateway.sandbox_abi)}",
+        f"  config files: {config_files}",
         f"  state dir {cfg.state_dir}; admin token in {token_path}",
         f"  user tokens: bitfusion gateway token create --state-dir {cfg.state_dir} --user NAME",
     ]
@@ -377,7 +285,7 @@ def _banner(gateway: Any, token_path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -12,12 +12,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, get_args
+
+from traitlets import Enum, Float
+from traitlets.config import Configurable
 
 from remoting.util.procs import session_of
 
 Usage = Mapping[int, Mapping[int, int]]  # pid -> {GPU index: MiB}
 SessionOf = Callable[[int], int | None]
+PoliceMode = Literal["stop", "warn"]
+MODES: tuple[PoliceMode, ...] = get_args(PoliceMode)
 
 
 @dataclass(frozen=True)
@@ -96,19 +101,42 @@ class _Over:
     stopped: bool = False
 
 
-class Police:
-    """Remembers, per share and GPU, since when it has been over, so each verdict comes once."""
+class Police(Configurable):
+    """Remembers, per share and GPU, since when it has been over, so each verdict comes once.
+
+    Its settings are traits (``c.Police.mode`` in the gateway's config file, ``--police`` and
+    ``--police-grace`` on its command line); their defaults are written here only.
+    """
+
+    mode = Enum(
+        MODES,
+        default_value="stop",
+        help="what to do with over-share processes: stop (warn, then stop them) or warn "
+        "(only warn)",
+    ).tag(config=True)
+    grace_s = Float(5.0, help="how long a process may stay over its share after the warning").tag(
+        config=True
+    )
+    interval_s = Float(
+        1.0, help="how often the gateway samples every process's GPU memory, in seconds"
+    ).tag(config=True)
 
     def __init__(
         self,
-        mode: Literal["warn", "stop"],
-        grace_s: float,
+        mode: PoliceMode | None = None,
+        grace_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        **kwargs: Any,
     ) -> None:
-        if mode not in ("warn", "stop"):
-            raise ValueError(f"police mode must be 'warn' or 'stop', not {mode!r}.")
-        self.mode = mode
-        self.grace_s = grace_s
+        # Positional mode and grace as before (the service passes its GatewayConfig's);
+        # left out, they come from config (parent=, config=) or the traits' defaults.
+        if mode is not None:
+            if mode not in MODES:
+                raise ValueError(f"police mode must be 'warn' or 'stop', not {mode!r}.")
+            kwargs["mode"] = mode
+        if grace_s is not None:
+            kwargs["grace_s"] = grace_s
+        super().__init__(**kwargs)
         self._clock = clock
         self._over: dict[tuple[str, int], _Over] = {}
 

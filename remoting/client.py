@@ -22,6 +22,7 @@ from typing import Any
 import zmq
 
 from remoting import protocol
+from remoting.messages import ErrorCode
 from remoting.protocol import Message, ProtocolError
 from remoting.tokens import Token
 
@@ -31,7 +32,7 @@ DEFAULT_TIMEOUT_S = 5.0
 class GatewayError(Exception):
     """A gateway that refused or could not be reached; the text is one sentence."""
 
-    def __init__(self, server: str, message: str, code: str = "unreachable"):
+    def __init__(self, server: str, message: str, code: str = ErrorCode.UNREACHABLE):
         super().__init__(message)
         self.server = server
         self.code = code
@@ -41,7 +42,7 @@ class GatewayError(Exception):
         """'unreachable', 'unauthorized' or 'error': how a pool view shows the server."""
         if self.code == protocol.E_AUTH:
             return "unauthorized"
-        if self.code == "unreachable":
+        if self.code == ErrorCode.UNREACHABLE:
             # A token of another pool fails the encrypted handshake, which says so.
             return "unauthorized" if "handshake" in str(self) else "unreachable"
         return "error"
@@ -202,7 +203,7 @@ class GatewayConnection:
                 f"The {where} did not answer within {waited:g} s: the host is down or "
                 "unreachable, or a firewall drops the port."
             )
-        return GatewayError(self.address, text, "unreachable")
+        return GatewayError(self.address, text, ErrorCode.UNREACHABLE)
 
     # --- messaging -----------------------------------------------------------------------
     def send(self, msg_type: str, payloads: Sequence[bytes] = (), **fields: Any) -> None:

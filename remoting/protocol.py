@@ -26,8 +26,16 @@ from typing import Any
 
 import zmq
 
+from remoting.messages import ErrorCode
+
 MAGIC = b"BF1"
-VERSION = "0.1.0"
+VERSION = "0.1.0"  # the package's
+# The protocol's own version, in the header of every message (``protocol``; absent means 1).
+# A peer of the same version is held to this table exactly; from a peer of another version,
+# fields this table does not know are dropped, not refused, so a pool can be upgraded one
+# gateway (or client) at a time. A later version may add optional fields and new messages,
+# never a required field to a message both know.
+PROTOCOL_VERSION = 1
 DEFAULT_PORT = 56001
 DASHBOARD_PORT = 54000  # each gateway's web dashboard and /metrics, as in Bitfusion
 # A kernel's channels that a frontend writes to (kernel_in); iopub only comes out.
@@ -169,18 +177,18 @@ MESSAGES: dict[str, Spec] = {
     ),
 }
 
-# Error codes a reply may carry, so clients can react without parsing sentences.
-E_AUTH = "auth"  # token missing, malformed, revoked or not for this gateway
-E_DENIED = "denied"  # the share belongs to someone else, or the action to admins
-E_NOT_FOUND = "not_found"
-E_NO_FIT = "no_fit"  # nothing fits now
-E_NEVER_FITS = "never_fits"  # nothing on this server could ever fit
-E_GAVE_UP = "gave_up"  # the answer to a queued allocate whose client gave its place up
-E_BAD_REQUEST = "bad_request"
-E_SPAWN = "spawn"
-E_NO_FILES = "no_files"  # the client's folder cannot be mounted there; the rest could start
-E_NO_KERNEL = "no_kernel"  # the gateway offers no kernel environment of that name
-E_INTERNAL = "internal"
+# Error codes a reply may carry (remoting.messages.ErrorCode); these names stay for callers.
+E_AUTH = ErrorCode.AUTH
+E_DENIED = ErrorCode.DENIED
+E_NOT_FOUND = ErrorCode.NOT_FOUND
+E_NO_FIT = ErrorCode.NO_FIT
+E_NEVER_FITS = ErrorCode.NEVER_FITS
+E_GAVE_UP = ErrorCode.GAVE_UP
+E_BAD_REQUEST = ErrorCode.BAD_REQUEST
+E_SPAWN = ErrorCode.SPAWN
+E_NO_FILES = ErrorCode.NO_FILES
+E_NO_KERNEL = ErrorCode.NO_KERNEL
+E_INTERNAL = ErrorCode.INTERNAL
 
 _PY_KINDS: dict[str, tuple[type, ...]] = {
     STR: (str,),
@@ -225,8 +233,20 @@ def _check_kind(msg_type: str, name: str, kind: str, value: Any) -> None:
         )
 
 
+ENVELOPE = frozenset({"type", "protocol"})  # fields of every message, whatever its type
+
+
+def peer_version(header: Mapping[str, Any]) -> int:
+    """The protocol version the sender of ``header`` speaks (1 if it does not say)."""
+    version = header.get("protocol", 1)
+    if type(version) is not int or version < 1:
+        raise ProtocolError("field 'protocol' must be a protocol version, a whole number from 1.")
+    return version
+
+
 def validate(header: dict[str, Any], n_payloads: int) -> Spec:
-    """Check a header (and its payload count) against the table; return its Spec."""
+    """Check a header (and its payload count) against the table; return its Spec. Fields a
+    peer of another protocol version added are removed from ``header``."""
     msg_type = header.get("type")
     if not isinstance(msg_type, str) or msg_type not in MESSAGES:
         raise ProtocolError(f"unknown message type {msg_type!r}.")
@@ -238,9 +258,12 @@ def validate(header: dict[str, Any], n_payloads: int) -> Spec:
     for name, kind in spec.optional.items():
         if name in header and header[name] is not None:
             _check_kind(msg_type, name, kind, header[name])
-    unknown = set(header) - set(spec.required) - set(spec.optional) - {"type"}
-    if unknown:
+    version = peer_version(header)
+    unknown = set(header) - set(spec.required) - set(spec.optional) - ENVELOPE
+    if unknown and version == PROTOCOL_VERSION:
         raise ProtocolError(f"a {msg_type!r} message has unknown fields {sorted(unknown)}.")
+    for name in unknown:  # a peer of another version: what it added is not for us
+        del header[name]
     low, high = spec.payloads
     if not low <= n_payloads <= high:
         raise ProtocolError(
@@ -255,7 +278,11 @@ def encode(msg_type: str, payloads: Sequence[Any] = (), **fields: Any) -> list[A
     Payloads may be bytes or zmq.Frame objects; a large one is cut into zmq.Frames that view
     it, which pyzmq sends without copying (it copies plain bytes and memoryviews).
     """
-    header = {"type": msg_type, **{k: v for k, v in fields.items() if v is not None}}
+    header = {
+        "type": msg_type,
+        "protocol": PROTOCOL_VERSION,
+        **{k: v for k, v in fields.items() if v is not None},
+    }
     validate(header, len(payloads))
     frames = list(payloads)
     if any(len(p) > SPLIT_BYTES for p in payloads):

@@ -9,8 +9,12 @@ for big shares.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from remoting import filters
+from remoting.util.numbers import finite
 
 
 @dataclass(frozen=True)
@@ -23,13 +27,96 @@ class Slot:
     eligible: bool = True  # passes the request's filters and is not draining
 
 
+class WantError(ValueError):
+    """A share that cannot be asked for; the text is one sentence that says what to do."""
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """How one way of asking names a share's fields in its sentences."""
+
+    gpus: str
+    mib: str
+    fraction: str
+    wait: str
+    json: bool = False  # examples as JSON fields, not as command-line options
+
+    def eg(self, name: str, value: str) -> str:
+        return f'"{name}": {value}' if self.json else f"{name} {value}"
+
+
+# The command line, the magic, kernelspecs and the wire (whose clients are mostly those).
+FLAGS = Spelling("-n", "-m", "-p", "--wait")
+# JSON bodies: the Jupyter server extension's REST API and the panel.
+FIELDS = Spelling("gpus", "mib", "fraction", "wait_s", json=True)
+
+
 @dataclass(frozen=True)
 class Want:
-    """A request: ``gpus`` GPUs, each with ``mib`` MiB, or ``fraction`` of it, or all of it."""
+    """A request: ``gpus`` GPUs, each with ``mib`` MiB, or ``fraction`` of it, or all of it;
+    on GPUs that pass ``filters`` (their wire form), queueing up to ``wait_s`` for room.
 
-    gpus: int
+    The one model of a share asked for: the CLI, the magic, the REST API and the gateway
+    build it and check it with the same `validate`, so each refuses the same things."""
+
+    gpus: int = 1
     mib: int | None = None
     fraction: float | None = None
+    filters: list[list[Any]] = field(default_factory=list)
+    wait_s: float = 0.0
+
+    def validate(self, say: Spelling = FLAGS) -> Want:
+        """This request if it can be asked for; else WantError, named as ``say`` names it."""
+        if self.gpus < 1:
+            raise WantError(
+                f"{say.gpus} {self.gpus} asks for no GPU; give {say.eg(say.gpus, '1')} or more."
+            )
+        if self.mib is not None and self.fraction is not None:
+            raise WantError(f"Give {say.mib} or {say.fraction}, not both.")
+        if self.mib is not None and self.mib < 1:
+            raise WantError(
+                f"{say.mib} {self.mib} is not a size; give MiB per GPU, "
+                f"e.g. {say.eg(say.mib, '2048')}."
+            )
+        frac = self.fraction
+        if frac is not None and not (math.isfinite(frac) and 0 < frac <= 1):
+            raise WantError(
+                f"{say.fraction} {frac:g} is outside (0, 1]; give a fraction of a GPU, "
+                f"e.g. {say.eg(say.fraction, '0.5')}."
+            )
+        wait = finite(self.wait_s)
+        if wait is None:  # NaN would wait in the queue for ever
+            raise WantError(f"{say.wait} takes a number of seconds.")
+        if wait < 0:
+            raise WantError(
+                f"{say.wait} {wait:g} is negative; give seconds to wait, "
+                f"e.g. {say.eg(say.wait, '60')}."
+            )
+        try:
+            filters.check_wire(self.filters)
+        except filters.FilterError as exc:
+            raise WantError(str(exc)) from None
+        return self
+
+    @classmethod
+    def from_wire(cls, fields: Mapping[str, Any]) -> Want:
+        """The request an ``allocate`` message carries (its kinds checked by the protocol)."""
+        return cls(
+            fields["gpus"],
+            fields.get("mib"),
+            fields.get("fraction"),
+            fields.get("filters") or [],
+            fields.get("wait_s") or 0.0,
+        )
+
+    def wire(self) -> dict[str, Any]:
+        """The fields of an ``allocate`` message (``wait_s`` is added where it queues)."""
+        return {
+            "gpus": self.gpus,
+            "mib": self.mib,
+            "fraction": self.fraction,
+            "filters": self.filters,
+        }
 
     def need_on(self, total_mib: int) -> int:
         if self.mib is not None:

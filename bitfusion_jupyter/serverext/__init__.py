@@ -43,24 +43,68 @@ carried to the share; false: in the user's home on the server)}``
     200 ``{"shut_down": kernel_id}``; 404 ``{"message"}`` for a kernel this server does not run.
 
 ``WS /bitfusion/api/live``
-    Pushes ``{"pool": <as GET pool>, "kernels": <as GET kernels>}`` about once a second while
-    connected.
+    Pushes ``{"pool": <as GET pool>, "kernels": <as GET kernels>}`` every
+    ``push_interval_s`` (a second) while connected.
 
-Gateway answers are shared by all requests for a second (`survey.Survey`), asked in a thread
-with 2 s timeouts.
+Gateway answers are shared by all requests for ``survey_ttl_s`` (a second; `survey.Survey`),
+asked in a thread with ``gateway_timeout_s`` (2 s) timeouts. These three timings are traits of
+`BitfusionExtension`, set like any Jupyter server setting, e.g. in a jupyter_server_config.py:
+``c.BitfusionExtension.push_interval_s = 2.0``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from jupyter_server.extension.application import ExtensionApp
+from traitlets import Float, TraitError, validate
+
+from bitfusion_jupyter import pool_status
+from bitfusion_jupyter.serverext.survey import Survey
+
+
+class BitfusionExtension(ExtensionApp):
+    """The extension: its timings as traits, its handlers, and the one `Survey` they share."""
+
+    name = "bitfusion_jupyter"  # also names its own config file, jupyter_bitfusion_jupyter_config
+    survey: Survey  # made in initialize_settings, from the traits below
+
+    push_interval_s = Float(
+        1.0, help="How often /bitfusion/api/live pushes the pool and kernels, in seconds."
+    ).tag(config=True)
+    survey_ttl_s = Float(
+        1.0,
+        help="How long a gateway's answer is shared by every request and tab, in seconds: "
+        "the gateways are asked at most this often, however many tabs are open.",
+    ).tag(config=True)
+    gateway_timeout_s = Float(
+        pool_status.TIMEOUT_S,
+        help="How long to wait for a gateway's answer before showing it unreachable, in seconds.",
+    ).tag(config=True)
+
+    @validate("push_interval_s", "gateway_timeout_s")
+    def _positive(self, proposal: Any) -> float:
+        if not proposal.value > 0:
+            raise TraitError(f"{proposal.trait.name} must be more than 0 seconds.")
+        return float(proposal.value)
+
+    @validate("survey_ttl_s")
+    def _not_negative(self, proposal: Any) -> float:
+        if proposal.value < 0:
+            raise TraitError("survey_ttl_s must be 0 seconds or more.")
+        return float(proposal.value)
+
+    def initialize_settings(self) -> None:
+        """One survey per server: every handler and tab shares its answers."""
+        self.survey = Survey(self.survey_ttl_s, self.gateway_timeout_s)
+
+    def initialize_handlers(self) -> None:
+        """The REST and WebSocket handlers above, under the server's base URL."""
+        from bitfusion_jupyter.serverext import handlers  # tornado handlers: only when served
+
+        self.handlers.extend(handlers.routes())
+        self.log.info("bitfusion: /bitfusion/api is ready")
+
 
 def _jupyter_server_extension_points() -> list[dict[str, Any]]:
-    return [{"module": "bitfusion_jupyter.serverext"}]
-
-
-def _load_jupyter_server_extension(serverapp: Any) -> None:
-    from bitfusion_jupyter.serverext import handlers
-
-    handlers.setup(serverapp.web_app)
-    serverapp.log.info("bitfusion: /bitfusion/api is ready")
+    return [{"module": "bitfusion_jupyter.serverext", "app": BitfusionExtension}]

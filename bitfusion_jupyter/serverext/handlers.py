@@ -1,19 +1,22 @@
 """The extension's REST and WebSocket handlers (the contract is in the package docstring).
 
 Every handler sits behind the Jupyter server's own authentication and authorizer. Gateway
-calls go through the shared `Survey` (a worker thread, short timeouts, answers kept a second),
-so the event loop never blocks on a gateway and many tabs cost the gateways one round a second.
+calls go through the extension's one `Survey` (a worker thread, short timeouts, answers kept
+``survey_ttl_s``), so the event loop never blocks on a gateway and many tabs cost the gateways
+one round per TTL. The handlers read the extension's traits through ``self.extensionapp``
+(`ExtensionHandlerMixin`), never module globals, so a jupyter_server_config sets them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from jupyter_core.utils import ensure_async
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
+from jupyter_server.extension.handler import ExtensionHandlerMixin
 from jupyter_server.utils import url_path_join
 from tornado import web, websocket
 from tornado.iostream import StreamClosedError
@@ -21,6 +24,9 @@ from tornado.iostream import StreamClosedError
 from bitfusion_jupyter import pool_status
 from bitfusion_jupyter.serverext import kernels, specs
 from bitfusion_jupyter.serverext.survey import Survey
+
+if TYPE_CHECKING:
+    from bitfusion_jupyter.serverext import BitfusionExtension
 
 try:  # jupyter_server >= 2.13 marks websocket handlers as authenticated with this
     from jupyter_server.auth.decorator import ws_authenticated
@@ -30,8 +36,6 @@ except ImportError:  # older servers: LiveHandler.get checks current_user itself
         return method
 
 
-SURVEY_SETTING = "bitfusion_survey"
-PUSH_S = 1.0
 KERNELS = "kernels"  # authorizer resources: shares belong to kernels; presets are kernelspecs
 KERNELSPECS = "kernelspecs"
 
@@ -61,11 +65,19 @@ async def live_json(survey: Survey, kernel_manager: Any) -> dict[str, Any]:
     }
 
 
-class _Handler(APIHandler):
+class _Extension(ExtensionHandlerMixin):
+    """The extension's app, typed: its traits and its one survey."""
+
+    @property
+    def bitfusion(self) -> BitfusionExtension:
+        return cast("BitfusionExtension", self.extensionapp)
+
     @property
     def survey(self) -> Survey:
-        return self.settings[SURVEY_SETTING]
+        return self.bitfusion.survey
 
+
+class _Handler(_Extension, APIHandler):
     def reply(self, data: dict[str, Any], status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
@@ -135,8 +147,8 @@ class ShutdownHandler(_Handler):
         self.reply({"shut_down": kernel_id})
 
 
-class LiveHandler(JupyterHandler, websocket.WebSocketHandler):
-    """Pushes {"pool": ..., "kernels": ...} about once a second while connected."""
+class LiveHandler(_Extension, JupyterHandler, websocket.WebSocketHandler):
+    """Pushes {"pool": ..., "kernels": ...} every ``push_interval_s`` while connected."""
 
     auth_resource = KERNELS
     _pusher: asyncio.Task | None = None
@@ -158,7 +170,7 @@ class LiveHandler(JupyterHandler, websocket.WebSocketHandler):
         self._pusher = asyncio.ensure_future(self._push())
 
     async def _push(self) -> None:
-        survey: Survey = self.settings[SURVEY_SETTING]
+        survey, interval = self.survey, self.bitfusion.push_interval_s
         while True:
             started = asyncio.get_running_loop().time()
             try:
@@ -171,7 +183,7 @@ class LiveHandler(JupyterHandler, websocket.WebSocketHandler):
                     await self.write_message(payload)
                 except (websocket.WebSocketClosedError, StreamClosedError):
                     return
-            await asyncio.sleep(max(0.1, PUSH_S - (asyncio.get_running_loop().time() - started)))
+            await asyncio.sleep(max(0.1, interval - (asyncio.get_running_loop().time() - started)))
 
     def on_message(self, message: str | bytes) -> None:
         pass  # the browser only listens
@@ -181,18 +193,14 @@ class LiveHandler(JupyterHandler, websocket.WebSocketHandler):
             self._pusher.cancel()
 
 
-def setup(web_app: Any) -> None:
-    """Add the handlers and the shared survey to the server's tornado application."""
-    web_app.settings[SURVEY_SETTING] = Survey()
-    api = url_path_join(web_app.settings["base_url"], "bitfusion", "api")
-    web_app.add_handlers(
-        ".*$",
-        [
-            (url_path_join(api, "pool"), PoolHandler),
-            (url_path_join(api, "kernels"), KernelsHandler),
-            (url_path_join(api, "presets"), PresetsHandler),
-            (url_path_join(api, "kernelspecs"), KernelspecsHandler),
-            (url_path_join(api, "kernels", r"(?P<kernel_id>[^/]+)", "shutdown"), ShutdownHandler),
-            (url_path_join(api, "live"), LiveHandler),
-        ],
-    )
+def routes() -> list[tuple[str, type[Any]]]:
+    """The extension's URL patterns, under the server's base URL (the app prefixes it)."""
+    api = url_path_join("bitfusion", "api")
+    return [
+        (url_path_join(api, "pool"), PoolHandler),
+        (url_path_join(api, "kernels"), KernelsHandler),
+        (url_path_join(api, "presets"), PresetsHandler),
+        (url_path_join(api, "kernelspecs"), KernelspecsHandler),
+        (url_path_join(api, "kernels", r"(?P<kernel_id>[^/]+)", "shutdown"), ShutdownHandler),
+        (url_path_join(api, "live"), LiveHandler),
+    ]

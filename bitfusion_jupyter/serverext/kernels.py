@@ -1,8 +1,10 @@
 """This Jupyter server's kernels and the shares they run on.
 
 The server knows each kernel's connection file; the kernel shim keeps a sidecar file beside
-it naming its share (`bitfusion_jupyter.share_sidecar`). The live usage of each share comes
-from its gateway's list_shares answer.
+it naming its share (`bitfusion_jupyter.share_sidecar`). A kernel started by the
+`bitfusion-provisioner` is known from its provisioner first, which holds the share from its
+grant on, before the shim has written anything. The live usage of each share comes from its
+gateway's list_shares answer.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from bitfusion_jupyter import share_sidecar
 from bitfusion_jupyter.pool_status import Answer, used_mib
+from bitfusion_jupyter.provisioner import BitfusionProvisioner
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,9 @@ class KernelShare:
     kernel_id: str
     name: str  # the kernelspec's name
     execution_state: str
-    sidecar: dict[str, Any] | None  # None: a local kernel (or a shim still taking its share)
+    # Its share, in the sidecar's fields (from its provisioner or the shim's sidecar file).
+    # None: a local kernel (or a shim still taking its share).
+    sidecar: dict[str, Any] | None
     notice: dict[str, Any] | None = None  # policing's last notice on it
 
 
@@ -41,13 +46,26 @@ def running(kernel_manager: Any) -> list[KernelShare]:
                 kid,
                 getattr(km, "kernel_name", "") or "",
                 getattr(km, "execution_state", None) or "unknown",
-                share_sidecar.read(cf) if cf else None,
+                _share_of(km, cf),
                 share_sidecar.read_notice(cf) if cf else None,
             )
         )
     for directory in {os.path.dirname(cf) for cf in connection_files}:
         share_sidecar.prune(directory)
     return out
+
+
+def _share_of(km: Any, connection_file: str | None) -> dict[str, Any] | None:
+    """The share a kernel runs on: its provisioner's, when it is a `bitfusion-provisioner`
+    that holds one, else what its shim's sidecar file says."""
+    sidecar = share_sidecar.read(connection_file) if connection_file else None
+    provisioner = getattr(km, "provisioner", None)
+    held = provisioner.share if isinstance(provisioner, BitfusionProvisioner) else None
+    if held is None or (sidecar is not None and sidecar.get("share_id") != held["share_id"]):
+        # %bitfusion moved the kernel to another share, which the shim's sidecar says at
+        # once and the provisioner learns at its next lease renewal.
+        return sidecar
+    return held
 
 
 def servers_of(kernels: list[KernelShare]) -> list[str]:

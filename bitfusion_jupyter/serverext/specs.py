@@ -7,11 +7,11 @@ presets included); otherwise a user kernelspec is installed, as
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from bitfusion_jupyter import kernelspecs
 from bitfusion_jupyter.share_request import ShareRequest, UsageError
+from remoting.shares import FIELDS, Want, WantError
 
 
 class SpecError(ValueError):
@@ -40,13 +40,14 @@ def _whole(body: dict[str, Any], key: str) -> int | None:
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(f"{key} must be a whole number of at least 1, not {value!r}.")
     return value
 
 
 def read_request(body: Any) -> ShareRequest:
-    """The share a POST body asks for; raises SpecError."""
+    """The share a POST body asks for; raises SpecError. The JSON types are checked here;
+    what a share may be is remoting.shares.Want.validate's, as on every other way in."""
     if not isinstance(body, dict):
         raise SpecError('Send a JSON object such as {"gpus": 1, "mib": 2048}.')
     if body.get("gpus") is None:
@@ -54,22 +55,15 @@ def read_request(body: Any) -> ShareRequest:
     gpus = _whole(body, "gpus")
     mib = _whole(body, "mib")
     fraction = body.get("fraction")
-    if fraction is not None:
-        if (
-            isinstance(fraction, bool)
-            or not isinstance(fraction, int | float)
-            or not math.isfinite(fraction)
-            or not 0 < fraction <= 1
-        ):
-            raise SpecError(
-                f"fraction {fraction!r} is not a fraction of a GPU; give a number in (0, 1], "
-                "e.g. 0.5."
-            )
-        fraction = float(fraction)
-    if mib is not None and fraction is not None:
-        raise SpecError("Give mib or fraction, not both.")
+    if fraction is not None and (
+        isinstance(fraction, bool) or not isinstance(fraction, int | float)
+    ):
+        raise SpecError(f"fraction must be a number in (0, 1], e.g. 0.5, not {fraction!r}.")
     assert gpus is not None
-    return ShareRequest(gpus, mib, fraction)
+    try:
+        return Want(gpus, mib, None if fraction is None else float(fraction)).validate(FIELDS)
+    except WantError as exc:
+        raise SpecError(str(exc)) from None
 
 
 def read_files(body: Any) -> bool:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from gateway.service.state import RequestError, ServiceState, finite
+from gateway.service.state import RequestError, ServiceState
 from remoting import protocol, tokens
 from remoting.protocol import Message
+from remoting.util.numbers import finite
 
 log = logging.getLogger("bitfusion.gateway")
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,8 @@ from gateway.service.lifecycle import Lifecycle
 from gateway.service.processes import Processes
 from gateway.service.queue import AllocationQueue
 from gateway.service.state import KernelState, Waiter
-from remoting import protocol
+from remoting import messages, protocol
+from remoting.protocol import Message
 from remoting.util.procs import pid_alive
 
 log = logging.getLogger("bitfusion.gateway")
@@ -78,7 +81,7 @@ class Gateway(
             [k.argv[0] for k in config.kernels.values()],
         )
         self.ledger = Ledger(config.state_dir / "ledger.sqlite3", self.gpus)
-        self.police = Police(config.police_mode, config.police_grace_s)  # type: ignore[arg-type]
+        self.police = Police(config.police_mode, config.police_grace_s)
         self.relays: dict[str, Relay] = {}
         self.kernels: dict[str, KernelState] = {}
         self.queue: list[Waiter] = []
@@ -105,6 +108,7 @@ class Gateway(
         self.started = time.time()
         self.refusals = LogLimit(log)  # every refusal is logged, a flood of them is counted
         self.last_ids: dict[bytes, int] = {}  # connection -> its last request id (replays)
+        self.check_replies = bool(os.environ.get("BITFUSION_CHECK_REPLIES"))
 
     def bind(self) -> None:
         self.sock.bind(f"tcp://{self.cfg.bind}:{self.cfg.port}")
@@ -193,8 +197,10 @@ class Gateway(
             log.debug("could not deliver to a client: %s", exc)
             return False
 
-    async def _reply(self, ident: bytes, msg_id: int, **data: Any) -> None:
-        await self._send(ident, protocol.encode("reply", id=msg_id, ok=True, data=data))
+    async def _reply(self, ident: bytes, request: Message, data: Mapping[str, Any]) -> None:
+        if self.check_replies:  # the test suite's gateways: every reply matches its type
+            messages.check_reply(request.type, dict(data))
+        await self._send(ident, protocol.encode("reply", id=request["id"], ok=True, data=data))
 
     async def _error(self, ident: bytes, msg_id: int, code: str, message: str) -> None:
         await self._send(

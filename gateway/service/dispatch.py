@@ -75,6 +75,14 @@ class Dispatch(ServiceState):
                     ident, msg_id, protocol.E_BAD_REQUEST, f"Malformed request: {exc}"
                 )
             return
+        if protocol.peer_version(msg.header) != protocol.PROTOCOL_VERSION:
+            self.refusals.info(
+                "version",
+                "connection %s speaks protocol %d, this gateway %d: fields it adds are ignored",
+                ident.hex(),
+                protocol.peer_version(msg.header),
+                protocol.PROTOCOL_VERSION,
+            )
         spec = protocol.MESSAGES[msg.type]
         if not spec.authenticated or msg.type == "reply":
             self.refusals.warning(
@@ -107,7 +115,7 @@ class Dispatch(ServiceState):
         try:
             result = await HANDLERS[msg.type](self, ident, msg, tok)
             if spec.request and result is not None:
-                await self._reply(ident, msg["id"], **result)
+                await self._reply(ident, msg, result)
         except RequestError as exc:
             await self._refuse(ident, msg, tok, exc)
         except Exception:

@@ -50,6 +50,7 @@ class Inventory(ServiceState):
         return {
             "server": self.cfg.hostname,
             "version": protocol.VERSION,
+            "protocol": protocol.PROTOCOL_VERSION,
             "simulated": self.inventory.simulated,
             # How shares are walled off, for every view (CLI, panel, dashboard).
             "sandbox": {

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import signal
 import time
 from pathlib import Path
@@ -20,48 +19,28 @@ from gateway.service.state import RequestError, ServiceState, Waiter
 from gateway.share_env import ShareGpu, share_environment
 from remoting import filters, protocol, tokens
 from remoting.protocol import Message
-from remoting.shares import Want, never_fits, place
+from remoting.shares import Want, WantError, never_fits, place
 from remoting.util.procs import kill_group, pid_alive
 
 log = logging.getLogger("bitfusion.gateway")
 
 
-def finite(value: int | float) -> float | None:
-    """A number from the wire as a float; None for NaN, infinities and ints beyond any float."""
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
 class Lifecycle(ServiceState):
     def _read_want(self, msg: Message) -> tuple[Want, list[int]]:
-        n, mib, frac = msg["gpus"], msg.get("mib"), msg.get("fraction")
-        if n < 1:
-            raise RequestError(
-                protocol.E_BAD_REQUEST, "A share needs at least 1 GPU (-n 1 or more)."
-            )
-        if mib is not None and frac is not None:
-            raise RequestError(protocol.E_BAD_REQUEST, "Give -m or -p, not both.")
-        if mib is not None and mib < 1:
-            raise RequestError(protocol.E_BAD_REQUEST, "-m must be at least 1 MiB.")
-        if frac is not None and not 0 < frac <= 1:
-            raise RequestError(protocol.E_BAD_REQUEST, f"-p {frac} is outside (0, 1].")
-        if finite(msg.get("wait_s") or 0) is None:  # NaN would wait in the queue for ever
-            raise RequestError(protocol.E_BAD_REQUEST, "--wait takes a number of seconds.")
+        """The request and the GPUs its filters allow; checked as every client checks it."""
         try:
-            flt = filters.check_wire(msg.get("filters") or [])
-        except filters.FilterError as exc:
+            want = Want.from_wire(msg.header).validate()
+        except WantError as exc:
             raise RequestError(protocol.E_BAD_REQUEST, str(exc)) from None
         eligible = [
             g.index
             for g in self.gpus
             if filters.matches(
-                flt, filters.gpu_attrs(g.name, g.memory_total_mib, g.index, self.cfg.hostname)
+                want.filters,
+                filters.gpu_attrs(g.name, g.memory_total_mib, g.index, self.cfg.hostname),
             )
         ]
-        return Want(n, mib, frac), eligible
+        return want, eligible
 
     def _grant(self, owner: str, msg: Message, want: Want, placement: dict[int, int]) -> dict:
         share = self.ledger.grant(
@@ -100,7 +79,7 @@ class Lifecycle(ServiceState):
         placement = place(want, slots) if not self.queue else None
         if placement is not None:
             return self._grant(tok.user, msg, want, placement)
-        wait_s = float(msg.get("wait_s") or 0)
+        wait_s = float(want.wait_s)
         if wait_s <= 0:
             self.ledger.event("refuse", tok.user, None, f"{want.describe()}: no room")
             ahead = f" {len(self.queue)} request(s) are queued ahead;" if self.queue else ""
@@ -149,7 +128,7 @@ class Lifecycle(ServiceState):
 
     async def on_release(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
         share = self._share(msg["share_id"], tok)
-        ending = self._release(ident, msg["id"], share, tok.user)
+        ending = self._release(ident, msg, share, tok.user)
         if self.ledger.processes_of(share.id) or share.id in self.ending:
             # Its processes get up to the terminate grace to stop: wait beside the receive
             # loop, answered when done, so one release never stalls every other client
@@ -159,19 +138,19 @@ class Lifecycle(ServiceState):
             await ending  # nothing to wait for: answered at once, in order
         return None
 
-    async def _release(self, ident: bytes, msg_id: int, share: Share, user: str) -> None:
+    async def _release(self, ident: bytes, request: Message, share: Share, user: str) -> None:
         try:
             await self.end_share(share, f"released by {user}", user)
         except Exception:
             log.exception("internal error while releasing %s", share.id)
             await self._error(
                 ident,
-                msg_id,
+                request["id"],
                 protocol.E_INTERNAL,
                 f"The gateway failed to release share {share.id}; its log says why.",
             )
             return
-        await self._reply(ident, msg_id, released=share.id)
+        await self._reply(ident, request, {"released": share.id})
 
     async def end_share(self, share: Share, reason: str, user: str | None = None) -> None:
         """Stop a share's processes, then free its memory; safe to call twice."""

@@ -88,9 +88,7 @@ class AllocationQueue(ServiceState):
             self.queue.pop(0)
             changed = True
             await self._reply(
-                head.ident,
-                head.msg["id"],
-                **self._grant(head.owner, head.msg, head.want, placement),
+                head.ident, head.msg, self._grant(head.owner, head.msg, head.want, placement)
             )
         if changed:
             await self._announce_queue()

@@ -8,9 +8,9 @@ methods over this state; gateway.service.core.Gateway composes them.
 from __future__ import annotations
 
 import asyncio
-import math
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,15 +71,6 @@ class RequestError(Exception):
         self.replay = replay  # a request id seen before on its connection
 
 
-def finite(value: int | float) -> float | None:
-    """A number from the wire as a float; None for NaN, infinities and ints beyond any float."""
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
 class ServiceState:
     """The state every part of the service reads; Gateway.__init__ sets it."""
 
@@ -110,13 +101,14 @@ class ServiceState:
     started: float
     refusals: LogLimit  # every refusal is logged, a flood of them is counted
     last_ids: dict[bytes, int]  # connection -> its last request id (replays)
+    check_replies: bool  # BITFUSION_CHECK_REPLIES: each reply is checked against its type
     _background: set[asyncio.Task[Any]]  # keeps fire-and-forget tasks alive
 
     # Shared by every part: sending, and tasks beside the receive loop (gateway.service.core).
     async def _send(self, ident: bytes, frames: list[bytes]) -> bool:
         raise NotImplementedError
 
-    async def _reply(self, ident: bytes, msg_id: int, **data: Any) -> None:
+    async def _reply(self, ident: bytes, request: Message, data: Mapping[str, Any]) -> None:
         raise NotImplementedError
 
     async def _error(self, ident: bytes, msg_id: int, code: str, message: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,10 @@ from tornado import web
 
 from gateway.cluster_keys import ClusterKeys
 from gateway.web import auth, metrics, openapi, views
-from gateway.web.cluster import Reply, ask, ask_one, outcomes
+from gateway.web.cluster import Reply, ask, ask_each, ask_one, outcomes
 from remoting import tokens
+from remoting.fanout import TtlCache
+from remoting.messages import ErrorCode
 
 STATIC = Path(__file__).parent / "static"
 SNAPSHOT_S = 1.0  # one round of questions serves a page's parallel calls
@@ -28,22 +29,16 @@ class Context:
         self.servers = [own_address, *[p for p in peers if p != own_address]]
         self.keys = keys
         self.verdicts = auth.Verdicts()
-        self._snapshots: dict[str, tuple[float, dict[str, list[Reply]]]] = {}
+        # One round per caller's token (each sees what their token may see).
+        self._snapshots: TtlCache[str, dict[str, list[Reply]]] = TtlCache(SNAPSHOT_S, 100)
 
     async def snapshot(self, caller: auth.Caller) -> dict[str, list[Reply]]:
         """list_gpus, list_shares and hello (health) of every server, as this caller may
         see them: ``snap[server] == [gpus, shares, hello]``."""
-        key = str(caller.token)
-        hit = self._snapshots.get(key)
-        if hit and time.monotonic() - hit[0] < SNAPSHOT_S:
-            return hit[1]
-        replies = await ask(
-            self.servers, caller.token, ("list_gpus", {}), ("list_shares", {}), ("hello", {})
+        questions = [("list_gpus", {}), ("list_shares", {}), ("hello", {})]
+        return await self._snapshots.get(
+            str(caller.token), lambda: ask_each(self.servers, caller.token, questions)
         )
-        if len(self._snapshots) > 100:
-            self._snapshots.clear()
-        self._snapshots[key] = (time.monotonic(), replies)
-        return replies
 
     def forget_snapshots(self) -> None:
         self._snapshots.clear()  # after an admin action, show its effect at once
@@ -156,7 +151,8 @@ def _everywhere(replies: dict[str, list[Reply]], done: str, again: str) -> dict[
 
 
 def _failed(reply: Reply) -> ApiError:
-    status = {"denied": 403, "not_found": 404, "bad_request": 400}.get(reply.code or "", 502)
+    http = {ErrorCode.DENIED: 403, ErrorCode.NOT_FOUND: 404, ErrorCode.BAD_REQUEST: 400}
+    status = http.get(reply.code or "", 502)  # a StrEnum member is found by its string
     return ApiError(status, reply.error or "The gateway did not answer.")
 
 

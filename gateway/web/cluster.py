@@ -1,67 +1,15 @@
-"""Asking every gateway of the cluster some questions, with the browser's token.
-
-One short-lived encrypted connection per server, its questions asked in turn, servers in
-threads: a server that does not answer costs one timeout (2 s), not one per server or
-question.
-"""
+"""The dashboard's questions to every gateway of the cluster, with the browser's token
+(remoting.fanout asks; this module adds the event-loop side and the outcome of an action)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from remoting import tokens
-from remoting.client import GatewayConnection, GatewayError
+from remoting.fanout import Reply, ask_each, ask_server
 
-TIMEOUT_S = 2.0
-
-
-@dataclass
-class Reply:
-    """One server's answer: ``data`` when it answered, else its state and one sentence."""
-
-    server: str
-    data: dict[str, Any] | None = None
-    state: str = "ok"  # ok | unreachable | unauthorized | error
-    error: str | None = None
-    code: str | None = None  # the protocol's error code (denied, not_found, ...)
-    rtt_ms: float | None = None  # hello's round trip on a connected socket (health)
-
-
-def ask_server(
-    server: str, token: tokens.Token, questions: list[tuple[str, dict[str, Any]]]
-) -> list[Reply]:
-    """``server``'s replies to ``questions``, in order, over one connection (one handshake)."""
-    try:
-        conn = GatewayConnection(server, token, TIMEOUT_S)
-    except GatewayError as exc:
-        return [Reply(server, state=exc.state, error=str(exc), code=exc.code)] * len(questions)
-    replies: list[Reply] = []
-    try:
-        for kind, fields in questions:
-            # Once the server has stopped answering, the rest would only wait out the timeout.
-            gone = replies and replies[-1].state == "unreachable"
-            replies.append(replies[-1] if gone else _ask(conn, server, kind, fields))
-        return replies
-    finally:
-        conn.close()
-
-
-def _ask(conn: GatewayConnection, server: str, kind: str, fields: dict[str, Any]) -> Reply:
-    try:
-        data = conn.request(kind, **fields)
-        if kind != "hello":
-            return Reply(server, data)
-        # The first hello on a connection may include the handshake; time a second one, as
-        # `bitfusion health` does, so the figure is the network's round trip.
-        start = time.perf_counter()
-        conn.request("hello")
-        return Reply(server, data, rtt_ms=round(1000 * (time.perf_counter() - start), 2))
-    except GatewayError as exc:
-        return Reply(server, state=exc.state, error=str(exc), code=exc.code)
+__all__ = ["Reply", "ask", "ask_each", "ask_one", "outcomes"]
 
 
 def outcomes(replies: dict[str, list[Reply]]) -> dict[str, str]:
@@ -71,14 +19,6 @@ def outcomes(replies: dict[str, list[Reply]]) -> dict[str, str]:
 
 def ask_one(server: str, token: tokens.Token, kind: str, **fields: Any) -> Reply:
     return ask_server(server, token, [(kind, fields)])[0]
-
-
-def ask_each(
-    servers: list[str], token: tokens.Token, questions: list[tuple[str, dict[str, Any]]]
-) -> dict[str, list[Reply]]:
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(servers)))) as pool:
-        replies = pool.map(lambda s: ask_server(s, token, questions), servers)
-        return dict(zip(servers, replies, strict=True))
 
 
 async def ask(

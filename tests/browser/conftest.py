@@ -22,7 +22,8 @@ import pytest
 
 from gateway.quickstart import JupyterLab
 from gateway.spawned import free_port, stop_leftovers
-from tests.conftest import REPO, GatewayProcess, base_env, start_web_gateway
+from tests.support.env import REPO, base_env
+from tests.support.gateways import GatewayProcess, start_web_gateway
 
 CHROMIUM = Path(os.environ.get("BITFUSION_TEST_CHROMIUM", "/usr/bin/chromium"))
 BUILT_PANEL = REPO / "bitfusion_jupyter" / "labextension"

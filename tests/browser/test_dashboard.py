@@ -12,7 +12,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from gateway.spawned import stop_leftovers
-from tests.conftest import start_web_gateway
+from tests.support.gateways import start_web_gateway
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from playwright.sync_api import Locator, Page, expect
 
 from gateway.spawned import free_port, stop_leftovers
 from tests.browser.conftest import Lab, start_lab
-from tests.conftest import GatewayProcess, start_gateway
+from tests.support.gateways import GatewayProcess, start_gateway
 
 KERNEL_READY_MS = 90_000  # the shim takes a share and starts a kernel on the gateway
 

@@ -23,8 +23,11 @@ import pytest
 
 from gateway.spawned import stop_leftovers
 from remoting.protocol import DEFAULT_PORT
-from tests.conftest import CLI, PRINTS_ITS_PID, REPO, GatewayProcess, base_env, wait_for
 from tests.faults.hosts import Host, Network, NetworkUnavailable
+from tests.support.env import CLI, REPO, base_env
+from tests.support.gateways import GatewayProcess
+from tests.support.processes import PRINTS_ITS_PID
+from tests.support.waiting import wait_for
 
 LEASE_GRACE_S = 12.0  # longer than the 5 s cut the kernel must ride out
 SHORT_LEASE_GRACE_S = 3.0

@@ -17,7 +17,7 @@ from typing import Any
 
 from jupyter_client import KernelManager
 
-from tests.integration.conftest import shim_spec
+from tests.support.kernels import shim_kernel_manager
 
 # The answers go out on a private copy of stdout; fd 1 itself goes to stderr, because the
 # kernel processes started here inherit it and print their own notes there.
@@ -36,8 +36,7 @@ class Frontend:
         self.kc: Any = None
 
     def start(self, args: list[str], timeout: float = 60, cwd: str | None = None) -> dict:
-        self.km = KernelManager()
-        self.km._kernel_spec = shim_spec(*args, carry=cwd is not None)
+        self.km = shim_kernel_manager(*args, carry=cwd is not None)
         self.km.start_kernel(**({"cwd": cwd} if cwd else {}))  # the notebook's folder
         return self._connect(timeout)
 

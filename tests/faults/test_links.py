@@ -16,13 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ECHOES_ITS_STDIN, PRINTS_ITS_PID, host_pid
-from tests.faults.conftest import (
-    PRINTS_ITS_PID_AND_WAITS,
-    client_left,
-    client_only,
-    wait_for,
-)
+from tests.faults.conftest import PRINTS_ITS_PID_AND_WAITS, client_left, client_only
+from tests.support.processes import ECHOES_ITS_STDIN, PRINTS_ITS_PID, host_pid
+from tests.support.waiting import wait_for
 
 PRINTS_FOR_10_S = (
     "import time\n"

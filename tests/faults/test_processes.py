@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tests.conftest import PRINTS_ITS_PID, host_pid
 from tests.faults.conftest import PRINTS_ITS_PID_AND_WAITS
+from tests.support.processes import PRINTS_ITS_PID, host_pid
 
 COUNTS_TO_100 = "import time\nfor i in range(100):\n    print(i)\n    time.sleep(0.1)\n"
 

@@ -10,7 +10,7 @@ import pytest
 
 from remoting import tokens
 from remoting.client import GatewayConnection, GatewayError
-from tests.conftest import start_gateway
+from tests.support.gateways import start_gateway
 
 
 def _conn(gateway, user: str, admin: bool = False) -> GatewayConnection:

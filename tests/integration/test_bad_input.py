@@ -11,7 +11,7 @@ import zmq
 
 from gateway.spawned import free_port
 from remoting import protocol
-from tests.conftest import PRINTS_ITS_PID, host_pid
+from tests.support.processes import PRINTS_ITS_PID, host_pid
 
 
 def _clean(r, code=None):
@@ -84,7 +84,7 @@ def test_unknown_host_is_named(gateway):
 
 
 def test_wrong_token_is_refused(gateway, tmp_path):
-    from tests.conftest import start_gateway
+    from tests.support.gateways import start_gateway
 
     other = start_gateway(tmp_path / "other", "--simulate-gpus", "1x8GiB")
     try:

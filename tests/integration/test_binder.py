@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from gateway.spawned import free_port, stop_leftovers
-from tests.conftest import REPO, base_env
+from tests.support.env import REPO, base_env
 
 
 def test_binder_start_runs_a_simulated_pool_for_the_command_it_wraps(tmp_path):

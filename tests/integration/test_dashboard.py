@@ -15,8 +15,6 @@ from urllib.request import Request, urlopen
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import start_gateway, start_web_gateway, stop_leftovers
-
 
 class Web:
     """A gateway's dashboard, asked as one token."""
@@ -43,22 +41,19 @@ class Web:
 
 
 @pytest.fixture
-def cluster(tmp_path):
+def cluster(gateway_factory, tmp_path):
     """Two gateways of one pool; the first lists the second as its peer and serves the web."""
     # The second runs shares unconfined, which the dashboard must show on its server.
-    second = start_gateway(
-        tmp_path / "b", "--simulate-gpus", "1x8GiB", "--unconfined", name="second"
+    second = gateway_factory(
+        "--simulate-gpus", "1x8GiB", "--unconfined", home=tmp_path / "b", name="second"
     )
     peers = tmp_path / "peers.conf"
     peers.write_text(f"# the rest of the cluster\n{second.address}\n")
-    first, base = start_web_gateway(
-        tmp_path / "a", "--simulate-gpus", "2x16GiB", "--peers", str(peers),
-        "--lease-grace", "3", name="first", keys_from=second.state_dir,
+    first, base = gateway_factory.web(
+        "--simulate-gpus", "2x16GiB", "--peers", str(peers), "--lease-grace", "3",
+        home=tmp_path / "a", name="first", keys_from=second,
     )  # fmt: skip
-    yield first, second, Web(base)
-    for gw in (first, second):
-        gw.kill(signal.SIGTERM)
-        stop_leftovers(gw.state_dir)
+    return first, second, Web(base)
 
 
 API = ["/api/v1/me", "/api/v1/cluster", "/api/v1/shares", "/api/v1/events",

@@ -18,7 +18,7 @@ from schemathesis.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from tests.conftest import start_web_gateway, stop_leftovers  # noqa: E402
+from tests.support.gateways import start_web_gateway, stop_leftovers  # noqa: E402
 
 CHECKS = [
     not_a_server_error,

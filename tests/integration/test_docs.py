@@ -46,7 +46,8 @@ from pathlib import Path
 import pytest
 
 from gateway.spawned import free_port, stop_leftovers
-from tests.conftest import REPO, base_env, start_web_gateway
+from tests.support.env import REPO, base_env
+from tests.support.gateways import start_web_gateway
 
 DOCS = REPO / "docs"
 DOC_FILES = sorted(p.name for p in DOCS.glob("*.md"))

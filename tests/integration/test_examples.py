@@ -4,13 +4,12 @@ kernel on a share of the simulated pool, where it says plainly that no GPU is be
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
 
-from tests.integration.conftest import shim_spec
+from tests.support.kernels import install_shim_kernelspec
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -46,9 +45,7 @@ def test_the_tour_runs_end_to_end_on_a_share_and_back(client_env, tmp_path):
 
 
 def test_the_pytorch_notebook_says_what_it_does_without_a_gpu(client_env, tmp_path, monkeypatch):
-    kernels = tmp_path / "jupyter" / "kernels" / "bitfusion-test"
-    kernels.mkdir(parents=True)
-    (kernels / "kernel.json").write_text(json.dumps(shim_spec("-m", "4096").to_dict()))
+    install_shim_kernelspec(tmp_path / "jupyter", "-m", "4096", name="bitfusion-test")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     nb = nbformat.read(EXAMPLES / "pytorch_on_a_share.ipynb", as_version=4)
     NotebookClient(nb, timeout=120, kernel_name="bitfusion-test").execute()

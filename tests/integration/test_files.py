@@ -195,16 +195,14 @@ def test_run_from_the_home_directory_carries_nothing_and_says_so(gateway):
 def run_notebook(sources: list[str], folder: Path | str, tmp_path, monkeypatch):
     """``sources`` as a notebook in ``folder``, run by nbclient on a kernelspec as
     `kernelspec install` writes it (no folder option); returns its cells."""
-    import json
-
     import nbformat
     from nbclient import NotebookClient
 
-    from tests.integration.conftest import shim_spec
+    from tests.support.kernels import install_shim_kernelspec
 
-    spec_dir = tmp_path / "share" / "jupyter" / "kernels" / "bf-files"
-    spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps(shim_spec("-m", "1024", carry=True).to_dict()))
+    install_shim_kernelspec(
+        tmp_path / "share" / "jupyter", "-m", "1024", name="bf-files", carry=True
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(source) for source in sources]
@@ -251,24 +249,23 @@ def test_a_notebook_whose_folder_cannot_go_is_told_in_its_first_cell(client_env,
 
 
 def test_the_magic_takes_a_local_kernel_onto_a_share_with_its_folder(client_env, project):
-    from tests.integration.conftest import ready, start_local_kernel
-    from tests.integration.test_kernels import _stream_text, _until, run_cell
+    from tests.support.kernels import ready, run_cell, start_local_kernel, stream_text, until
 
     with ready(start_local_kernel(cwd=project)) as (km, kc):
         run_cell(kc, "%load_ext bitfusion_jupyter")
         reply, outputs = run_cell(kc, "%bitfusion -m 1024")  # its folder, by default
-        text = _stream_text(outputs)
+        text = stream_text(outputs)
         assert reply["status"] == "ok" and "moves to" in text, text
         assert f"It works in your folder {project} there." in text
-        _until(kc, "import os; print(os.getcwd())", f"{project}\n")
-        _until(kc, "print(open('data.csv').read().split())", "['a,b', '1,2']\n")
+        until(kc, "import os; print(os.getcwd())", f"{project}\n")
+        until(kc, "print(open('data.csv').read().split())", "['a,b', '1,2']\n")
         # From the share to another, keeping the folder; then without it.
         reply, outputs = run_cell(kc, "%bitfusion -m 2048")
-        assert f"It works in your folder {project} there." in _stream_text(outputs)
-        _until(kc, "import os; print(os.environ['BITFUSION_MEMORY_MIB'], os.getcwd())",
-               f"2048 {project}\n")  # fmt: skip
+        assert f"It works in your folder {project} there." in stream_text(outputs)
+        until(kc, "import os; print(os.environ['BITFUSION_MEMORY_MIB'], os.getcwd())",
+              f"2048 {project}\n")  # fmt: skip
         run_cell(kc, "%bitfusion -m 1024 --no-files")
-        _until(kc, "import os; print(os.getcwd())", "/home/alice\n")
+        until(kc, "import os; print(os.getcwd())", "/home/alice\n")
 
 
 def test_a_folder_whose_server_is_gone_fails_its_operations_and_writes_nowhere(gateway, project):

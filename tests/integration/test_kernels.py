@@ -11,41 +11,28 @@ import time
 
 import nbformat
 import pytest
-from jupyter_client import KernelManager
 from nbclient import NotebookClient
 
 from bitfusion_jupyter import share_sidecar
-from tests.integration.conftest import (
+from tests.support.kernels import (
+    install_shim_kernelspec,
     point_client_at,
     ready,
     reply_to,
-    shim_spec,
+    run_cell,
+    shim_kernel_manager,
     start_local_kernel,
     start_shim_kernel,
+    stream_text,
+    until,
 )
-
-
-def run_cell(kc, code, timeout=60, stdin_hook=None):
-    outputs = []
-    reply = kc.execute_interactive(
-        code,
-        timeout=timeout,
-        output_hook=outputs.append,
-        stdin_hook=stdin_hook,
-        allow_stdin=stdin_hook is not None,
-    )
-    return reply["content"], outputs
-
-
-def _stream_text(outputs):
-    return "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream")
 
 
 def test_execute_runs_inside_the_share(kernel, client_env):
     km, kc = kernel
     reply, outputs = run_cell(kc, "import os\nprint(os.environ['BITFUSION_MEMORY_MIB'])\n6 * 7")
     assert reply["status"] == "ok"
-    assert _stream_text(outputs) == "2048\n"
+    assert stream_text(outputs) == "2048\n"
     results = [
         m["content"]["data"]["text/plain"] for m in outputs if m["msg_type"] == "execute_result"
     ]
@@ -69,7 +56,7 @@ def test_input_reaches_the_remote_kernel(kernel):
 
     reply, outputs = run_cell(kc, "print('hello', input('name? '))", stdin_hook=answer)
     assert reply["status"] == "ok"
-    assert _stream_text(outputs) == "hello Ada\n"
+    assert stream_text(outputs) == "hello Ada\n"
 
 
 def test_a_comm_round_trip(kernel):
@@ -104,7 +91,7 @@ def test_a_64_mib_output_arrives_whole(kernel):
         kc, "import sys; sys.stdout.write('x' * (64 * 1024 * 1024))", timeout=120
     )
     assert reply["status"] == "ok"
-    assert len(_stream_text(outputs)) == 64 * 1024 * 1024
+    assert len(stream_text(outputs)) == 64 * 1024 * 1024
 
 
 def test_large_cells_and_outputs_arrive_byte_for_byte(kernel):
@@ -116,7 +103,7 @@ def test_large_cells_and_outputs_arrive_byte_for_byte(kernel):
         kc, f"import sys; text = {text!r}; sys.stdout.write(text[::-1])", timeout=120
     )
     assert reply["status"] == "ok"
-    assert _stream_text(outputs) == text[::-1]
+    assert stream_text(outputs) == text[::-1]
 
 
 def interrupted_sleep(km, kc) -> dict:
@@ -147,7 +134,7 @@ def test_restart_gives_a_fresh_kernel_on_a_fresh_share(kernel, client_env):
     km.restart_kernel(now=False)
     kc.wait_for_ready(timeout=60)
     reply, outputs = run_cell(kc, "print('x' in dir())")
-    assert _stream_text(outputs) == "False\n"
+    assert stream_text(outputs) == "False\n"
     shares = client_env.shares()
     assert len(shares) == 1 and shares[0]["share_id"] != first  # the old share was freed
 
@@ -185,7 +172,7 @@ def test_the_share_and_its_live_usage_are_told_to_server_and_kernel(kernel, clie
     reply, outputs = run_cell(kc, code)
     assert reply["status"] == "ok", reply
     # The allocator's own line comes first: a kernel shows its children's output too.
-    seen = json.loads(_stream_text(outputs).splitlines()[-1])
+    seen = json.loads(stream_text(outputs).splitlines()[-1])
     assert seen["share_id"] == share["share_id"] and seen["lease"] == "held"
     assert seen["gpus"][0]["used_mib"] == 700 and seen["gpus"][0]["mib"] == 2048
     usage_file = client_env.state_dir / "usage" / share["share_id"] / "usage.json"
@@ -249,9 +236,7 @@ def test_an_incomplete_connection_file_is_refused_in_one_sentence(client_env, tm
 def test_nbclient_runs_a_notebook_on_a_share(client_env, tmp_path, monkeypatch):
     from jupyter_client.kernelspec import KernelSpecManager
 
-    kernels = tmp_path / "share" / "jupyter" / "kernels" / "bitfusion-test"
-    kernels.mkdir(parents=True)
-    (kernels / "kernel.json").write_text(json.dumps(shim_spec("-p", "0.25").to_dict()))
+    install_shim_kernelspec(tmp_path / "share" / "jupyter", "-p", "0.25", name="bitfusion-test")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
     assert "bitfusion-test" in KernelSpecManager().find_kernel_specs()
     nb = nbformat.v4.new_notebook()
@@ -263,23 +248,6 @@ def test_nbclient_runs_a_notebook_on_a_share(client_env, tmp_path, monkeypatch):
     assert nb.cells[0].outputs[0]["data"]["text/plain"] == "'4096'"
     assert nb.cells[1].outputs[0]["data"]["text/plain"] == "45"
     assert client_env.no_shares_within(15)
-
-
-def _until(kc, code, want, timeout=60):
-    """Run ``code`` until its stdout is ``want`` (a kernel that just moved needs a moment)."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            kc.wait_for_ready(timeout=10)
-            reply, outputs = run_cell(kc, code, timeout=15)
-            last = _stream_text(outputs)
-            if last == want:
-                return
-        except (RuntimeError, TimeoutError):
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{code!r} printed {last!r}, not {want!r}")
 
 
 def _cell_stream(kc, msg_id, done=lambda text: False, timeout=60):
@@ -305,39 +273,39 @@ def test_the_magic_moves_a_local_kernel_onto_shares_and_back(client_env):
         pid = km.provisioner.process.pid
         run_cell(kc, "%load_ext bitfusion_jupyter\nx = 1")
         reply, outputs = run_cell(kc, "%bitfusion")
-        assert "runs locally, on no share" in _stream_text(outputs)
+        assert "runs locally, on no share" in stream_text(outputs)
 
         # Too big: a clear error in the cell, and the kernel stays as it was.
         reply, outputs = run_cell(kc, "%bitfusion -m 999999")
         assert reply["status"] == "ok"
-        assert "largest GPU here has 16384 MiB" in _stream_text(outputs)
-        assert "stays as it was" in _stream_text(outputs)
-        assert _stream_text(run_cell(kc, "print(x)")[1]) == "1\n"
+        assert "largest GPU here has 16384 MiB" in stream_text(outputs)
+        assert "stays as it was" in stream_text(outputs)
+        assert stream_text(run_cell(kc, "print(x)")[1]) == "1\n"
 
         # Onto a share: the cell completes and says where the kernel goes.
         reply, outputs = run_cell(kc, "%bitfusion -n 1 -m 2048")
         assert reply["status"] == "ok"
-        text = _stream_text(outputs)
+        text = stream_text(outputs)
         assert "moves to the python3 kernel in share s-" in text and "variables are reset" in text
         check = "import os; print(os.environ.get('BITFUSION_MEMORY_MIB'))"
-        _until(kc, check, "2048\n")
+        until(kc, check, "2048\n")
         assert km.provisioner.process.pid == pid  # the same process, now the shim
         first = client_env.shares()[0]["share_id"]
-        status = _stream_text(run_cell(kc, "%bitfusion")[1])
+        status = stream_text(run_cell(kc, "%bitfusion")[1])
         assert f"runs in share {first} on gpuhost (SIMULATED)" in status
 
         # From a shared kernel to another share (the magic is loaded there by itself).
         reply, outputs = run_cell(kc, "y = 2\n%bitfusion -p 0.5")
-        assert reply["status"] == "ok" and "moves to" in _stream_text(outputs)
-        _until(kc, check, "8192\n")
+        assert reply["status"] == "ok" and "moves to" in stream_text(outputs)
+        until(kc, check, "8192\n")
         shares = client_env.shares()
         assert len(shares) == 1 and shares[0]["share_id"] != first
-        assert _stream_text(run_cell(kc, "print('y' in dir())")[1]) == "False\n"
+        assert stream_text(run_cell(kc, "print('y' in dir())")[1]) == "False\n"
 
         # And back to a local kernel, which gives the share back.
         reply, outputs = run_cell(kc, "%bitfusion --local")
-        assert reply["status"] == "ok" and "back to a local kernel" in _stream_text(outputs)
-        _until(kc, check, "None\n")
+        assert reply["status"] == "ok" and "back to a local kernel" in stream_text(outputs)
+        until(kc, check, "None\n")
         assert client_env.shares() == []
         assert km.provisioner.process.pid == pid
 
@@ -348,9 +316,9 @@ def test_after_a_move_the_kernel_shows_idle_not_starting(client_env):
     with ready(start_shim_kernel("-m", "1024")) as (km, kc):
         first = client_env.shares()[0]["share_id"]
         reply, outputs = run_cell(kc, "%bitfusion -m 2048")
-        assert reply["status"] == "ok" and "moves to" in _stream_text(outputs)
+        assert reply["status"] == "ok" and "moves to" in stream_text(outputs)
         # Why the notebook's label still says 1024: JupyterLab cannot rename a kernel.
-        assert "kernel label keeps naming the kernelspec it started with" in _stream_text(outputs)
+        assert "kernel label keeps naming the kernelspec it started with" in stream_text(outputs)
         states, deadline = [], time.monotonic() + 20
         while time.monotonic() < deadline:
             shares = client_env.shares()
@@ -366,7 +334,7 @@ def test_after_a_move_the_kernel_shows_idle_not_starting(client_env):
             if msg["msg_type"] == "status":
                 states.append(msg["content"]["execution_state"])
         assert "starting" not in states
-        _until(kc, "import os; print(os.environ.get('BITFUSION_MEMORY_MIB'))", "2048\n")
+        until(kc, "import os; print(os.environ.get('BITFUSION_MEMORY_MIB'))", "2048\n")
 
 
 def test_the_kernels_own_log_lines_are_marked_as_the_kernels_in_the_frontends_log(
@@ -375,8 +343,7 @@ def test_the_kernels_own_log_lines_are_marked_as_the_kernels_in_the_frontends_lo
     """What the remote ipykernel logs reaches the Jupyter server's log through the shim,
     labelled as the kernel's, not read as bitfusion's; ipykernel's note that Ctrl-C will
     not work (it does, through the shim) is not there."""
-    km = KernelManager()
-    km._kernel_spec = shim_spec("-m", "1024")
+    km = shim_kernel_manager("-m", "1024")
     log = tmp_path / "server.log"
     with log.open("w") as server_log:
         km.start_kernel(stderr=server_log)
@@ -408,19 +375,17 @@ def test_the_magic_waits_in_the_queue_and_says_so_in_the_cell(client_env):
         assert client_env.bf("release_gpus", env=hold).returncode == 0
         text, _ = _cell_stream(kc, cell)
         assert "moves to the python3 kernel in share s-" in text
-        _until(kc, "import os; print(os.environ.get('BITFUSION_MEMORY_MIB'))", "1024\n")
+        until(kc, "import os; print(os.environ.get('BITFUSION_MEMORY_MIB'))", "1024\n")
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
         client_env.bf("release_gpus", env=hold)
 
 
-def test_a_kernel_survives_a_gateway_restart(tmp_path, monkeypatch):
+def test_a_kernel_survives_a_gateway_restart(gateway_factory, monkeypatch):
     import signal as sig
 
-    from tests.conftest import start_gateway, stop_leftovers
-
-    gw = start_gateway(tmp_path, "--simulate-gpus", "2x16GiB", "--lease-grace", "15")
+    gw = gateway_factory("--simulate-gpus", "2x16GiB", "--lease-grace", "15")
     point_client_at(gw, monkeypatch)
     km, kc = start_shim_kernel("-m", "1024")
     try:
@@ -429,13 +394,11 @@ def test_a_kernel_survives_a_gateway_restart(tmp_path, monkeypatch):
         gw.kill(sig.SIGKILL)
         time.sleep(1)
         gw.start()  # same state dir and port: it adopts the kernel; the shim reconnects
-        _until(kc, "print(state)", "kept\n", timeout=60)
+        until(kc, "print(state)", "kept\n", timeout=60)
         assert len(gw.shares()) == 1
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
-        gw.kill()
-        stop_leftovers(gw.state_dir)
 
 
 def test_an_unknown_kernel_environment_is_named(client_env, tmp_path):
@@ -466,9 +429,7 @@ def test_papermill_runs_a_parameterised_notebook_on_a_share(client_env, tmp_path
 
     papermill = pytest.importorskip("papermill")
     del papermill
-    kernels = tmp_path / "share" / "jupyter" / "kernels" / "bitfusion-pm"
-    kernels.mkdir(parents=True)
-    (kernels / "kernel.json").write_text(json.dumps(shim_spec("-m", "1536").to_dict()))
+    install_shim_kernelspec(tmp_path / "share" / "jupyter", "-m", "1536", name="bitfusion-pm")
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {
         "name": "bitfusion-pm",
@@ -509,6 +470,7 @@ def test_a_shim_whose_frontend_was_killed_gives_its_share_back(client_env, tmp_p
     import subprocess
 
     # A frontend (here a small Python) starts the kernel, then dies without a goodbye.
+    install_shim_kernelspec(tmp_path / "share" / "jupyter", "-m", "1024", name="bitfusion-gone")
     frontend = subprocess.Popen(
         [
             sys.executable,
@@ -516,16 +478,14 @@ def test_a_shim_whose_frontend_was_killed_gives_its_share_back(client_env, tmp_p
             (
                 "import sys, time\n"
                 "from jupyter_client import KernelManager\n"
-                "from jupyter_client.kernelspec import KernelSpec\n"
-                "km = KernelManager()\n"
-                f"km._kernel_spec = KernelSpec(argv={shim_spec('-m', '1024').argv!r}, "
-                "display_name='x', language='python', interrupt_mode='signal')\n"
+                "km = KernelManager(kernel_name='bitfusion-gone')\n"
                 "km.start_kernel(); kc = km.client(); kc.start_channels(); kc.wait_for_ready(60)\n"
                 "print('ready', flush=True); time.sleep(120)\n"
             ),
         ],
         stdout=subprocess.PIPE,
         text=True,
+        env={**os.environ, "JUPYTER_PATH": str(tmp_path / "share" / "jupyter")},
     )
     while (line := frontend.stdout.readline()) not in ("ready\n", ""):
         pass  # the kernel's own start-up notes share the frontend's stdout
@@ -552,9 +512,7 @@ def test_jupyter_console_runs_cells_on_a_share(client_env, tmp_path):
     import subprocess
 
     pytest.importorskip("jupyter_console")
-    kernels = tmp_path / "share" / "jupyter" / "kernels" / "bitfusion-console"
-    kernels.mkdir(parents=True)
-    (kernels / "kernel.json").write_text(json.dumps(shim_spec("-m", "1024").to_dict()))
+    install_shim_kernelspec(tmp_path / "share" / "jupyter", "-m", "1024", name="bitfusion-console")
     r = subprocess.run(
         [
             sys.executable,
@@ -590,7 +548,7 @@ def test_the_first_cell_after_moving_back_to_local_gets_its_output(client_env):
         for i in range(3):
             if i:
                 assert _next_cell_output(kc, "%bitfusion -m 512") is not None
-                _until(kc, "import os; print(os.environ.get('BITFUSION_MEMORY_MIB'))", "512\n")
+                until(kc, "import os; print(os.environ.get('BITFUSION_MEMORY_MIB'))", "512\n")
             assert "back to a local kernel" in _next_cell_output(kc, "%bitfusion --local")
             assert _next_cell_output(kc, f"print('local {i}')") == f"local {i}\n"
             assert client_env.shares() == []
@@ -675,7 +633,7 @@ def test_input_in_the_first_cell_after_moving_back_to_local_is_answered(client_e
         reply, outputs = run_cell(
             kc, "print('hello', input('name? '))", timeout=20, stdin_hook=lambda m: kc.input("Ada")
         )
-        assert _stream_text(outputs) == "hello Ada\n"
+        assert stream_text(outputs) == "hello Ada\n"
 
 
 def test_after_moving_back_to_local_the_kernel_keeps_input_interrupt_and_shutdown(client_env):
@@ -700,7 +658,7 @@ def test_after_moving_back_to_local_the_kernel_keeps_input_interrupt_and_shutdow
             kc.input("Ada")
 
         reply, outputs = run_cell(kc, "print('hello', input('name? '))", stdin_hook=answer)
-        assert _stream_text(outputs) == "hello Ada\n"
+        assert stream_text(outputs) == "hello Ada\n"
 
         assert interrupted_sleep(km, kc)["ename"] == "KeyboardInterrupt"
         assert _next_cell_output(kc, "print(1 + 1)") == "2\n"  # it lives on
@@ -734,7 +692,7 @@ def test_a_frontend_that_provisions_curve_keys_gets_encrypted_channels(
     import zmq
     from jupyter_client import KernelManager
 
-    from tests.integration.conftest import start_kernel
+    from tests.support.kernels import start_kernel
 
     if "transport_encryption" not in KernelManager.class_trait_names():
         pytest.skip("this jupyter_client cannot provision CurveZMQ keys (8.9 or later can)")
@@ -755,7 +713,7 @@ def test_a_frontend_that_provisions_curve_keys_gets_encrypted_channels(
         listener.connect(f"tcp://127.0.0.1:{info['iopub_port']}")
         time.sleep(0.5)
         reply, outputs = run_cell(kc, "for i in range(20): print('secret', i)")
-        assert reply["status"] == "ok" and "secret 19" in _stream_text(outputs)
+        assert reply["status"] == "ok" and "secret 19" in stream_text(outputs)
         assert not listener.poll(1000), "a listener without the keys heard the kernel"
     finally:
         listener.close(0)
@@ -772,18 +730,17 @@ def test_a_frontend_that_provisions_curve_keys_gets_encrypted_channels(
     ],
 )
 def test_each_kernel_channel_mode_runs_kernels_as_the_banner_says(
-    tmp_path, monkeypatch, mode, transport, keys, banner
+    gateway_factory, monkeypatch, mode, transport, keys, banner
 ):
     # "auto" (the default, where Landlock can scope unix sockets: no encryption to pay for),
     # "curve" (TCP with keys), and the admin's choice for speed, "plain".
     from pathlib import Path
 
     from gateway import kernels, landlock
-    from tests.conftest import start_gateway, stop_leftovers
 
     if mode == "auto" and landlock.abi() < kernels.SCOPED_UNIX_ABI:
         pytest.skip(f"this Linux has no Landlock ABI {kernels.SCOPED_UNIX_ABI} to scope sockets")
-    gw = start_gateway(tmp_path, "--simulate-gpus", "1x16GiB", "--kernel-channels", mode)
+    gw = gateway_factory("--simulate-gpus", "1x16GiB", "--kernel-channels", mode)
     point_client_at(gw, monkeypatch)
     km, kc = start_shim_kernel("-m", "1024")
     try:
@@ -797,16 +754,12 @@ def test_each_kernel_channel_mode_runs_kernels_as_the_banner_says(
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
-        gw.kill()
-        stop_leftovers(gw.state_dir)
 
 
 def test_jupyter_run_runs_a_file_on_a_share(client_env, tmp_path):
     # `jupyter run --kernel K FILE` also hands FILE to the kernel's command line, as it would
     # to a local kernel: the shim sets it aside, saying so, and the file runs on the share.
-    kernels = tmp_path / "share" / "jupyter" / "kernels" / "bitfusion-run"
-    kernels.mkdir(parents=True)
-    (kernels / "kernel.json").write_text(json.dumps(shim_spec("-m", "1024").to_dict()))
+    install_shim_kernelspec(tmp_path / "share" / "jupyter", "-m", "1024", name="bitfusion-run")
     script = tmp_path / "hello.py"
     script.write_text("import os\nprint('on', os.environ['BITFUSION_MEMORY_MIB'], 'MiB')\n")
     r = subprocess.run(

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from gateway.spawned import free_port, stop_leftovers
-from tests.conftest import start_gateway
+from tests.support.gateways import start_gateway
 
 
 @pytest.fixture

@@ -10,14 +10,9 @@ import time
 import pytest
 
 from gateway.spawned import SpawnedGateway, SpawnError, free_port
-from tests.conftest import (
-    ECHOES_ITS_STDIN,
-    PRINTS_ITS_PID,
-    host_pid,
-    start_gateway,
-    stop_leftovers,
-    wait_for,
-)
+from tests.support.gateways import stop_leftovers
+from tests.support.processes import ECHOES_ITS_STDIN, PRINTS_ITS_PID, host_pid
+from tests.support.waiting import wait_for
 
 
 def _alive(pid):
@@ -52,73 +47,61 @@ def test_killed_client_frees_the_share_and_stops_its_process(gateway):
     )  # the admin reads why a share ended in the gateway's log, not only in the ledger
 
 
-def test_a_restarted_gateway_adopts_running_commands(tmp_path):
-    gw = start_gateway(tmp_path, "--simulate-gpus", "2x16GiB", "--lease-grace", "10")
-    try:
-        client = gw.bf_background(
-            "run",
-            "-m",
-            "2048",
-            "--",
-            sys.executable,
-            "-u",
-            "-c",
-            "import time\nfor i in range(60):\n    print(i)\n    time.sleep(0.1)\n",
-        )
-        assert client.stdout.readline() == "0\n"
-        gw.kill(signal.SIGKILL)
-        time.sleep(1)
-        gw.start()  # same state dir, same port
-        out = client.stdout.read()  # (not communicate(): it would skip readline's buffer)
-        client.wait(60)
-        assert client.returncode == 0, client.stderr.read()
-        numbers = [int(x) for x in ("0\n" + out).split()]
-        assert numbers == list(range(60)), "output lost or duplicated across the restart"
-        assert gw.no_shares_within(15)
-    finally:
-        gw.kill()
-        stop_leftovers(gw.state_dir)
+def test_a_restarted_gateway_adopts_running_commands(gateway_factory):
+    gw = gateway_factory("--simulate-gpus", "2x16GiB", "--lease-grace", "10")
+    client = gw.bf_background(
+        "run",
+        "-m",
+        "2048",
+        "--",
+        sys.executable,
+        "-u",
+        "-c",
+        "import time\nfor i in range(60):\n    print(i)\n    time.sleep(0.1)\n",
+    )
+    assert client.stdout.readline() == "0\n"
+    gw.kill(signal.SIGKILL)
+    time.sleep(1)
+    gw.start()  # same state dir, same port
+    out = client.stdout.read()  # (not communicate(): it would skip readline's buffer)
+    client.wait(60)
+    assert client.returncode == 0, client.stderr.read()
+    numbers = [int(x) for x in ("0\n" + out).split()]
+    assert numbers == list(range(60)), "output lost or duplicated across the restart"
+    assert gw.no_shares_within(15)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_gateway_stopped_as_systemctl_does_keeps_the_command_for_the_next(tmp_path, sig):
+def test_a_gateway_stopped_as_systemctl_does_keeps_the_command_for_the_next(gateway_factory, sig):
     # `systemctl restart` sends SIGTERM, Ctrl-C SIGINT: neither may end or forget a command.
-    gw = start_gateway(tmp_path, "--simulate-gpus", "1x8GiB", "--lease-grace", "10")
-    try:
-        script = "import time\nfor i in range(40):\n    print(i)\n    time.sleep(0.1)\n"
-        client = gw.bf_background("run", "-m", "1024", "--", sys.executable, "-u", "-c", script)
-        assert client.stdout.readline() == "0\n"
-        gw.stop(sig)
-        assert "exited with None" not in gw.log()
-        gw.start()
-        # The port listens before the gateway adopts (it binds, then serves): wait for it.
-        assert wait_for(lambda: "adopted process" in gw.start_log(), 10), gw.start_log()
-        out = client.stdout.read()
-        client.wait(60)
-        assert client.returncode == 0, client.stderr.read()
-        assert [int(x) for x in ("0\n" + out).split()] == list(range(40)), "lost or repeated"
-    finally:
-        gw.kill()
-        stop_leftovers(gw.state_dir)
+    gw = gateway_factory("--simulate-gpus", "1x8GiB", "--lease-grace", "10")
+    script = "import time\nfor i in range(40):\n    print(i)\n    time.sleep(0.1)\n"
+    client = gw.bf_background("run", "-m", "1024", "--", sys.executable, "-u", "-c", script)
+    assert client.stdout.readline() == "0\n"
+    gw.stop(sig)
+    assert "exited with None" not in gw.log()
+    gw.start()
+    # The port listens before the gateway adopts (it binds, then serves): wait for it.
+    assert wait_for(lambda: "adopted process" in gw.start_log(), 10), gw.start_log()
+    out = client.stdout.read()
+    client.wait(60)
+    assert client.returncode == 0, client.stderr.read()
+    assert [int(x) for x in ("0\n" + out).split()] == list(range(40)), "lost or repeated"
 
 
-def test_a_command_gone_while_no_gateway_ran_is_said_and_its_client_exits(tmp_path):
-    gw = start_gateway(tmp_path, "--simulate-gpus", "1x8GiB", "--lease-grace", "10")
-    try:
-        script = f"{PRINTS_ITS_PID}\nimport time; time.sleep(120)"
-        client = gw.bf_background("run", "-m", "1024", "--", sys.executable, "-c", script)
-        remote = host_pid(client.stdout.readline())
-        gw.stop(signal.SIGTERM)
-        stop_leftovers(gw.state_dir)  # its supervisor and the command die meanwhile
-        assert wait_for(lambda: not _alive(remote), 10)
-        gw.start()
-        _, err = client.communicate(timeout=60)
-        assert client.returncode == 255, err
-        assert "its supervisor is gone: its exit status and last output are unknown" in err
-        assert "Traceback" not in err
-    finally:
-        gw.kill()
-        stop_leftovers(gw.state_dir)
+def test_a_command_gone_while_no_gateway_ran_is_said_and_its_client_exits(gateway_factory):
+    gw = gateway_factory("--simulate-gpus", "1x8GiB", "--lease-grace", "10")
+    script = f"{PRINTS_ITS_PID}\nimport time; time.sleep(120)"
+    client = gw.bf_background("run", "-m", "1024", "--", sys.executable, "-c", script)
+    remote = host_pid(client.stdout.readline())
+    gw.stop(signal.SIGTERM)
+    stop_leftovers(gw.state_dir)  # its supervisor and the command die meanwhile
+    assert wait_for(lambda: not _alive(remote), 10)
+    gw.start()
+    _, err = client.communicate(timeout=60)
+    assert client.returncode == 255, err
+    assert "its supervisor is gone: its exit status and last output are unknown" in err
+    assert "Traceback" not in err
 
 
 def test_ctrl_c_ends_a_client_whose_gateway_does_not_answer(gateway):
@@ -141,11 +124,11 @@ def test_ctrl_c_ends_a_client_whose_gateway_does_not_answer(gateway):
         client.wait()
 
 
-def test_stdin_sent_as_the_gateway_dies_still_reaches_the_command(tmp_path):
+def test_stdin_sent_as_the_gateway_dies_still_reaches_the_command(gateway_factory):
     # A line typed just before the gateway is killed is in the dead gateway's socket, not yet
     # with the command's nanny: the client keeps each line until the nanny confirms it, and
     # sends it again to the restarted gateway.
-    gw = start_gateway(tmp_path, "--simulate-gpus", "1x16GiB", "--lease-grace", "10")
+    gw = gateway_factory("--simulate-gpus", "1x16GiB", "--lease-grace", "10")
     client = None
     try:
         args = ("run", "-m", "1024", "--", sys.executable, "-u", "-c", ECHOES_ITS_STDIN)
@@ -169,23 +152,18 @@ def test_stdin_sent_as_the_gateway_dies_still_reaches_the_command(tmp_path):
     finally:
         if client is not None and client.poll() is None:
             client.kill()
-        gw.kill()
-        stop_leftovers(gw.state_dir)
 
 
-def test_nothing_is_granted_twice_across_a_restart(tmp_path):
-    gw = start_gateway(tmp_path, "--simulate-gpus", "1x16GiB", "--lease-grace", "10")
-    try:
-        env = gw.env(BITFUSION_SESSION="restart-hold")
-        assert gw.bf("request_gpus", "-m", "10000", env=env).returncode == 0
-        gw.kill(signal.SIGKILL)
-        gw.start()
-        r = gw.bf("run", "-m", "10000", "--", "true", user="bob")
-        assert r.returncode == 1 and "No room" in r.stderr
-        assert gw.bf("release_gpus", env=env).returncode == 0
-        assert gw.bf("run", "-m", "10000", "--", "true", user="bob").returncode == 0
-    finally:
-        gw.kill()
+def test_nothing_is_granted_twice_across_a_restart(gateway_factory):
+    gw = gateway_factory("--simulate-gpus", "1x16GiB", "--lease-grace", "10")
+    env = gw.env(BITFUSION_SESSION="restart-hold")
+    assert gw.bf("request_gpus", "-m", "10000", env=env).returncode == 0
+    gw.kill(signal.SIGKILL)
+    gw.start()
+    r = gw.bf("run", "-m", "10000", "--", "true", user="bob")
+    assert r.returncode == 1 and "No room" in r.stderr
+    assert gw.bf("release_gpus", env=env).returncode == 0
+    assert gw.bf("run", "-m", "10000", "--", "true", user="bob").returncode == 0
 
 
 def _refused_start(state_dir, port, env, log_path) -> str:
@@ -203,22 +181,20 @@ def _refused_start(state_dir, port, env, log_path) -> str:
     raise AssertionError("the other gateway started")
 
 
-def test_a_second_gateway_on_the_same_state_is_refused_and_the_first_keeps_its_share(tmp_path):
+def test_a_second_gateway_on_the_same_state_is_refused_and_the_first_keeps_its_share(
+    gateway_factory, tmp_path
+):
     """Two gateways on one ledger would each hand out the same GPU memory. A second one, on
     another port or the same, stops with one sentence; the first serves on as before."""
-    gw = start_gateway(tmp_path, "--simulate-gpus", "1x16GiB")
-    try:
-        env = gw.env(BITFUSION_SESSION="first-holds")
-        assert gw.bf("request_gpus", "-m", "10000", env=env).returncode == 0
-        for port in (free_port(), gw.port):
-            said = _refused_start(gw.state_dir, port, gw.process_env, tmp_path / "second.log")
-            assert f"Another gateway (pid {gw.proc.pid}) is using the state directory" in said
-        r = gw.bf("run", "-m", "10000", "--", "true", user="bob")
-        assert r.returncode == 1 and "No room" in r.stderr  # the first share is still held
-        assert gw.bf("release_gpus", env=env).returncode == 0
-    finally:
-        gw.kill()
-        stop_leftovers(gw.state_dir)
+    gw = gateway_factory("--simulate-gpus", "1x16GiB")
+    env = gw.env(BITFUSION_SESSION="first-holds")
+    assert gw.bf("request_gpus", "-m", "10000", env=env).returncode == 0
+    for port in (free_port(), gw.port):
+        said = _refused_start(gw.state_dir, port, gw.process_env, tmp_path / "second.log")
+        assert f"Another gateway (pid {gw.proc.pid}) is using the state directory" in said
+    r = gw.bf("run", "-m", "10000", "--", "true", user="bob")
+    assert r.returncode == 1 and "No room" in r.stderr  # the first share is still held
+    assert gw.bf("release_gpus", env=env).returncode == 0
 
 
 def test_a_gateway_that_cannot_bind_is_not_mistaken_for_one_that_started(tmp_path, gateway):

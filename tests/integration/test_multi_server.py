@@ -6,22 +6,19 @@ import sys
 
 import pytest
 
-from tests.conftest import start_gateway, stop_leftovers, wait_for
+from tests.support.waiting import wait_for
 
 # A command that prints which server's share it runs in.
 WHERE = [sys.executable, "-c", "import os; print(os.environ['BITFUSION_SERVER'])"]
 
 
 @pytest.fixture
-def pool(tmp_path):
-    small = start_gateway(tmp_path / "a", "--simulate-gpus", "1x8GiB", name="small")
-    big = start_gateway(
-        tmp_path / "b", "--simulate-gpus", "1x16GiB", name="big", keys_from=small.state_dir
+def pool(gateway_factory, tmp_path):
+    small = gateway_factory("--simulate-gpus", "1x8GiB", home=tmp_path / "a", name="small")
+    big = gateway_factory(
+        "--simulate-gpus", "1x16GiB", home=tmp_path / "b", name="big", keys_from=small
     )
-    yield small, big
-    for gw in (small, big):
-        gw.kill()
-        stop_leftovers(gw.state_dir)
+    return small, big
 
 
 def _env(small, big, **extra):

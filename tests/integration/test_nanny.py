@@ -24,7 +24,7 @@ import pytest
 from gateway.nanny import MAX_UNACKED, READ_CHUNK
 from gateway.nanny.launcher import Launched, LaunchError, kill_orphan, launch, read_status
 from gateway.nanny.link import NannyGone, NannyLink
-from tests.conftest import wait_for
+from tests.support.waiting import wait_for
 
 PY = sys.executable
 COUNTER = "import time\nfor i in range(100000):\n    print(i, flush=True)\n    time.sleep(0.05)"

@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from bitfusion_jupyter import share_sidecar
-from tests.integration.conftest import reply_to, shim_spec, start_shim_kernel
+from tests.support.kernels import install_shim_kernelspec, reply_to, start_shim_kernel
 
 
 def _alloc(gateway, share_mib, use_mib, seconds=60, user="alice"):
@@ -95,9 +95,7 @@ def _stderr(cell) -> str:
 
 @pytest.fixture
 def shim_kernelspec(client_env, tmp_path, monkeypatch):
-    spec_dir = tmp_path / "share" / "jupyter" / "kernels" / "bf-2048"
-    spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps(shim_spec("-m", "2048").to_dict()))
+    install_shim_kernelspec(tmp_path / "share" / "jupyter", "-m", "2048", name="bf-2048")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
     return "bf-2048"
 

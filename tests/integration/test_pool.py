@@ -5,7 +5,8 @@ import signal
 import time
 
 from gateway.spawned import stop_leftovers
-from tests.conftest import start_gateway, wait_for
+from tests.support.gateways import start_gateway
+from tests.support.waiting import wait_for
 
 
 def test_list_gpus_shows_the_simulated_pool(gateway):

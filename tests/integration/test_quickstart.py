@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 from gateway.spawned import free_port, stop_leftovers
-from tests.conftest import base_env, start_gateway
+from tests.support.env import base_env
+from tests.support.gateways import start_gateway
 
 
 def test_up_starts_a_labelled_simulated_pool_and_runs_in_a_share(tmp_path):

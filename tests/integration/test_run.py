@@ -232,7 +232,7 @@ def test_a_share_released_while_its_command_starts_takes_the_command_with_it(gat
     import uuid
 
     from remoting import protocol
-    from tests.security.conftest import RawClient
+    from tests.support.wire import RawClient
 
     marker = f"bf-starting-{uuid.uuid4().hex}"
     raw = RawClient(gateway)

@@ -20,7 +20,7 @@ pytest.importorskip("jupyter_server")
 from pytest_jupyter.jupyter_server import *  # noqa: E402, F403
 
 from bitfusion_jupyter import config, pool_status  # noqa: E402
-from tests.conftest import start_web_gateway, stop_leftovers  # noqa: E402
+from tests.support.gateways import start_web_gateway, stop_leftovers  # noqa: E402
 
 
 @pytest.fixture
@@ -140,7 +140,7 @@ def test_kernelspecs_are_made_once_and_bad_requests_refused(jp_fetch, jp_asyncio
         assert await post(jp_fetch, "kernelspecs", body={"gpus": 1, "mib": 3072}) == (200, made)
         for bad, words in [
             ({"gpus": 1, "fraction": 1.5}, "fraction 1.5"),
-            ({"gpus": 0}, "gpus must be"),
+            ({"gpus": 0}, "gpus 0 asks for no GPU"),
             ({"gpus": 1, "mib": 1024, "fraction": 0.5}, "not both"),
             ({"mib": 1024}, "how many GPUs"),
             ([1], "JSON object"),

@@ -15,7 +15,8 @@ import pytest
 
 from gateway.spawned import free_port
 from remoting.util.procs import running
-from tests.conftest import base_env, wait_for
+from tests.support.env import base_env
+from tests.support.waiting import wait_for
 
 pytest.importorskip("jupyterlab")
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import point_client_at, reply_to, start_local_kernel
+from tests.support.kernels import point_client_at, reply_to, start_local_kernel
 
 pytest.importorskip("ipywidgets")
 

@@ -13,13 +13,9 @@ import zmq
 
 from gateway import cluster_keys
 from remoting import protocol, tokens
-from tests.security.conftest import (
-    RawClient,
-    connect,
-    no_traceback,
-    still_serves,
-    wait_for_log,
-)
+from tests.support.gateways import no_traceback
+from tests.support.waiting import wait_for_log
+from tests.support.wire import RawClient, connect, still_serves
 
 SECRET = b"cluster-secret"
 PUBLIC, _ = zmq.curve_keypair()

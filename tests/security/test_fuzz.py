@@ -24,8 +24,10 @@ from hypothesis.reporting import with_reporter
 from gateway.spawned import stop_leftovers
 from remoting import protocol
 from remoting.client import GatewayConnection, GatewayError
-from tests.conftest import REPO, start_gateway
-from tests.security.conftest import WAIT_S, RawClient, connect, still_serves
+from tests.support.env import REPO
+from tests.support.gateways import start_gateway
+from tests.support.waiting import WAIT_S
+from tests.support.wire import RawClient, connect, still_serves
 
 BUDGET_S = float(os.environ.get("BITFUSION_FUZZ_S", "20"))  # wall clock for the live fuzz
 ATHERIS_S = int(os.environ.get("BITFUSION_ATHERIS_S", "15"))

@@ -14,13 +14,9 @@ from jupyter_client.session import Session
 from gateway import kernels, landlock
 from remoting import protocol
 from remoting.client import GatewayConnection, GatewayError
-from tests.security.conftest import (
-    WAIT_S,
-    connect,
-    long_lease_gateway,
-    still_serves,
-    wait_for_log,
-)
+from tests.support.gateways import long_lease_gateway
+from tests.support.waiting import WAIT_S, wait_for_log
+from tests.support.wire import connect, still_serves
 
 # Prints a line, then echoes each stdin line: its output shows whose input reached it.
 ECHO = (
@@ -32,8 +28,8 @@ ECHO = (
 
 
 @pytest.fixture
-def gateway(tmp_path):
-    yield from long_lease_gateway(tmp_path)
+def gateway(gateway_factory):
+    return long_lease_gateway(gateway_factory)
 
 
 def _lines_until(conn: GatewayConnection, want: str, timeout: float = WAIT_S) -> list[str]:
@@ -222,12 +218,12 @@ EAVESDROP = (
 
 
 @pytest.fixture(params=["auto", "curve"])
-def channels_gateway(request, tmp_path):
+def channels_gateway(request, gateway_factory):
     """A gateway per way of keeping kernels' channels from other shares: "auto" gives
     ipykernel unix sockets that Landlock scopes to the share, "curve" CurveZMQ on TCP."""
     if request.param == "auto" and landlock.abi() < kernels.SCOPED_UNIX_ABI:
         pytest.skip(f"this Linux has no Landlock ABI {kernels.SCOPED_UNIX_ABI} to scope sockets")
-    yield from long_lease_gateway(tmp_path, "--kernel-channels", request.param)
+    return long_lease_gateway(gateway_factory, "--kernel-channels", request.param)
 
 
 def test_code_in_another_share_cannot_listen_to_a_kernel(channels_gateway):

@@ -8,7 +8,8 @@ import time
 
 from gateway.log_limit import LogLimit
 from remoting import protocol
-from tests.security.conftest import WAIT_S, RawClient, still_serves, wait_for_log
+from tests.support.waiting import WAIT_S, wait_for_log
+from tests.support.wire import RawClient, still_serves
 
 
 class Clock:

@@ -12,20 +12,14 @@ import pytest
 
 from remoting import protocol, tokens
 from remoting.client import GatewayConnection
-from tests.security.conftest import (
-    WAIT_S,
-    RawClient,
-    connect,
-    grants,
-    long_lease_gateway,
-    still_serves,
-    wait_for_log,
-)
+from tests.support.gateways import long_lease_gateway
+from tests.support.waiting import WAIT_S, wait_for_log
+from tests.support.wire import RawClient, connect, grants, still_serves
 
 
 @pytest.fixture
-def gateway(tmp_path):
-    yield from long_lease_gateway(tmp_path)
+def gateway(gateway_factory):
+    return long_lease_gateway(gateway_factory)
 
 
 class RecordingProxy:

@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 
 from gateway import landlock, sandbox
-from gateway.spawned import stop_leftovers
 from remoting import protocol
-from tests.conftest import REPO, start_gateway, wait_for
-from tests.integration.conftest import ready, start_shim_kernel
-from tests.security.conftest import WAIT_S, connect
+from tests.support.env import REPO
+from tests.support.kernels import ready, start_shim_kernel
+from tests.support.waiting import WAIT_S, wait_for
+from tests.support.wire import connect
 
 needs_bwrap = pytest.mark.skipif(
     sandbox.check(True).refuse, reason="bubblewrap cannot make a sandbox on this machine"
@@ -269,17 +269,11 @@ def test_tmp_and_shm_are_private_to_each_share(gateway):
     assert not Path("/tmp/alice").exists()
 
 
-def test_the_gateways_environment_does_not_reach_a_share(tmp_path):
-    gw = start_gateway(
-        tmp_path, "--simulate-gpus", "1x8GiB", env_extra={"GATEWAY_SECRET": "hunter2"}
-    )
-    try:
-        r = gw.bf("run", "--", "env")
-        assert r.returncode == 0 and "hunter2" not in r.stdout
-        assert "BITFUSION_SHARE_ID=" in r.stdout and "HOME=/home/alice" in r.stdout
-    finally:
-        gw.kill()
-        stop_leftovers(gw.state_dir)
+def test_the_gateways_environment_does_not_reach_a_share(gateway_factory):
+    gw = gateway_factory("--simulate-gpus", "1x8GiB", env_extra={"GATEWAY_SECRET": "hunter2"})
+    r = gw.bf("run", "--", "env")
+    assert r.returncode == 0 and "hunter2" not in r.stdout
+    assert "BITFUSION_SHARE_ID=" in r.stdout and "HOME=/home/alice" in r.stdout
 
 
 # --- per-user packages -----------------------------------------------------------------------
@@ -358,41 +352,33 @@ def test_pip_install_in_a_command_is_kept_for_that_user(gateway):
 
 
 # --- no silent fall-back ---------------------------------------------------------------------
-def test_without_bubblewrap_shares_are_refused_in_one_sentence(tmp_path):
+def test_without_bubblewrap_shares_are_refused_in_one_sentence(gateway_factory, tmp_path):
     # A PATH with python but no bwrap: as on a server where it is not installed.
     bindir = tmp_path / "bin"
     bindir.mkdir()
     for tool in ("env", "sh"):
         (bindir / tool).symlink_to(f"/usr/bin/{tool}" if tool == "env" else "/bin/sh")
-    gw = start_gateway(tmp_path, "--simulate-gpus", "1x8GiB", env_extra={"PATH": str(bindir)})
-    try:
-        assert "shares: REFUSED: bubblewrap is not installed" in gw.log()
-        r = gw.bf("run", "-m", "1024", "--", "true")
-        assert r.returncode != 0 and "Traceback" not in r.stderr
-        assert "refuses shares: bubblewrap is not installed" in r.stderr
-        assert "apt-get install bubblewrap" in r.stderr and "--unconfined" in r.stderr
-        assert gw.shares() == []  # nothing held
-    finally:
-        gw.kill()
-        stop_leftovers(gw.state_dir)
+    gw = gateway_factory("--simulate-gpus", "1x8GiB", env_extra={"PATH": str(bindir)})
+    assert "shares: REFUSED: bubblewrap is not installed" in gw.log()
+    r = gw.bf("run", "-m", "1024", "--", "true")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "refuses shares: bubblewrap is not installed" in r.stderr
+    assert "apt-get install bubblewrap" in r.stderr and "--unconfined" in r.stderr
+    assert gw.shares() == []  # nothing held
 
 
-def test_an_unconfined_gateway_says_so(tmp_path, monkeypatch):
-    gw = start_gateway(tmp_path, "--simulate-gpus", "1x8GiB", "--unconfined")
-    try:
-        assert "shares: UNCONFINED (--unconfined)" in gw.log()
-        r = gw.bf("run", "--", "cat", str(gw.state_dir / "admin.token"))
-        assert r.returncode == 0 and r.stdout.startswith("bf1.a.")  # what the flag means
-        assert "UNCONFINED" in r.stderr  # and the user is told
-        r = gw.bf("run", "--", sys.executable, "-c", "import os; print(os.getcwd())")
-        assert r.returncode == 0 and r.stdout.strip() != "/home/alice"  # the gateway's own
-        _as(gw, monkeypatch, "alice")  # and a kernel starts, with the gateway's own paths
-        with ready(start_shim_kernel("-m", "1024")) as (_km, kc):
-            content, out = _cell(kc, "print(6 * 7)")
-            assert content["status"] == "ok" and out.strip() == "42"
-    finally:
-        gw.kill()
-        stop_leftovers(gw.state_dir)
+def test_an_unconfined_gateway_says_so(gateway_factory, monkeypatch):
+    gw = gateway_factory("--simulate-gpus", "1x8GiB", "--unconfined")
+    assert "shares: UNCONFINED (--unconfined)" in gw.log()
+    r = gw.bf("run", "--", "cat", str(gw.state_dir / "admin.token"))
+    assert r.returncode == 0 and r.stdout.startswith("bf1.a.")  # what the flag means
+    assert "UNCONFINED" in r.stderr  # and the user is told
+    r = gw.bf("run", "--", sys.executable, "-c", "import os; print(os.getcwd())")
+    assert r.returncode == 0 and r.stdout.strip() != "/home/alice"  # the gateway's own
+    _as(gw, monkeypatch, "alice")  # and a kernel starts, with the gateway's own paths
+    with ready(start_shim_kernel("-m", "1024")) as (_km, kc):
+        content, out = _cell(kc, "print(6 * 7)")
+        assert content["status"] == "ok" and out.strip() == "42"
 
 
 def test_workdir_is_gone_and_says_what_replaced_it(tmp_path):

@@ -16,9 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for
-from tests.integration.conftest import ready, start_shim_kernel
-from tests.security.conftest import WAIT_S
 from tests.security.test_sandbox import (
     PLANTS_A_PTH,
     PROBE,
@@ -39,6 +36,8 @@ from tests.security.unit_layout import (
     proc_status,
     service_python,
 )
+from tests.support.kernels import ready, start_shim_kernel
+from tests.support.waiting import WAIT_S, wait_for
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: the unit-layout gateway runs as a system user"

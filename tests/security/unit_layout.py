@@ -38,7 +38,8 @@ from typing import Any
 import pytest
 
 from gateway.spawned import free_port, stop_leftovers
-from tests.conftest import REPO, GatewayProcess
+from tests.support.env import REPO
+from tests.support.gateways import GatewayProcess
 
 UNIT_FILE = REPO / "systemd" / "bitfusion-gateway.service"
 SERVICE_USER = "bitfusion-test"
@@ -491,7 +492,7 @@ class UnitGateway(GatewayProcess):
     Use as a context manager: ``with UnitGateway("--lease-grace", "2") as gw: ...``.
     ``start()`` and ``stop(sig)`` start and signal the gateway alone (so a test may restart
     it on the same state); ``close()`` also kills leftover share processes and removes the
-    temp folder. ``env``, ``token``, ``bf``, ``shares``... are those of tests/conftest.py's
+    temp folder. ``env``, ``token``, ``bf``, ``shares``... are those of tests/support/gateways.py's
     GatewayProcess: the client runs as root with this interpreter.
     """
 

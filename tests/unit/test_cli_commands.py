@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.conftest import CLI
+from tests.support.env import CLI
 
 
 def test_help_lists_the_client_commands_then_the_servers_from_the_gateway() -> None:

@@ -20,4 +20,3 @@ def test_each_handler_is_a_coroutine_of_the_gateway_taking_ident_msg_and_token()
         assert getattr(Gateway, handler.__name__) is handler, name  # a part Gateway is made of
         params = list(inspect.signature(handler).parameters)
         assert params == ["self", "ident", "msg", "tok"], (name, params)
-

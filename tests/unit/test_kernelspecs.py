@@ -298,3 +298,124 @@ def test_servers_but_no_token_yet_install_with_a_note(jupyter: Path, capsys) -> 
         capsys.readouterr().err
     )
     assert (jupyter / "kernels" / "bitfusion-1gpu-1024mib" / "kernel.json").exists()
+
+
+# --- --provisioner: the bitfusion-provisioner takes the share, the shim only forwards ------
+
+
+def test_provisioner_kernelspecs_name_it_and_keep_the_shims_argv(jupyter: Path) -> None:
+    share = ["-n", "2", "-m", "4096", "--filter", "device.memory>=16GiB", "--wait", "30"]
+    assert bf("install", *share, "-l", "gpu1", "--no-files", "--name", "plain", "--user") == 0
+    assert bf("install", *share, "-l", "gpu1", "--no-files", "--name", "prov", "--user",
+              "--provisioner") == 0  # fmt: skip
+    manager = KernelSpecManager()
+    plain, prov = manager.get_kernel_spec("plain"), manager.get_kernel_spec("prov")
+    # Frontends that ignore provisioners start the same shim, which then takes the share.
+    assert prov.argv == plain.argv
+    assert prov.display_name == plain.display_name
+    assert prov.metadata["bitfusion"] == plain.metadata["bitfusion"]
+    assert "kernel_provisioner" not in plain.metadata
+    assert prov.metadata["kernel_provisioner"] == {
+        "provisioner_name": "bitfusion-provisioner",
+        "config": {
+            "gpus": 2,
+            "mib": 4096,
+            "fraction": None,
+            "filters": ["device.memory>=16384"],  # as --filter takes it; MiB when no unit
+            "wait_s": 30.0,
+            "servers": "gpu1:56001",
+            "kernel": "python3",
+            "files": False,
+        },
+    }
+    listed = {s["name"]: s["provisioner"] for s in kernelspecs.installed()}
+    assert listed == {"plain": None, "prov": "bitfusion-provisioner"}
+
+
+def test_the_provisioner_reads_its_config_back_as_the_same_share(jupyter: Path) -> None:
+    """Through jupyter_client's own factory, as a Jupyter server starts the kernel: the
+    entry point is installed, and the kernelspec's config becomes the provisioner's traits."""
+    from jupyter_client.provisioning import KernelProvisionerFactory
+
+    from bitfusion_jupyter import shim
+    from bitfusion_jupyter.provisioner import BitfusionProvisioner, shim_command
+
+    cases = [
+        (["-n", "2", "-m", "4096", "--filter", "device.memory>=16GiB", "--wait", "30"], False),
+        (["-p", "0.5", "--filter", "device.name=A100", "-l", "gpu1", "--kernel", "torch"], True),
+    ]
+    for options, files in cases:
+        no_files = [] if files else ["--no-files"]
+        assert bf("install", *options, *no_files, "--name", "k", "--user", "--provisioner") == 0
+        spec = KernelSpecManager().get_kernel_spec("k")
+        provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
+            "kernel-1", spec, parent=None
+        )
+        assert isinstance(provisioner, BitfusionProvisioner)
+        wanted = share_request.from_args(shim.parse_args(spec.argv[3:]))
+        assert provisioner.share_request() == wanted
+        # The command it starts tells the shim the same kernel, folder and servers.
+        argv = shim_command(spec.argv, provisioner.kernel, provisioner.files, provisioner.servers)
+        assert shim.parse_args(argv[3:]) == shim.parse_args(spec.argv[3:])
+
+
+def test_the_provisioner_sets_what_the_shim_forwards_to_from_its_config() -> None:
+    from bitfusion_jupyter import shim
+    from bitfusion_jupyter.provisioner import shim_command
+
+    cmd = [sys.executable, "-m", "bitfusion_jupyter.shim", "--connection-file", "c.json",
+           "-m", "1024", "--no-files", "-l", "old:1", "--kernel=py39", "extra.py"]  # fmt: skip
+    argv = shim_command(cmd, "torch", "/data/project", "gpu1:56001,gpu2:56001")
+    assert argv[:7] == [*cmd[:5], "-m", "1024"]
+    args = shim.parse_args(argv[3:])
+    assert args.kernel == "torch" and args.server_list == "gpu1:56001,gpu2:56001"
+    assert args.files == "/data/project" and not args.no_files
+    assert "extra.py" in argv  # what the frontend passed stays: the shim says it sets it aside
+    assert shim.parse_args(shim_command(cmd, "python3", False, None)[3:]).no_files
+    carried = shim.parse_args(shim_command(cmd, "python3", True, None)[3:])
+    assert carried.files is None and not carried.no_files and carried.server_list is None
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ({"gpus": 0}, "-n 0 asks for no GPU"),
+        ({"fraction": 1.5}, "-p 1.5 is outside (0, 1]"),
+        ({"filters": ["colour=red"]}, "filter 'colour=red' is not understood"),
+        ({"wait_s": -1.0}, "--wait -1 is negative"),
+    ],
+)
+def test_a_bad_provisioner_config_is_one_sentence(config: dict, says: str) -> None:
+    from jupyter_client.kernelspec import KernelSpec
+
+    from bitfusion_jupyter.provisioner import BitfusionProvisioner, ShareError
+
+    spec = KernelSpec(argv=kernelspecs.shim_argv(ShareRequest(), "python3", None))
+    with pytest.raises(ShareError) as raised:
+        BitfusionProvisioner(kernel_id="k", kernel_spec=spec, **config).share_request()
+    assert says in str(raised.value) and "\n" not in str(raised.value)
+    assert raised.value.status_code == 400
+
+
+def test_presets_take_the_provisioner_too(jupyter: Path, capsys) -> None:
+    assert bf("install", "--presets", "--provisioner", "--user") == 0
+    named = {s["name"]: s["provisioner"] for s in kernelspecs.installed()}
+    assert set(named.values()) == {"bitfusion-provisioner"} and len(named) == 4
+    config = (
+        KernelSpecManager()
+        .get_kernel_spec("bitfusion-quarter-gpu")
+        .metadata["kernel_provisioner"]["config"]
+    )
+    assert (config["gpus"], config["fraction"], config["files"]) == (1, 0.25, True)
+
+
+def test_installing_for_a_provisioner_that_is_not_installed_says_so(
+    jupyter: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    assert kernelspecs.provisioner_installed()  # `pip install -e .` registers it
+    assert bf("install", "-m", "1024", "--user", "--provisioner") == 0
+    assert "is not installed" not in capsys.readouterr().err
+    monkeypatch.setattr(kernelspecs, "provisioner_installed", lambda: False)
+    assert bf("install", "-m", "1024", "--user", "--provisioner") == 0
+    err = capsys.readouterr().err
+    assert "Note: bitfusion-provisioner is not installed as a Jupyter kernel provisioner" in err

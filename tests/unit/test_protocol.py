@@ -41,7 +41,8 @@ def test_every_message_round_trips(message):
     msg_type, fields, payloads = message
     decoded = protocol.decode(protocol.encode(msg_type, payloads, **fields))
     assert decoded.type == msg_type
-    assert {k: v for k, v in decoded.header.items() if k != "type"} == fields
+    assert decoded.header["protocol"] == protocol.PROTOCOL_VERSION  # every message says it
+    assert {k: v for k, v in decoded.header.items() if k not in protocol.ENVELOPE} == fields
     assert list(decoded.payloads) == payloads
 
 

@@ -186,8 +186,8 @@ def test_a_kernel_is_matched_to_its_share_and_its_usage():
 @pytest.mark.parametrize(
     ("body", "words"),
     [
-        ({"gpus": 1, "fraction": 1.5}, "fraction 1.5 is not a fraction"),
-        ({"gpus": 0}, "gpus must be a whole number of at least 1, not 0."),
+        ({"gpus": 1, "fraction": 1.5}, "fraction 1.5 is outside (0, 1]; give a fraction of a GPU"),
+        ({"gpus": 0}, 'gpus 0 asks for no GPU; give "gpus": 1 or more.'),
         ({"gpus": True}, "gpus must be"),
         ({"gpus": 1, "mib": 2048, "fraction": 0.5}, "Give mib or fraction, not both."),
         ({"gpus": 1, "mib": "2048"}, "mib must be"),
