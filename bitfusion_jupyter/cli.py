@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import socket
 import sys
 from collections.abc import Callable
-from typing import NoReturn
 
 from bitfusion_jupyter import __version__, config, held, pool_views, share_request
 from bitfusion_jupyter.pool import Grant, Pool, say
@@ -21,40 +19,7 @@ from remoting.client import DEFAULT_TIMEOUT_S, GatewayError
 from remoting.messages import ErrorCode
 from remoting.protocol import DEFAULT_PORT
 from remoting.util import cli as cli_util
-from remoting.util.cli import Command
-
-EXIT_USAGE = 2
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, except that a mistake is one line that says where to read more: the
-    whole usage block buried the sentence that mattered."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: {_plain(message)}; see '{self.prog} --help'.\n")
-
-
-def _plain(message: str) -> str:
-    """argparse's words for a mistake, as the user would say them."""
-    named = re.match(r"argument (\S+): (.*)", message, re.S)
-    if not named:
-        return message
-    flags, rest = named.groups()
-    flag = flags.split("/")[0]  # -m, as people type it, rather than --memory
-    if rest.startswith("-"):  # our own readers' sentences name the flag already
-        return rest
-    other = re.match(r"not allowed with argument (\S+)", rest)
-    if other:
-        return f"{flag} is not allowed with {other[1].split('/')[0]}"
-    kind = re.match(r"invalid (int|float) value: (.*)", rest)
-    if kind:
-        return f"{flag} {kind[2]} is not a {'whole number' if kind[1] == 'int' else 'number'}"
-    choice = re.match(r"invalid choice: ('.*?') \(choose from (.*)\)", rest)
-    if choice and flag == "COMMAND":
-        return f"{choice[1]} is not a bitfusion command"
-    if choice:
-        return f"{flag} {choice[1]} is not one of {choice[2]}"
-    return f"{flag}: {rest}"
+from remoting.util.cli import EXIT_USAGE, Command, Parser
 
 
 def _server_list(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,8 @@ A bitfusion kernelspec starts the kernel shim, which takes a share and forwards 
 channels to it. With this provisioner (opt-in: `bitfusion kernelspec install --provisioner`)
 the Jupyter server takes the share itself, before the shim starts (``pre_launch``), and hands
 it to the shim as the %bitfusion magic does (``ADOPT_ENV``), so the shim only forwards. The
-provisioner renews the share's lease while the shim lives, gives it back in ``cleanup``, and
+provisioner renews the share's lease while the shim lives, gives it back in ``cleanup`` (a
+restart keeps it: the shim stops only its kernel, and the next one starts there again), and
 tells the server which share its kernel holds from the moment it is granted
 (``share``, ``get_provisioner_info``), not only once the shim has written its sidecar file.
 
@@ -76,18 +77,20 @@ class _Lease:
         self.grant = grant
         self.since = time.time()
         self.gone = False  # released, or the gateway no longer knows it
-        # Until a shim is there to hand it to, the share waits that long for one (a start
-        # that failed between the grant and the launch never calls cleanup).
-        granted = time.monotonic()
-        self.kernel_alive: Callable[[], bool] = lambda: (
-            time.monotonic() - granted < KERNEL_START_TIMEOUT_S
-        )
+        self.kernel_alive: Callable[[], bool] = lambda: True
+        self.await_kernel()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._renew, name=f"bitfusion-lease-{grant.share_id}", daemon=True
         )
         self._thread.start()
+
+    def await_kernel(self) -> None:
+        """Until a shim is there to hand it to, the share waits this long for one (a start
+        that failed between the grant and the launch never calls cleanup)."""
+        since = time.monotonic()
+        self.kernel_alive = lambda: time.monotonic() - since < KERNEL_START_TIMEOUT_S
 
     def handover(self) -> dict[str, Any]:
         """What ADOPT_ENV carries to the shim (the fields the magic's hand-over has)."""
@@ -96,14 +99,15 @@ class _Lease:
             "share": self.grant.share,
             "lease_s": self.grant.lease_s,
             "env": self.grant.env,
+            "keep": True,  # the shim ends its kernel, not the share: this gives it back
         }
 
     def _renew(self) -> None:
         every = protocol.renew_every(self.grant.lease_s)
         while not self._stop.wait(every):
             if not self.kernel_alive():
-                # The shim ended. It gives the share back itself, except when it is killed;
-                # a restart takes a fresh share either way.
+                # The shim ended and no restart took the share over (cleanup was not called,
+                # e.g. the server process died): give it back rather than hold it for nobody.
                 self.release(RELEASE_TIMEOUT_S)
                 return
             with self._lock:
@@ -160,6 +164,7 @@ class BitfusionProvisioner(LocalProvisioner):
     )
 
     _lease: _Lease | None = None
+    _shim_exit: int | None = None  # how the last shim ended (LocalProvisioner forgets it)
 
     # --- the share ------------------------------------------------------------------------
     def share_request(self) -> ShareRequest:
@@ -231,8 +236,10 @@ class BitfusionProvisioner(LocalProvisioner):
                 500,
             )
         request = self.share_request()
-        await self._release()  # a share left from before a restart (cleanup gave it back)
-        self._lease = await asyncio.to_thread(self._allocate, request)
+        if self._lease is not None and self._lease.gone:
+            await self._release()
+        if self._lease is None:  # else a restart: the kernel starts again on the same share
+            self._lease = await asyncio.to_thread(self._allocate, request)
         handover = json.dumps(self._lease.handover())
         kwargs["env"] = {**(kwargs.get("env") or os.environ), ADOPT_ENV: handover}
         try:
@@ -246,19 +253,35 @@ class BitfusionProvisioner(LocalProvisioner):
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Start the shim; the share is renewed while that process lives."""
         info = await super().launch_kernel(cmd, **kwargs)
+        self._shim_exit = None
         process, lease = self.process, self._lease
         if lease is not None and process is not None:
             lease.kernel_alive = lambda: process.poll() is None
         return info
 
     async def cleanup(self, restart: bool = False) -> None:
-        """Give the share back (the shim has normally done so; a killed one has not).
+        """Give the share back, unless the kernel restarts: then it keeps its share.
 
-        Called from `KernelManager.cleanup_resources()` after the shim ended, on a restart
-        too: the shim gives its share back as it ends, so a restart takes a fresh one.
+        Called from `KernelManager.cleanup_resources()` after the shim ended. A shim that
+        ended by itself has stopped its kernel on the share; one that was killed (a restart
+        with ``now=True``, or a kernel that would not stop) may have left it running there,
+        and only giving the share back ends it, so the restart then takes a fresh share.
         """
+        ended_well = self._shim_exit == 0
         await super().cleanup(restart=restart)
+        lease = self._lease
+        if restart and ended_well and lease is not None and not lease.gone:
+            lease.await_kernel()  # renewed while the next shim starts
+            return
         await self._release()
+
+    async def wait(self) -> int | None:
+        """LocalProvisioner's, remembering the shim's exit status for cleanup."""
+        had_process = self.process is not None
+        code = await super().wait()
+        if had_process:
+            self._shim_exit = code
+        return code
 
     def get_stable_start_time(self, recommended: float = 10.0) -> float:
         # A restart waits for a share (up to wait_s), then for the gateway to start the kernel.

@@ -129,6 +129,12 @@ class RemoteKernel:
     def interrupt(self) -> None:
         self.conn.send("signal", proc_id=self.stream.proc_id, signum=int(signal.SIGINT))
 
+    def end(self) -> None:
+        """Stop the kernel on its share, leaving the share held (the provisioner's)."""
+        if self._code is None:
+            self.conn.send("signal", proc_id=self.stream.proc_id, signum=int(signal.SIGKILL))
+            self.conn.flush()
+
     def exit_code(self) -> int | None:
         return self._code
 

@@ -7,11 +7,7 @@ import math
 
 from remoting import filters
 from remoting.shares import Want, WantError
-
-
-class UsageError(Exception):
-    """A bad option; the text is one sentence that says what to do."""
-
+from remoting.util.cli import UsageError  # the one class of a user's mistake, both sides
 
 # The one model of a share asked for lives in remoting.shares (the gateway checks the same).
 ShareRequest = Want

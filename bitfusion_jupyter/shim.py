@@ -337,7 +337,9 @@ class Shim:
             elif request.get("files"):
                 # A named folder that cannot go raises; "." may come back with a note, shown
                 # in the new kernel's first cell.
-                choice = file_server.choose(os.getcwd(), request["files"], False)
+                choice = file_server.choose(
+                    os.getcwd(), request["files"], False, hint=file_server.KERNEL_HINT
+                )
         except file_server.FilesError as exc:
             return {"ok": False, "error": str(exc)}
         pool = Pool.from_config(request.get("servers") or self.server_list, zero_copy=True)
@@ -545,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     info["__file__"] = str(args.connection_file)
     pool: Pool | None = None
     grant: Grant | None = None
+    kept: Grant | None = None  # a share the kernel provisioner holds and gives back itself
     shim: Shim | None = None
     try:
         pool = Pool.from_config(args.server_list, args.timeout, zero_copy=True)
@@ -555,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
             grant = Grant(
                 pool.connect(held["server"]), held["share"], held["lease_s"], held.get("env", {})
             )
+            # From the kernel provisioner: its share outlives this shim (a restart runs on it
+            # again), so the shim ends only its kernel there.
+            kept = grant if held.get("keep") else None
         else:
             grant = pool.allocate(req, release_on_exit=True, on_queue=say)
         started, server, folder, note = start_kernel(grant, info, args.kernel, choice)
@@ -576,7 +582,11 @@ def main(argv: list[str] | None = None) -> int:
         if shim is not None:
             shim.close()
         if grant is not None and not (shim and shim.lease_gone):
-            grant.release(timeout=3.0)
+            if grant is kept:
+                if shim is not None and isinstance(shim.backend, RemoteKernel):
+                    shim.backend.end()
+            else:
+                grant.release(timeout=3.0)
         if pool is not None:
             pool.close()
         ports.close(linger=shim is not None and shim.stopped)

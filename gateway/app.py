@@ -33,7 +33,7 @@ from gateway.settings import (
     trait_default,
 )
 from remoting import protocol, tokens
-from remoting.util.cli import Command
+from remoting.util.cli import Command, Parser
 
 # The server, NVML and asyncio's loop start only in _serve: this module also builds the
 # `bitfusion gateway` options for `bitfusion --help`, which must start fast. (gateway.kernels
@@ -285,7 +285,8 @@ def _banner(gateway: Any, token_path: Path, config_files: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__.split("\n")[0])
+    # One-line mistakes, as `bitfusion gateway` says them (the systemd unit runs this form).
+    parser = Parser(prog="python -m gateway", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

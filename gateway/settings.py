@@ -23,6 +23,7 @@ from traitlets.config.loader import JSONFileConfigLoader, PyFileConfigLoader
 from gateway.kernels import CHANNEL_MODES
 from gateway.police import Police
 from remoting import protocol
+from remoting.util.cli import UsageError
 
 if TYPE_CHECKING:
     from gateway.service import GatewayConfig
@@ -30,10 +31,6 @@ if TYPE_CHECKING:
 
 SYSTEM_CONFIG_DIR = Path("/etc/bitfusion")
 CONFIG_NAME = "bitfusion_gateway_config"  # .py (traitlets' `c.GatewayApp.port = ...`) or .json
-
-
-class UsageError(Exception):
-    """A bad option or setting; the text is one sentence for the admin."""
 
 
 def default_state_dir() -> Path:

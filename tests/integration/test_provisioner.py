@@ -154,6 +154,33 @@ def test_a_restart_runs_on_a_fresh_share_and_frees_the_old(way, install, client_
     assert client_env.no_shares_within(10)
 
 
+@pytest.mark.parametrize("way", WAYS)
+def test_a_graceful_restart_keeps_the_provisioners_share(way, install, client_env):
+    """The provisioner owns the share: a restart runs the new kernel on it again. The shim
+    alone gives its share back as it ends, so its restart takes a fresh one."""
+    install("gpu", "-m", "1024", *(["--provisioner"] if way == "provisioner" else []))
+    with kernel("gpu") as (km, kc):
+        first, _ = share_in_kernel(kc)
+        kc.execute_interactive("x = 42", timeout=30)
+        km.restart_kernel(now=False)  # a shutdown_request, as JupyterLab's "Restart" sends
+        kc.wait_for_ready(timeout=60)
+        second, mib = share_in_kernel(kc)
+        assert mib == "1024"
+        said: list[dict] = []
+        kc.execute_interactive("print('x' in dir())", timeout=30, output_hook=said.append)
+        text = "".join(m["content"]["text"] for m in said if m["msg_type"] == "stream")
+        assert text.strip() == "False"  # a fresh kernel: its variables are gone
+        if way == "provisioner":
+            assert second == first
+            assert grants(client_env) == [first]  # one grant for both kernels
+            [held] = client_env.shares()
+            assert [p["kernel"] for p in held["processes"]] == ["python3"]  # the old one ended
+        else:
+            assert second != first
+            assert [s["share_id"] for s in client_env.shares()] == [second]  # old one freed
+    assert client_env.no_shares_within(10)
+
+
 def test_the_provisioner_frees_the_share_of_a_killed_shim_at_once(install, client_env):
     """A shim killed with SIGKILL cannot give its share back; without the provisioner the
     gateway frees it only when its lease runs out."""
