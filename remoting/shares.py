@@ -66,24 +66,27 @@ class Want:
     wait_s: float = 0.0
 
     def validate(self, say: Spelling = FLAGS) -> Want:
-        """This request if it can be asked for; else WantError, named as ``say`` names it."""
+        """This request if it can be asked for; else WantError, named as ``say`` names it.
+        Values come from the wire too: any JSON number, however large, gets a sentence."""
         if self.gpus < 1:
             raise WantError(
-                f"{say.gpus} {self.gpus} asks for no GPU; give {say.eg(say.gpus, '1')} or more."
+                f"{say.gpus} {_shown(self.gpus)} asks for no GPU; "
+                f"give {say.eg(say.gpus, '1')} or more."
             )
         if self.mib is not None and self.fraction is not None:
             raise WantError(f"Give {say.mib} or {say.fraction}, not both.")
         if self.mib is not None and self.mib < 1:
             raise WantError(
-                f"{say.mib} {self.mib} is not a size; give MiB per GPU, "
+                f"{say.mib} {_shown(self.mib)} is not a size; give MiB per GPU, "
                 f"e.g. {say.eg(say.mib, '2048')}."
             )
-        frac = self.fraction
-        if frac is not None and not (math.isfinite(frac) and 0 < frac <= 1):
-            raise WantError(
-                f"{say.fraction} {frac:g} is outside (0, 1]; give a fraction of a GPU, "
-                f"e.g. {say.eg(say.fraction, '0.5')}."
-            )
+        if self.fraction is not None:
+            frac = finite(self.fraction)
+            if frac is None or not 0 < frac <= 1:
+                raise WantError(
+                    f"{say.fraction} {_shown(self.fraction)} is outside (0, 1]; give a fraction "
+                    f"of a GPU, e.g. {say.eg(say.fraction, '0.5')}."
+                )
         wait = finite(self.wait_s)
         if wait is None:  # NaN would wait in the queue for ever
             raise WantError(f"{say.wait} takes a number of seconds.")
@@ -163,3 +166,11 @@ def never_fits(want: Want, slots: Sequence[Slot]) -> str | None:
             f"has {biggest} MiB"
         )
     return None
+
+
+def _shown(value: float) -> str:
+    """A number for a sentence; a huge one from the wire is not spelt out (Python refuses to
+    print an int of over 4300 digits, and nobody would read it)."""
+    if isinstance(value, int) and not -(10**15) < value < 10**15:
+        return "(a number too large)"
+    return f"{value:g}"

@@ -7,6 +7,7 @@ presets included); otherwise a user kernelspec is installed, as
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from bitfusion_jupyter import kernelspecs
@@ -61,9 +62,10 @@ def read_request(body: Any) -> ShareRequest:
         raise SpecError(f"fraction must be a number in (0, 1], e.g. 0.5, not {fraction!r}.")
     assert gpus is not None
     try:
-        return Want(gpus, mib, None if fraction is None else float(fraction)).validate(FIELDS)
+        want = Want(gpus, mib, fraction).validate(FIELDS)  # any JSON number gets a sentence
     except WantError as exc:
         raise SpecError(str(exc)) from None
+    return want if fraction is None else replace(want, fraction=float(fraction))
 
 
 def read_files(body: Any) -> bool:

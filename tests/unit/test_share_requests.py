@@ -57,3 +57,27 @@ def test_every_way_in_takes_and_refuses_the_same_requests(case):
         with pytest.raises(WantError) as fields:
             Want.from_wire(ask).validate(FIELDS)
         assert str(rest.value) == str(fields.value)
+
+
+HUGE = 10**5000  # JSON allows it; Python will not even print it
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"gpus": -HUGE},
+        {"gpus": 1, "mib": -HUGE},
+        {"gpus": 1, "fraction": HUGE},
+        {"gpus": 1, "fraction": -HUGE},
+        {"gpus": 1, "fraction": float("nan")},
+        {"gpus": 1, "fraction": float("inf")},
+        {"gpus": 1, "wait_s": HUGE},
+        {"gpus": 1, "wait_s": float("nan")},
+    ],
+    ids=lambda f: ",".join(f),
+)
+def test_any_number_a_hostile_client_sends_is_refused_in_one_short_sentence(fields):
+    with pytest.raises(WantError) as refused:
+        Want.from_wire(fields).validate()
+    said = str(refused.value)
+    assert said.endswith(".") and len(said) < 160 and "\n" not in said
