@@ -13,6 +13,8 @@ from pathlib import Path
 
 import zmq
 
+from remoting import state_dir as layout
+
 
 @dataclass(frozen=True)
 class ClusterKeys:
@@ -29,7 +31,7 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def load_or_create(state_dir: Path) -> ClusterKeys:
     """Read the keys under ``state_dir/keys``, making them on first use."""
-    keys = state_dir / "keys"
+    keys = state_dir / layout.KEYS
     keys.mkdir(parents=True, exist_ok=True, mode=0o700)
     curve, token = keys / "server.curve", keys / "token.secret"
     if not curve.exists():

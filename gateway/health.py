@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from remoting import state_dir as layout
 from remoting.protocol import DEFAULT_PORT
 from remoting.util import tables
 from remoting.util.cli import Command
@@ -41,7 +42,7 @@ def _nvml() -> tuple[str, str]:
 def _gateway_answers(state_dir: Path, port: int) -> tuple[tuple[str, str], dict[str, Any]]:
     """Ask the local gateway who it is, with the admin token from its state dir: the
     verdict, and its answer ({} when it gave none)."""
-    token_file = state_dir / "admin.token"
+    token_file = state_dir / layout.ADMIN_TOKEN
     try:
         token_text = token_file.read_text().strip()
     except OSError:
@@ -112,7 +113,7 @@ def checks(state_dir: Path, port: int) -> list[dict[str, Any]]:
     if not state_dir.is_dir():
         add("state dir", (FAIL, f"{state_dir} does not exist; the gateway makes it on start"))
     else:
-        ledger = state_dir / "ledger.sqlite3"
+        ledger = state_dir / layout.LEDGER
         add(
             "state dir",
             (OK, f"{state_dir}, ledger {'present' if ledger.exists() else 'not yet made'}"),

@@ -23,6 +23,8 @@ from traitlets.config.loader import JSONFileConfigLoader, PyFileConfigLoader
 from gateway.kernels import CHANNEL_MODES
 from gateway.police import Police
 from remoting import protocol
+from remoting.state_dir import CONFIG as CONFIG_NAME
+from remoting.state_dir import default_state_dir
 from remoting.util.cli import UsageError
 
 if TYPE_CHECKING:
@@ -30,15 +32,6 @@ if TYPE_CHECKING:
 
 
 SYSTEM_CONFIG_DIR = Path("/etc/bitfusion")
-CONFIG_NAME = "bitfusion_gateway_config"  # .py (traitlets' `c.GatewayApp.port = ...`) or .json
-
-
-def default_state_dir() -> Path:
-    if os.environ.get("BITFUSION_STATE_DIR"):
-        return Path(os.environ["BITFUSION_STATE_DIR"])
-    if os.geteuid() == 0:
-        return Path("/var/lib/bitfusion")
-    return Path.home() / ".bitfusion" / "gateway"
 
 
 class PathTrait(TraitType[Path, Any]):

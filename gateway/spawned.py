@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway import state_lock
+from remoting import state_dir as layout
 
 
 def free_port() -> int:
@@ -87,7 +87,7 @@ class SpawnedGateway:
                 raise SpawnError(f"The {what} stopped right after starting: {self._why()}")
             # Ours once it names itself as the listener: an open port alone may be another
             # gateway's, and ours would then fail to bind a moment later.
-            if state_lock.listening_pid(self.state_dir) == self.proc.pid:
+            if layout.listening_pid(self.state_dir) == self.proc.pid:
                 with socket.socket() as s:
                     s.settimeout(1)
                     if s.connect_ex((self.host, self.port)) == 0:
@@ -156,7 +156,7 @@ def stop_leftovers(state_dir: Path) -> None:
     """
     from gateway.nanny import launcher
 
-    run_dir = state_dir / "run"
+    run_dir = state_dir / layout.RUN
     for path in run_dir.glob("*.json") if run_dir.exists() else []:
         status = launcher.read_status(path)
         if status:

@@ -15,7 +15,10 @@ import os
 from pathlib import Path
 from typing import IO
 
-LOCK_NAME = "gateway.pid"
+from remoting.state_dir import LOCK as LOCK_NAME
+from remoting.state_dir import listening_pid
+
+__all__ = ["LOCK_NAME", "StateInUse", "hold", "listening_pid", "mark_listening"]
 
 
 class StateInUse(Exception):
@@ -45,12 +48,3 @@ def mark_listening(handle: IO[str]) -> None:
     handle.truncate(0)
     handle.write(f"{os.getpid()}\n")
     handle.flush()
-
-
-def listening_pid(state_dir: Path) -> int | None:
-    """The pid of the gateway that holds ``state_dir`` and listens, if one does."""
-    try:
-        text = (state_dir / LOCK_NAME).read_text(encoding="ascii").strip()
-    except (FileNotFoundError, UnicodeDecodeError):
-        return None
-    return int(text) if text.isdigit() else None

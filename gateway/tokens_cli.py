@@ -11,6 +11,7 @@ from pathlib import Path
 
 from gateway import cluster_keys
 from gateway.app import GatewayApp, UsageError, prepare_state_dir, read_peers
+from remoting import state_dir as layout
 from remoting import tokens
 
 
@@ -80,7 +81,7 @@ def _revoke(
     from gateway.ledger import Ledger
 
     peers = read_peers(peers_file, state_dir)
-    ledger = Ledger(state_dir / "ledger.sqlite3", [])
+    ledger = Ledger(state_dir / layout.LEDGER, [])
     ledger.revoke(tok.nonce)
     ledger.event("revoke", tok.user, None, "token revoked")
     ledger.close()
@@ -109,7 +110,7 @@ def _revoke(
 
 def admin_token(state_dir: Path, keys: cluster_keys.ClusterKeys) -> Path:
     """The admin token file, written on first start (mode 0600)."""
-    path = state_dir / "admin.token"
+    path = state_dir / layout.ADMIN_TOKEN
     if not path.exists():
         tok = tokens.mint(keys.token_secret, keys.public, "admin", admin=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

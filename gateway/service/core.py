@@ -45,7 +45,7 @@ from gateway.service.lifecycle import Lifecycle
 from gateway.service.processes import Processes
 from gateway.service.queue import AllocationQueue
 from gateway.service.state import KernelState, Waiter
-from remoting import messages, protocol
+from remoting import messages, protocol, state_dir
 from remoting.protocol import Message
 from remoting.util.procs import pid_alive
 
@@ -68,7 +68,7 @@ class Gateway(
         self.inventory = inventory
         self.keys = keys
         self.gpus = inventory.gpus()
-        run_dir = config.state_dir / "run"
+        run_dir = config.state_dir / state_dir.RUN
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.run_dir = run_dir
         # How shares are walled off (said at start, in localhealth, on the dashboard).
@@ -77,10 +77,10 @@ class Gateway(
         self.sandbox_line = self.sandbox.line
         self.layout = sandbox.Layout.for_gateway(
             config.state_dir,
-            config.homes_dir or config.state_dir / "homes",
+            config.homes_dir or config.state_dir / state_dir.HOMES,
             [k.argv[0] for k in config.kernels.values()],
         )
-        self.ledger = Ledger(config.state_dir / "ledger.sqlite3", self.gpus)
+        self.ledger = Ledger(config.state_dir / state_dir.LEDGER, self.gpus)
         self.police = Police(config.police_mode, config.police_grace_s)
         self.relays: dict[str, Relay] = {}
         self.kernels: dict[str, KernelState] = {}
