@@ -21,7 +21,14 @@ def add_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     token_sub = token.add_subparsers(dest="token_command", required=True)
     create = token_sub.add_parser("create", help="print a new token")
     create.add_argument("--user", default=os.environ.get("USER", "user"))
-    create.add_argument("--admin", action="store_true", help="a token that sees every share")
+    role = create.add_mutually_exclusive_group()
+    role.add_argument("--admin", action="store_true", help="a token that sees every share")
+    role.add_argument(
+        "--minter",
+        action="store_true",
+        help="a token that may only mint users' tokens that expire and revoke tokens "
+        "(for a JupyterHub: docs/jupyterhub.md)",
+    )
     create.add_argument(
         "--expires",
         metavar="DURATION",
@@ -64,7 +71,9 @@ def _create(args: argparse.Namespace, keys: cluster_keys.ClusterKeys) -> int:
         except tokens.TokenError as exc:
             raise UsageError(f"--expires {exc}") from None
     try:
-        tok = tokens.mint(keys.token_secret, keys.public, args.user, args.admin, expires)
+        tok = tokens.mint(
+            keys.token_secret, keys.public, args.user, args.admin, expires, minter=args.minter
+        )
     except tokens.TokenError as exc:
         raise UsageError(str(exc)) from None
     print(tok)

@@ -216,6 +216,13 @@ class RevokeReply(TypedDict):
     revoked: str
 
 
+class MintReply(TypedDict):
+    token: str
+    user: str
+    admin: bool
+    expires: int | None  # Unix time
+
+
 REPLIES: dict[str, type] = {
     "hello": HelloReply,
     "list_gpus": ListGpusReply,
@@ -231,6 +238,7 @@ REPLIES: dict[str, type] = {
     "drain": DrainReply,
     "set_idle_timeout": IdleTimeoutReply,
     "revoke": RevokeReply,
+    "mint": MintReply,
 }
 
 

@@ -122,7 +122,10 @@ MESSAGES: dict[str, Spec] = {
     "history": Spec({**_REQ, "range": STR}, request=True),
     "drain": Spec({**_REQ, "index": INT, "drain": BOOL}, request=True),  # admin
     "set_idle_timeout": Spec({**_REQ, "seconds": NUM}, request=True),  # admin; 0 turns it off
-    "revoke": Spec({**_REQ, "nonce": STR}, request=True),  # admin: a token's nonce
+    "revoke": Spec({**_REQ, "nonce": STR}, request=True),  # admin or minter: a token's nonce
+    # admin or minter (a JupyterHub): a token for ``user``; a minter's must expire, and is a
+    # user's token, never an admin's
+    "mint": Spec({**_REQ, "user": STR}, {"expires_s": NUM, "admin": BOOL}, request=True),
     # --- one-way, client -> gateway ---
     "attach": Spec({**_ONEWAY, "proc_id": STR, "out_from": INT}),
     # ``stream`` 3: the files stream to the share's sshfs (its own seq space); else stdin.

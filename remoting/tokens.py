@@ -2,7 +2,8 @@
 
 A token is ``bf1.<role>.<user>.<nonce>[.e<expiry>].<mac>.<server key>``:
 
-- role ``u`` (a user) or ``a`` (an admin, who sees and touches every share);
+- role ``u`` (a user), ``a`` (an admin, who sees and touches every share) or ``m`` (a minter,
+  such as a JupyterHub's: it may only mint users' tokens and revoke tokens, and sees nothing);
 - ``e<expiry>``, optional: the Unix time (whole seconds, UTC) after which gateways refuse the
   token; a token without it never expires (every token made before expiry existed);
 - ``mac`` is an HMAC of the parts before it (the expiry included, so it cannot be edited or
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from zmq.utils import z85
 
 PREFIX = "bf1"
-ROLES = {"u": "user", "a": "admin"}
+ROLES = {"u": "user", "a": "admin", "m": "minter"}
 USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,31}$")
 EXPIRY_RE = re.compile(r"^e([0-9]{1,12})$")
 DURATION_RE = re.compile(r"^([0-9]{1,6})([smhd])$")
@@ -73,6 +74,10 @@ class Token:
     @property
     def admin(self) -> bool:
         return self.role == "a"
+
+    @property
+    def minter(self) -> bool:
+        return self.role == "m"
 
     @property
     def signed_part(self) -> str:
@@ -119,13 +124,18 @@ def mint(
     user: str,
     admin: bool = False,
     expires: int | None = None,
+    *,
+    minter: bool = False,
 ) -> Token:
-    """A new token for ``user``, signed with the cluster secret; ``expires``: Unix time."""
+    """A new token for ``user``, signed with the cluster secret; ``expires``: Unix time;
+    ``minter``: a token that may only mint users' tokens and revoke tokens."""
     if not USER_RE.match(user):
         raise TokenError(
             f"user name {user!r} is not allowed; use 1 to 32 letters, digits, '_' or '-'."
         )
-    role = "a" if admin else "u"
+    if admin and minter:
+        raise TokenError("a token is an admin's or a minter's, not both.")
+    role = "a" if admin else "m" if minter else "u"
     nonce = _b64(secrets.token_bytes(12))
     unsigned = Token(role, user, nonce, "", z85_to_token_key(server_public_z85), expires)
     return Token(

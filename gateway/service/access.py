@@ -64,8 +64,8 @@ class Access(ServiceState):
             return None
         return relay
 
-    def _admin(self, tok: tokens.Token, action: str) -> None:
-        if not tok.admin:
+    def _admin(self, tok: tokens.Token, action: str, minter_too: bool = False) -> None:
+        if not (tok.admin or (minter_too and tok.minter)):
             self.ledger.event("denied", tok.user, None, f"{action} needs an admin token")
             raise RequestError(
                 protocol.E_DENIED, f"Only an admin token may {action}; ask your admin."

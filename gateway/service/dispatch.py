@@ -25,6 +25,8 @@ log = logging.getLogger("bitfusion.gateway")
 # Requests whose handlers wait for a process to start (tens of ms, more under load): they run
 # beside the receive loop, so one user's start does not hold everyone else's messages.
 BESIDE_THE_LOOP = frozenset({"spawn", "kernel_start"})
+# All a minter token (a JupyterHub's) may ask: it holds no share and sees no one's.
+MINTER_MAY = frozenset({"hello", "mint", "revoke"})
 
 
 def _claimed(text: str) -> str:
@@ -97,6 +99,12 @@ class Dispatch(ServiceState):
             tok = self._authenticate(msg["token"])
             if spec.request:
                 self._check_fresh_id(ident, msg["id"])
+            if tok.minter and msg.type not in MINTER_MAY:
+                raise RequestError(
+                    protocol.E_DENIED,
+                    f"This token only mints and revokes users' tokens (a JupyterHub's); "
+                    f"{msg.type} needs a user's or an admin's token.",
+                )
         except RequestError as exc:
             await self._refuse(ident, msg, tok, exc)
             return
@@ -217,4 +225,5 @@ HANDLERS: dict[str, Handler] = {
     "drain": Admin.on_drain,
     "set_idle_timeout": Admin.on_set_idle_timeout,
     "revoke": Admin.on_revoke,
+    "mint": Admin.on_mint,
 }

@@ -111,6 +111,8 @@ class BaseHandler(web.RequestHandler):
         if reply.data is None and reply.state != "unauthorized":
             # A busy gateway is not a verdict on the token: say so, log no one out, cache nothing.
             raise ApiError(502, "This gateway did not answer in time; try again in a moment.")
+        if reply.data is not None and tok.minter:
+            return auth.MINTER
         if reply.data is not None:
             return auth.Caller(tok)
         # The gateway's own sentence: expired (and when), revoked, or not of this pool.

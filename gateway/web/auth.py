@@ -16,6 +16,10 @@ from remoting import tokens
 VERDICT_S = 5.0
 NO_TOKEN = "Log in with a token of this pool (Authorization: Bearer TOKEN); ask your admin for one."
 REFUSED = "This gateway does not accept that token; ask your admin for one."
+MINTER = (
+    "That token only mints users' tokens (a JupyterHub's); log in with a user's or an "
+    "admin's token."
+)
 
 
 @dataclass(frozen=True)
