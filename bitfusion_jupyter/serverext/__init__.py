@@ -54,13 +54,18 @@ asked in a thread with ``gateway_timeout_s`` (2 s) timeouts. These three timings
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Float, TraitError, validate
 
 from bitfusion_jupyter import pool_status
+from bitfusion_jupyter.serverext import kernels
 from bitfusion_jupyter.serverext.survey import Survey
+
+# jupyter_server counts every setting named *_last_activity as the server's activity.
+ACTIVITY_SETTING = "bitfusion_last_activity"
 
 
 class BitfusionExtension(ExtensionApp):
@@ -81,8 +86,14 @@ class BitfusionExtension(ExtensionApp):
         pool_status.TIMEOUT_S,
         help="How long to wait for a gateway's answer before showing it unreachable, in seconds.",
     ).tag(config=True)
+    busy_check_s = Float(
+        30.0,
+        help="How often a kernel busy on a GPU share counts as this server's activity, in "
+        "seconds (so a JupyterHub's idle culler does not stop a server whose cell runs on a "
+        "GPU for hours without output).",
+    ).tag(config=True)
 
-    @validate("push_interval_s", "gateway_timeout_s")
+    @validate("push_interval_s", "gateway_timeout_s", "busy_check_s")
     def _positive(self, proposal: Any) -> float:
         if not proposal.value > 0:
             raise TraitError(f"{proposal.trait.name} must be more than 0 seconds.")
@@ -97,6 +108,27 @@ class BitfusionExtension(ExtensionApp):
     def initialize_settings(self) -> None:
         """One survey per server: every handler and tab shares its answers."""
         self.survey = Survey(self.survey_ttl_s, self.gateway_timeout_s)
+        self.start_busy_check()
+
+    def start_busy_check(self) -> None:
+        """Count a kernel busy on a share as activity, every ``busy_check_s``.
+
+        jupyter_server counts kernel messages as activity, and every setting whose name ends
+        in ``_last_activity``; a cell computing on a GPU sends nothing for as long as it
+        runs, so without this the server looks idle (to JupyterHub's culler) while it works.
+        """
+        from tornado.ioloop import PeriodicCallback
+
+        def check() -> None:
+            if kernels.busy_on_a_share(self.serverapp.kernel_manager):
+                self.serverapp.web_app.settings[ACTIVITY_SETTING] = datetime.now(UTC)
+
+        self._busy_check = PeriodicCallback(check, self.busy_check_s * 1000)
+        self._busy_check.start()
+
+    async def stop_extension(self) -> None:
+        if getattr(self, "_busy_check", None) is not None:
+            self._busy_check.stop()
 
     def initialize_handlers(self) -> None:
         """The REST and WebSocket handlers above, under the server's base URL."""

@@ -121,3 +121,10 @@ def kernels_view(kernels: list[KernelShare], answers: Mapping[str, Answer]) -> d
             }
         )
     return {"kernels": rows}
+
+
+def busy_on_a_share(kernel_manager: Any) -> bool:
+    """True when a kernel of ``kernel_manager`` runs a cell on a GPU share now."""
+    return any(
+        k.execution_state == "busy" and k.sidecar is not None for k in running(kernel_manager)
+    )

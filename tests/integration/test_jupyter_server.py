@@ -62,6 +62,8 @@ def server(gateway, tmp_path):
                 f"--IdentityProvider.token={token}",
                 f"--ServerApp.root_dir={project}",  # kernels carry it, as users' do
                 "--allow-root",
+                '--ServerApp.jpserver_extensions={"bitfusion_jupyter": True}',
+                "--BitfusionExtension.busy_check_s=0.5",
             ],
             env=env,
             stdout=subprocess.DEVNULL,
@@ -155,3 +157,33 @@ def test_jupyter_server_runs_a_cell_on_a_share(server, gateway):
     assert gateway.no_shares_within(20), (
         "shutting the kernel down in the server did not free its share"
     )
+
+
+def test_a_cell_busy_on_a_share_keeps_the_server_active(server, gateway):
+    """A cell computing on a GPU sends nothing for as long as it runs; the server must still
+    report activity (JupyterHub's idle culler stops servers that report none)."""
+    base, token = server
+    kernel = _api(base, token, "POST", "/api/kernels", {"name": "bitfusion-1gpu"})
+    asyncio.run(_execute(base, token, kernel["id"], "1"))  # started and idle
+
+    async def busy_then_watch() -> list[str]:
+        ws = await websocket_connect(
+            f"{base.replace('http', 'ws')}/api/kernels/{kernel['id']}/channels?token={token}"
+        )
+        header = {"msg_id": uuid.uuid4().hex, "msg_type": "execute_request", "username": "t",
+                  "session": uuid.uuid4().hex, "version": "5.3", "date": ""}  # fmt: skip
+        content = {"code": "import time; time.sleep(8)", "silent": False}
+        await ws.write_message(json.dumps({"header": header, "parent_header": {}, "metadata": {},
+                                           "channel": "shell", "content": content}))  # fmt: skip
+        await asyncio.sleep(2)  # busy by now, and silent from here on
+        seen = []
+        for _ in range(4):
+            seen.append(_api(base, token, "GET", "/api/status")["last_activity"])
+            await asyncio.sleep(1)
+        ws.close()
+        return seen
+
+    seen = asyncio.run(busy_then_watch())
+    assert len(set(seen)) >= 3, f"the server looked idle during a busy cell: {seen}"
+    _api(base, token, "DELETE", f"/api/kernels/{kernel['id']}")
+    assert gateway.no_shares_within(20)
