@@ -53,11 +53,16 @@ def stopped_note(notice: Message, code: int) -> dict[str, Any]:
 
 
 def kernel_stopped(
-    session: Any, cell: tuple[bytes, dict] | None, notice: Message, code: int
+    session: Any,
+    cell: tuple[bytes, dict] | None,
+    notice: Message,
+    code: int,
+    note: dict[str, Any] | None = None,
 ) -> tuple[list[list[Any]], tuple[bytes, list[Any]] | None]:
     """The iopub messages (an error, then idle) and the shell reply that end the running
-    ``cell`` (its routing id and header) of a kernel that policing stopped."""
-    note = stopped_note(notice, code)
+    ``cell`` (its routing id and header) of a kernel that policing stopped (or, with its own
+    ``note``, whose share went back to the pool)."""
+    note = note or stopped_note(notice, code)
     evalue = note["message"]
     meta = {METADATA_KEY: {"notice": note}}
     parent = cell[1] if cell else {}
@@ -79,3 +84,13 @@ def kernel_stopped(
         metadata=meta,
     )
     return iopub, (cell[0], session.serialize(reply))
+
+
+def idle_note(notice: Message) -> dict[str, Any]:
+    """What is kept, and shown, of a kernel whose idle share the gateway reclaimed."""
+    return {
+        **fields(notice),
+        "action": "idle",
+        "message": f"{notice['message']} This kernel now runs locally, on no share, with its "
+        "variables reset; `%bitfusion -m MIB` takes a share again.",
+    }

@@ -74,6 +74,7 @@ class RemoteKernel:
             self.stream.files = FilesPump(grant.conn, started["proc_id"], files_server)
         self._code: int | None = None
         self.notices: list[Message] = []  # policing's, not yet shown
+        self.reclaimed: Message | None = None  # the gateway's word that the idle share ends
         if files_note:  # the folder stayed behind: said in the first cell that runs
             note = {"share_id": grant.share_id, "action": "files", "message": files_note}
             self.notices.append(Message("notice", note))
@@ -122,7 +123,9 @@ class RemoteKernel:
                 continue
             if msg.get("proc_id") not in (None, self.stream.proc_id):
                 continue  # the kernel we moved away from, going down
-            if msg.type == "notice" and msg.get("share_id") in (None, self.grant.share_id):
+            if msg.type == "notice" and msg.get("action") == "idle":
+                self.reclaimed = msg  # the share ends next; the shim says why, and goes local
+            elif msg.type == "notice" and msg.get("share_id") in (None, self.grant.share_id):
                 self.notices.append(msg)  # the shim shows it in the notebook
             self._code = self.stream.handle(msg)
 

@@ -199,6 +199,12 @@ class Shim:
                     break  # the kernel moved: what the old one still says is not wanted
             self._show_notices(backend)
             code = backend.exit_code() if self.backend is backend else None
+            if code is not None and isinstance(backend, RemoteKernel) and backend.reclaimed:
+                # Ending would only make Jupyter restart the kernel on a new share, for a
+                # notebook nobody uses: it goes on locally, and says so.
+                self._deliver_last(backend)
+                self._go_local_reclaimed(backend, backend.reclaimed)
+                continue
             if code is not None:
                 self._deliver_last(backend)
                 self._show_notices(backend)
@@ -240,6 +246,25 @@ class Shim:
             self._deliver("shell", *reply)
         self.stopped = True
         share_sidecar.write_notice(self.info["__file__"], kernel_notices.stopped_note(notice, code))
+
+    def _go_local_reclaimed(self, backend: RemoteKernel, notice: Message) -> None:
+        """The gateway reclaimed the idle share: a running cell (silent, off the GPU) ends
+        with the reason, the panel keeps it, and the kernel runs locally from now on."""
+        note = kernel_notices.idle_note(notice)
+        connection_file = str(self.info["__file__"])
+        iopub, reply = kernel_notices.kernel_stopped(
+            self._session(), self._running_cell(), notice, 0, note
+        )
+        for frames in iopub:
+            self._deliver("iopub", None, frames)
+        if reply is not None:
+            self._deliver("shell", *reply)
+        share_sidecar.remove(connection_file)
+        share_sidecar.write_notice(connection_file, note)
+        backend.close_files()
+        self.backend = LocalChild(zmq.Context.instance(), self.info, self._session())
+        self.in_flight = {}
+        say(f"{notice['message']} The kernel now runs locally, on no share.")
 
     def _deliver_last(self, backend: RemoteKernel | LocalChild) -> None:
         """What an ended kernel sent just before it went (a shutdown's reply)."""

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import time
+from typing import Any
 
 from gateway import usage_files
 from gateway.gpus import GpuState
@@ -131,7 +132,32 @@ class Housekeeping(ServiceState):
                 continue
             reason = f"idle for over {self.idle_timeout_s:g} s, reclaimed"
             self.ledger.event("idle_reclaim", share.owner, share.id, reason)
+            # Said before the share ends, so its kernel's shim knows why it did (and does
+            # not take a share again for a kernel nobody uses).
+            await self._tell(
+                share.id,
+                f"Share {share.id} was idle for over {self.idle_timeout_s:g} s and went back "
+                "to the pool (the admin's idle timeout).",
+                "idle",
+            )
             self._spawn_task(self.end_share(share, reason))
+
+    async def _tell(self, share_id: str, message: str, action: str, **fields: Any) -> None:
+        """A notice to whoever watches each process of the share (policing, idle reclaim)."""
+        for proc in self.ledger.processes_of(share_id):
+            relay = self.relays.get(proc.id)
+            if relay is not None and relay.subscriber is not None:
+                await self._send(
+                    relay.subscriber,
+                    protocol.encode(
+                        "notice",
+                        message=message,
+                        share_id=share_id,
+                        proc_id=proc.id,
+                        action=action,
+                        **fields,
+                    ),
+                )
 
     async def _execute(self, verdict: Verdict) -> None:
         self.ledger.event(
@@ -143,23 +169,15 @@ class Housekeeping(ServiceState):
             if verdict.action == "warn" and self.police.mode == "stop"
             else {}
         )
-        for proc in self.ledger.processes_of(verdict.share_id):
-            relay = self.relays.get(proc.id)
-            if relay is not None and relay.subscriber is not None:
-                await self._send(
-                    relay.subscriber,
-                    protocol.encode(
-                        "notice",
-                        message=verdict.message,
-                        share_id=verdict.share_id,
-                        proc_id=proc.id,
-                        action=verdict.action,
-                        gpu_index=verdict.gpu_index,
-                        used_mib=verdict.used_mib,
-                        limit_mib=verdict.limit_mib,
-                        **stop_in,
-                    ),
-                )
+        await self._tell(
+            verdict.share_id,
+            verdict.message,
+            verdict.action,
+            gpu_index=verdict.gpu_index,
+            used_mib=verdict.used_mib,
+            limit_mib=verdict.limit_mib,
+            **stop_in,
+        )
         if verdict.action == "stop":
             for pid in verdict.pids:
                 try:

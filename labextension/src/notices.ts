@@ -7,7 +7,7 @@ import { ISessionContext, Notification } from '@jupyterlab/apputils';
 import { KernelMessage } from '@jupyterlab/services';
 
 export interface IPoliceNotice {
-  action: 'warn' | 'stop' | 'kernel_stopped' | 'files';
+  action: 'warn' | 'stop' | 'kernel_stopped' | 'files' | 'idle';
   message: string;
   share_id?: string;
   gpu_index?: number;
@@ -29,6 +29,9 @@ export function notify(notice: IPoliceNotice, where: string): void {
   const text = `${where}: ${notice.message}`;
   if (notice.action === 'warn' || notice.action === 'files') {
     Notification.warning(text, { autoClose: 15000 });
+  } else if (notice.action === 'idle') {
+    // The kernel goes on locally: worth reading, not an error.
+    Notification.warning(text, { autoClose: false });
   } else if (notice.action === 'stop') {
     Notification.error(text, { autoClose: 30000 });
   } else {

@@ -492,12 +492,13 @@ function noticeLine(notice: IPoliceNotice | null): HTMLElement | null {
     warn: 'Warned',
     stop: 'Stopped over its share',
     kernel_stopped: 'Kernel stopped',
-    files: 'Folder not carried'
+    files: 'Folder not carried',
+    idle: 'Share reclaimed (idle)'
   }[notice.action];
   return h(
     'div',
     {
-      class: ['warn', 'files'].includes(notice.action)
+      class: ['warn', 'files', 'idle'].includes(notice.action)
         ? 'bf-policed bf-warn'
         : 'bf-policed bf-error',
       'data-testid': 'bf-policed',

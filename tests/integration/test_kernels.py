@@ -26,6 +26,8 @@ from tests.support.kernels import (
     stream_text,
     until,
 )
+from tests.support.waiting import wait_for
+from tests.support.wire import connect
 
 
 def test_execute_runs_inside_the_share(kernel, client_env):
@@ -788,3 +790,31 @@ def test_a_mistyped_shim_option_is_still_refused(tmp_path):
     )
     assert r.returncode == 2 and "unrecognized arguments: --memroy" in r.stderr
     assert shim.parse_args(["-f", str(conn), "--IPKernelApp.pylab=inline"]).kernel == "python3"
+
+
+def test_a_kernel_whose_idle_share_is_reclaimed_goes_on_locally_and_says_why(client_env):
+    """Ending would make Jupyter restart it on a new share, for a notebook nobody uses."""
+    admin = connect(client_env, "root", admin=True)
+    try:
+        with ready(start_shim_kernel("-m", "1024")) as (km, kc):
+            reply, outputs = run_cell(kc, "import os; print(os.environ['BITFUSION_SHARE_ID'])")
+            share_id = stream_text(outputs).strip()
+            assert share_id.startswith("s-")
+            admin.request("set_idle_timeout", seconds=2)
+            assert client_env.no_shares_within(20), "the idle share was not reclaimed"
+            # the shim hears it a moment after the gateway has freed the share
+            assert wait_for(lambda: share_sidecar.read_notice(km.connection_file), 10)
+            notice = share_sidecar.read_notice(km.connection_file)
+            assert notice["action"] == "idle"
+            assert share_id in notice["message"] and "runs locally" in notice["message"]
+            assert share_sidecar.read(km.connection_file) is None  # the panel: on no share
+            reply, outputs = run_cell(kc, "import os; print(os.environ.get('BITFUSION_SHARE_ID'))")
+            assert reply["status"] == "ok" and stream_text(outputs).strip() == "None"
+            assert km.is_alive()
+            time.sleep(3)
+            assert client_env.shares() == []  # it took no share again
+            events = admin.request("list_shares")["events"]
+            assert [e["kind"] for e in events].count("idle_reclaim") == 1
+    finally:
+        admin.request("set_idle_timeout", seconds=0)
+        admin.close()
