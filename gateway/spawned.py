@@ -123,9 +123,10 @@ class SpawnedGateway:
                 self.proc.kill()
                 self.proc.wait()
 
-    def token(self, user: str, admin: bool = False) -> str:
-        """A token for ``user`` (made once, then remembered)."""
-        key = f"{user}{'!' if admin else ''}"
+    def token(self, user: str, admin: bool = False, minter: bool = False) -> str:
+        """A token for ``user`` (made once, then remembered); ``minter``: one that may only
+        mint users' tokens and revoke tokens (a JupyterHub's)."""
+        key = f"{user}{'!' if admin else ''}{'+' if minter else ''}"
         if key not in self._tokens:
             out = subprocess.run(
                 [
@@ -139,6 +140,7 @@ class SpawnedGateway:
                     "--user",
                     user,
                     *(["--admin"] if admin else []),
+                    *(["--minter"] if minter else []),
                 ],
                 capture_output=True,
                 text=True,

@@ -4,7 +4,6 @@ out work like any user's, end when revoked, and the minter itself reaches no sha
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 
@@ -16,11 +15,7 @@ from tests.support.waiting import WAIT_S
 
 
 def _minter(gateway) -> GatewayConnection:
-    text = subprocess.run(
-        [sys.executable, "-m", "gateway", "token", "create", "--state-dir",
-         str(gateway.state_dir), "--user", "jupyterhub", "--minter"],
-        capture_output=True, text=True, check=True, env=gateway.process_env,
-    ).stdout.strip()  # fmt: skip
+    text = gateway.token("jupyterhub", minter=True)
     tok = tokens.parse(text)
     assert tok.minter and not tok.admin
     return GatewayConnection(gateway.address, tok, WAIT_S)

@@ -1,0 +1,434 @@
+"""A real JupyterHub (DummyAuthenticator, SimpleLocalProcessSpawner, configurable-http-proxy)
+set up with bitfusion_jupyter.hub.configure against a real gateway on a simulated pool: each
+single-user server it spawns holds a user token of its own Hub user and the pool's servers,
+never the Hub's minter token; that token takes shares in its user's name, and is revoked when
+the Hub stops the server or removes its user. The hooks' refusals (a bad name, no gateway, a
+token that cannot mint) are tested on the hooks themselves, without a Hub."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from urllib.error import HTTPError
+from urllib.request import Request, urlopen
+
+import pytest
+
+from gateway.spawned import free_port
+from remoting import tokens
+from tests.support.env import CLI, REPO, base_env
+from tests.support.gateways import GatewayFactory, GatewayProcess, no_traceback
+from tests.support.waiting import wait_for
+
+pytest.importorskip("jupyterhub")
+from traitlets.config import Config  # noqa: E402  (after the skip: traitlets comes with it)
+
+from bitfusion_jupyter import hub as bfhub  # noqa: E402
+
+CHP = shutil.which("configurable-http-proxy")
+pytestmark = pytest.mark.skipif(
+    CHP is None, reason="configurable-http-proxy is missing: run ./install-system-packages --test"
+)
+START_S = 60.0  # a Hub, its proxy and a Jupyter server each, on 2 cores shared with others
+TTL_S = 3600
+REVOKED = "This token has been revoked"
+
+
+def _minter(gw: GatewayProcess, path: Path) -> str:
+    """A minter token of ``gw``'s pool, written to ``path`` (mode 0600) as an admin would."""
+    text = gw.token("jupyterhub", minter=True)
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+    return text
+
+
+@pytest.fixture
+def pool(gateway_factory: GatewayFactory) -> GatewayProcess:
+    return gateway_factory("--simulate-gpus", "2x16GiB")
+
+
+@pytest.fixture
+def minter_file(pool: GatewayProcess, tmp_path: Path) -> Path:
+    path = tmp_path / "bitfusion-minter.token"
+    _minter(pool, path)
+    return path
+
+
+# --- the hooks alone ---------------------------------------------------------------------
+class _Spawner:
+    """What the hooks use of a Spawner: its user's name, its environment and its log."""
+
+    def __init__(self, name: str) -> None:
+        self.user = SimpleNamespace(name=name)
+        self.environment: dict[str, str] = {}
+        self.log = logging.getLogger("test-hub")
+
+
+def _spawner(name: str) -> _Spawner:
+    return _Spawner(name)
+
+
+def _hooks(servers: list[str], token_file: Path, c: Config | None = None, **kw: Any):
+    c = c or Config()
+    bfhub.configure(c, servers=servers, token_file=token_file, **kw)
+    return c.Spawner.pre_spawn_hook, c.Spawner.post_stop_hook
+
+
+def test_the_hooks_give_a_user_token_chain_earlier_hooks_and_revoke_at_stop(pool, minter_file):
+    c = Config()
+    ran: list[str] = []
+    c.Spawner.pre_spawn_hook = lambda s: ran.append(f"pre {s.user.name}")
+
+    async def earlier_post(s: Any) -> None:
+        ran.append(f"post {s.user.name}")
+
+    c.Spawner.post_stop_hook = earlier_post
+    pre, post = _hooks([pool.address], minter_file, c, token_ttl_s=TTL_S)
+    spawner = _spawner("erin")
+    spawner.environment = {"KEEP": "1"}
+    asyncio.run(pre(spawner))
+    env = spawner.environment
+    assert env["KEEP"] == "1" and env["BITFUSION_SERVERS"] == pool.address
+    tok = tokens.parse(env["BITFUSION_TOKEN"])
+    assert (tok.user, tok.role) == ("erin", "u")
+    assert tok.expires is not None and 0 < tok.expires - time.time() <= TTL_S
+    user_env = {**pool.env("erin"), "BITFUSION_TOKEN": str(tok)}
+    assert pool.bf("list_gpus", env=user_env).returncode == 0
+    asyncio.run(post(spawner))
+    assert ran == ["pre erin", "post erin"]
+    assert REVOKED in no_traceback(pool.bf("list_gpus", env=user_env))
+    asyncio.run(post(spawner))  # a second stop has nothing left to revoke
+
+
+def test_a_spawn_fails_in_one_sentence_when_the_pool_cannot_mint(pool, minter_file, tmp_path):
+    bad_name = _hooks([pool.address], minter_file)[0]
+    with pytest.raises(bfhub.HubSpawnError) as err:
+        asyncio.run(bad_name(_spawner("carol.smith")))
+    assert err.value.status_code == 400
+    assert "'carol.smith' cannot be a GPU pool user name" in err.value.jupyterhub_message
+
+    down = f"127.0.0.1:{free_port()}"
+    no_gateway = _hooks([down], minter_file, timeout_s=1)[0]
+    with pytest.raises(bfhub.HubSpawnError) as err:
+        asyncio.run(no_gateway(_spawner("alice")))
+    said = err.value.jupyterhub_message
+    assert said.startswith("No GPU pool gateway answered the Hub") and down in said
+    assert "start 'bitfusion gateway'" in said and said.count(". ") == 0
+
+    # The first that answers mints: a server that is down before it costs a timeout only.
+    both = _hooks([down, pool.address], minter_file, timeout_s=1)[0]
+    spawner = _spawner("alice")
+    asyncio.run(both(spawner))
+    assert tokens.parse(spawner.environment["BITFUSION_TOKEN"]).user == "alice"
+
+    user_token = tmp_path / "not-a-minter.token"
+    user_token.write_text(pool.token("mallory") + "\n")
+    not_minter = _hooks([pool.address], user_token)[0]
+    with pytest.raises(bfhub.HubSpawnError) as err:
+        asyncio.run(not_minter(_spawner("alice")))
+    said = err.value.jupyterhub_message
+    assert "refused the Hub's minter token" in said and "--minter" in said
+
+    missing = _hooks([pool.address], tmp_path / "nowhere.token")[0]
+    with pytest.raises(bfhub.HubSpawnError) as err:
+        asyncio.run(missing(_spawner("alice")))
+    assert "cannot read its GPU pool minter token" in err.value.jupyterhub_message
+
+
+def test_configure_refuses_bad_settings_at_once(tmp_path):
+    with pytest.raises(ValueError, match="at least one server"):
+        bfhub.configure(Config(), servers="", token_file=tmp_path / "t")
+    with pytest.raises(ValueError, match="token_ttl_s"):
+        bfhub.configure(Config(), servers="gpu1", token_file=tmp_path / "t", token_ttl_s=0)
+
+
+# --- a real JupyterHub -------------------------------------------------------------------
+def _json(text: str) -> Any:
+    """A reply's JSON; the text itself where it is not (the proxy's own 404 while the Hub
+    has not yet routed itself)."""
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return text
+
+
+@dataclass
+class Hub:
+    base: str  # the proxy's public URL
+    api_token: str
+    proc: subprocess.Popen
+    log_path: Path
+    pids: set[int] = field(default_factory=set)  # single-user servers seen, to clean up
+
+    def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        req = Request(
+            f"{self.base}/hub/api{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"token {self.api_token}"},
+        )
+        try:
+            with urlopen(req, timeout=30) as r:
+                return r.status, _json(r.read().decode())
+        except HTTPError as exc:
+            return exc.code, _json(exc.read().decode())
+
+    def user(self, name: str) -> dict:
+        status, model = self.api("GET", f"/users/{name}")
+        assert status == 200, model
+        return model
+
+    def start(self, name: str) -> tuple[int, Any]:
+        status, model = self.api("POST", f"/users/{name}")
+        assert status in (201, 409), model  # 409: the user exists already
+        return self.api("POST", f"/users/{name}/server")
+
+    def wait_ready(self, name: str) -> int:
+        """The pid of ``name``'s single-user server, once the Hub says it is ready."""
+        server: dict = {}
+
+        def ready() -> bool:
+            nonlocal server
+            server = self.user(name)["servers"].get("", {})
+            return bool(server.get("ready"))
+
+        assert wait_for(ready, START_S, step=0.3), f"{name}: {server}\n{self.log()}"
+        pid = int(server["state"]["pid"])
+        self.pids.add(pid)
+        return pid
+
+    def stop(self, name: str) -> None:
+        status, model = self.api("DELETE", f"/users/{name}/server")
+        assert status in (202, 204), model
+        assert wait_for(lambda: not self.user(name)["servers"], START_S, step=0.3), self.log()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+
+def _hub_config(
+    tmp_path: Path, gw: GatewayProcess, minter_file: Path, api_token: str, port: int
+) -> Path:
+    here = tmp_path / "hub"
+    singleuser = Path(sys.executable).parent / "jupyterhub-singleuser"
+    cmd = (
+        [str(singleuser)]
+        if singleuser.exists()
+        else [sys.executable, "-m", "jupyterhub.singleuser"]
+    )
+    settings = {
+        "port": port,
+        "hub_port": free_port(),
+        "proxy_api": f"http://127.0.0.1:{free_port()}",
+        "db": f"sqlite:///{here / 'jupyterhub.sqlite'}",
+        "cookie_secret": str(here / "cookie_secret"),
+        "proxy_pid": str(here / "proxy.pid"),
+        "homes": str(tmp_path / "homes" / "{username}"),
+        "cmd": cmd,
+        # A test machine or container may run as root, where a Jupyter server wants a word.
+        "args": ["--allow-root"] if os.geteuid() == 0 else [],
+        "token": api_token,
+        "servers": [gw.address],
+        "minter": str(minter_file),
+        "ttl": TTL_S,
+    }
+    config = here / "jupyterhub_config.py"
+    config.write_text(
+        f"s = {settings!r}\n"
+        + """
+c.JupyterHub.ip = "127.0.0.1"
+c.JupyterHub.port = s["port"]
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = s["hub_port"]
+c.ConfigurableHTTPProxy.api_url = s["proxy_api"]
+c.ConfigurableHTTPProxy.pid_file = s["proxy_pid"]
+c.JupyterHub.db_url = s["db"]
+c.JupyterHub.cookie_secret_file = s["cookie_secret"]
+c.JupyterHub.authenticator_class = "dummy"
+c.Authenticator.allow_all = True
+c.JupyterHub.spawner_class = "simple"
+c.SimpleLocalProcessSpawner.home_dir_template = s["homes"]
+c.Spawner.cmd = s["cmd"]
+c.Spawner.args = s["args"]
+c.Spawner.start_timeout = 60
+c.Spawner.http_timeout = 60
+c.JupyterHub.services = [{"name": "bitfusion-test", "api_token": s["token"]}]
+c.JupyterHub.load_roles = [
+    {"name": "bitfusion-test", "scopes": ["admin:users", "admin:servers"],
+     "services": ["bitfusion-test"]},
+]
+
+from bitfusion_jupyter.hub import configure
+configure(c, servers=s["servers"], token_file=s["minter"], token_ttl_s=s["ttl"])
+"""
+    )
+    return config
+
+
+def _ours(tmp_path: Path) -> list[int]:
+    """Processes of this test's Hub left behind: its proxy and single-user servers (their
+    working folders are in ``tmp_path``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        if (b"jupyterhub" in cmdline or b"configurable-http-proxy" in cmdline) and (
+            cwd == tmp_path or tmp_path in cwd.parents
+        ):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def hub(pool: GatewayProcess, minter_file: Path, tmp_path: Path) -> Iterator[Hub]:
+    (tmp_path / "hub").mkdir()
+    api_token, port = uuid.uuid4().hex, free_port()
+    config = _hub_config(tmp_path, pool, minter_file, api_token, port)
+    env = {**base_env(tmp_path), "HOME": str(tmp_path / "hub"), "PYTHONPATH": str(REPO)}
+    env["PATH"] = f"{Path(CHP or '').parent}{os.pathsep}{env.get('PATH', '')}"
+    log_path = tmp_path / "hub" / "hub.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyterhub", "-f", str(config)],
+            cwd=tmp_path / "hub",
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    h = Hub(f"http://127.0.0.1:{port}", api_token, proc, log_path)
+    try:
+
+        def up() -> bool:
+            assert proc.poll() is None, h.log()
+            with contextlib.suppress(OSError):
+                return h.api("GET", "/")[0] == 200
+            return False
+
+        assert wait_for(up, START_S, step=0.3), h.log()
+        yield h
+    finally:
+        # The Hub stops its servers as it ends (which runs the stop hook) and its proxy;
+        # whatever it leaves, after a failure too, is killed here.
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in {*h.pids, *_ours(tmp_path)}:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` runs (a zombie does not count: the Hub may not have reaped it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _line(proc: subprocess.Popen, timeout: float = START_S) -> str:
+    """The first line ``proc`` prints, without waiting forever for it."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"nothing printed in {timeout:g} s"
+    return proc.stdout.readline().strip()
+
+
+def test_each_hub_user_gets_their_own_pool_token_revoked_at_stop(hub, pool, minter_file):
+    minter = minter_file.read_text().strip()
+    admin = (pool.state_dir / "admin.token").read_text().strip()
+    users = ["alice", "bob"]
+    # Both spawn at once, as a Hub's users do (the API waits on each spawn for a while).
+    with ThreadPoolExecutor(len(users)) as starts:
+        for status, said in starts.map(hub.start, users):
+            assert status in (201, 202), said
+    pids = {name: hub.wait_ready(name) for name in users}
+    envs = {name: _environ(pid) for name, pid in pids.items()}
+
+    for name, env in envs.items():
+        tok = tokens.parse(env["BITFUSION_TOKEN"])
+        assert (tok.user, tok.role, tok.admin, tok.minter) == (name, "u", False, False)
+        assert tok.expires is not None and tok.expires - time.time() <= TTL_S
+        assert env["BITFUSION_SERVERS"] == pool.address
+        raw = Path(f"/proc/{pids[name]}/environ").read_bytes()
+        assert minter.encode() not in raw and admin.encode() not in raw, name
+
+    # Each user's token takes a share in that user's name, at once for both.
+    runs = {
+        name: subprocess.Popen(
+            [
+                *CLI,
+                "run",
+                "--no-files",
+                "-n",
+                "1",
+                "-m",
+                "1024",
+                "--",
+                "python",
+                "-c",
+                "import os, sys; print(os.environ['USER'], flush=True); sys.stdin.readline()",
+            ],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, env in envs.items()
+    }
+    try:
+        assert {name: _line(run) for name, run in runs.items()} == {n: n for n in users}
+        assert sorted(s["owner"] for s in pool.shares()) == users
+    finally:
+        for run in runs.values():
+            out, err = run.communicate("\n", timeout=START_S)
+            assert run.returncode == 0, err
+
+    # Stopping alice's server revokes her token on the gateway; bob's still works.
+    hub.stop("alice")
+    alice = envs["alice"]
+    assert not _alive(pids["alice"])  # her single-user server is gone
+    assert wait_for(lambda: pool.bf("list_gpus", env=alice).returncode != 0, 20)
+    assert REVOKED in no_traceback(pool.bf("list_gpus", env=alice))
+    assert pool.bf("list_gpus", env=envs["bob"]).returncode == 0
+
+    # A Hub admin who removes a user stops their server first, which revokes their token.
+    status, said = hub.api("DELETE", "/users/bob")
+    assert status == 204, said
+    assert wait_for(lambda: pool.bf("list_gpus", env=envs["bob"]).returncode != 0, 20)
+    assert REVOKED in no_traceback(pool.bf("list_gpus", env=envs["bob"]))
+
+    # A Hub name that cannot be a pool user's fails its spawn, in one sentence.
+    status, said = hub.start("carol.smith")
+    assert status == 400, said
+    assert "'carol.smith' cannot be a GPU pool user name" in said["message"]
