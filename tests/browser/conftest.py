@@ -8,27 +8,17 @@ the test's tmp dir and to `test-output/screenshots/` for a person to look at.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.error import URLError
-from urllib.request import Request, urlopen
 
 import pytest
 
-from gateway.quickstart import JupyterLab
-from gateway.spawned import free_port, stop_leftovers
-from tests.support.env import REPO, base_env
+from gateway.spawned import stop_leftovers
+from tests.support.env import base_env
 from tests.support.gateways import GatewayProcess, start_web_gateway
-
-CHROMIUM = Path(os.environ.get("BITFUSION_TEST_CHROMIUM", "/usr/bin/chromium"))
-BUILT_PANEL = REPO / "bitfusion_jupyter" / "labextension"
-SCREENSHOTS = REPO / "test-output" / "screenshots"
-LAB_START_S = 90.0
+from tests.support.lab import BUILT_PANEL, CHROMIUM, SCREENSHOTS, Lab, start_lab
 
 
 def _skip_reason() -> str | None:
@@ -51,67 +41,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(item.fspath).parents:
             item.add_marker(pytest.mark.skip(reason=reason))
-
-
-class Lab(JupyterLab):
-    """The quick start's JupyterLab process, plus its own REST API for the tests."""
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def api(self, method: str, path: str, body: object = None) -> object:
-        req = Request(
-            f"{self.base}{path}",
-            method=method,
-            data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": f"token {self.token}"},
-        )
-        with urlopen(req, timeout=30) as r:
-            text = r.read()
-        return json.loads(text) if text else None
-
-
-def start_lab(home: Path, env: dict[str, str]) -> Lab:
-    """JupyterLab with everything Jupyter reads or writes under ``home``."""
-    jupyter = home / "jupyter"
-    labext = jupyter / "labextensions"
-    labext.mkdir(parents=True)
-    # This checkout's build, ahead of any installed copy (JUPYTER_PATH comes first).
-    (labext / "bitfusion-jupyter").symlink_to(BUILT_PANEL, target_is_directory=True)
-    settings = home / "lab-settings"
-    notification = (
-        settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-    )
-    notification.parent.mkdir(parents=True)
-    notification.write_text(json.dumps({"fetchNews": "false"}))  # no news toast on screenshots
-    config = home / "config"
-    config.mkdir()
-    # Enabled here too, so that the tests do not depend on how the package was installed.
-    (config / "jupyter_server_config.json").write_text(
-        json.dumps({"ServerApp": {"jpserver_extensions": {"bitfusion_jupyter": True}}})
-    )
-    lab_env = {
-        **env,
-        "HOME": str(home),
-        "JUPYTER_PATH": str(jupyter),
-        "JUPYTER_CONFIG_DIR": str(config),
-        "JUPYTER_DATA_DIR": str(home / "data"),
-        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
-        "JUPYTERLAB_SETTINGS_DIR": str(settings),
-        "JUPYTERLAB_WORKSPACES_DIR": str(home / "lab-workspaces"),
-    }
-    lab = Lab(free_port(), lab_env, home / "jupyterlab.log", (f"--ServerApp.root_dir={home}",))
-    deadline = time.monotonic() + LAB_START_S
-    while True:
-        try:
-            lab.api("GET", "/bitfusion/api/presets")  # the server extension answers too
-            return lab
-        except (URLError, OSError):
-            if lab.proc.poll() is not None or time.monotonic() > deadline:
-                lab.stop()
-                raise AssertionError(f"JupyterLab did not start:\n{lab.log_tail(40)}") from None
-            time.sleep(0.3)
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,8 @@ import signal
 from playwright.sync_api import Locator, Page, expect
 
 from gateway.spawned import free_port, stop_leftovers
-from tests.browser.conftest import Lab, start_lab
 from tests.support.gateways import GatewayProcess, start_gateway
-
-KERNEL_READY_MS = 90_000  # the shim takes a share and starts a kernel on the gateway
+from tests.support.lab import KERNEL_READY_MS, Lab, run_cell, start_lab, wait_for_idle_kernel
 
 
 def open_panel(page: Page, lab: Lab) -> None:
@@ -21,16 +19,6 @@ def open_panel(page: Page, lab: Lab) -> None:
     tab = page.locator('.jp-SideBar [data-id="bitfusion-gpu-pool"]')
     tab.click()
     expect(page.locator("#bitfusion-gpu-pool")).to_be_visible()
-
-
-def run_cell(page: Page, code: str) -> None:
-    """Type ``code`` into the last cell of the active notebook and run it."""
-    editor = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell .cm-content").last
-    editor.click()
-    expect(editor).to_be_focused()
-    page.keyboard.insert_text(code)  # no key events, so no auto-closed brackets
-    expect(editor).to_contain_text(code.splitlines()[-1])
-    page.keyboard.press("Shift+Enter")
 
 
 def start_from_form(page: Page, lab: Lab, mib: int) -> Locator:
@@ -42,14 +30,6 @@ def start_from_form(page: Page, lab: Lab, mib: int) -> Locator:
     panel.get_by_test_id("bf-size").fill(str(mib))
     panel.get_by_test_id("bf-start").click()
     return panel
-
-
-def wait_for_idle_kernel(page: Page) -> None:
-    """Until the notebook's kernel (started by the shim inside its share) is idle."""
-    expect(page.locator(".jp-NotebookPanel .jp-Notebook")).to_be_visible()
-    expect(page.get_by_role("button", name=re.compile(r"\| Idle$"))).to_be_visible(
-        timeout=KERNEL_READY_MS
-    )
 
 
 def test_panel_shows_the_simulated_pool(page: Page, lab: Lab, pool_gateway: GatewayProcess, shoot):

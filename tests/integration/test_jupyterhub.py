@@ -8,32 +8,32 @@ token that cannot mint) are tested on the hooks themselves, without a Hub."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import os
 import select
-import shutil
-import signal
 import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-from urllib.error import HTTPError
-from urllib.request import Request, urlopen
 
 import pytest
 
 from gateway.spawned import free_port
 from remoting import tokens
-from tests.support.env import CLI, REPO, base_env
+from tests.support.env import CLI
 from tests.support.gateways import GatewayFactory, GatewayProcess, no_traceback
+from tests.support.hub import (
+    CHP,
+    START_S,
+    TTL_S,
+    Hub,
+    alive,
+    environ,
+    running_hub,
+    write_minter,
+)
 from tests.support.waiting import wait_for
 
 pytest.importorskip("jupyterhub")
@@ -41,21 +41,10 @@ from traitlets.config import Config  # noqa: E402  (after the skip: traitlets co
 
 from bitfusion_jupyter import hub as bfhub  # noqa: E402
 
-CHP = shutil.which("configurable-http-proxy")
 pytestmark = pytest.mark.skipif(
     CHP is None, reason="configurable-http-proxy is missing: run ./install-system-packages --test"
 )
-START_S = 60.0  # a Hub, its proxy and a Jupyter server each, on 2 cores shared with others
-TTL_S = 3600
 REVOKED = "This token has been revoked"
-
-
-def _minter(gw: GatewayProcess, path: Path) -> str:
-    """A minter token of ``gw``'s pool, written to ``path`` (mode 0600) as an admin would."""
-    text = gw.token("jupyterhub", minter=True)
-    path.write_text(text + "\n")
-    path.chmod(0o600)
-    return text
 
 
 @pytest.fixture
@@ -66,7 +55,7 @@ def pool(gateway_factory: GatewayFactory) -> GatewayProcess:
 @pytest.fixture
 def minter_file(pool: GatewayProcess, tmp_path: Path) -> Path:
     path = tmp_path / "bitfusion-minter.token"
-    _minter(pool, path)
+    write_minter(pool, path)
     return path
 
 
@@ -159,200 +148,10 @@ def test_configure_refuses_bad_settings_at_once(tmp_path):
 
 
 # --- a real JupyterHub -------------------------------------------------------------------
-def _json(text: str) -> Any:
-    """A reply's JSON; the text itself where it is not (the proxy's own 404 while the Hub
-    has not yet routed itself)."""
-    try:
-        return json.loads(text) if text else None
-    except ValueError:
-        return text
-
-
-@dataclass
-class Hub:
-    base: str  # the proxy's public URL
-    api_token: str
-    proc: subprocess.Popen
-    log_path: Path
-    pids: set[int] = field(default_factory=set)  # single-user servers seen, to clean up
-
-    def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        req = Request(
-            f"{self.base}/hub/api{path}",
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"token {self.api_token}"},
-        )
-        try:
-            with urlopen(req, timeout=30) as r:
-                return r.status, _json(r.read().decode())
-        except HTTPError as exc:
-            return exc.code, _json(exc.read().decode())
-
-    def user(self, name: str) -> dict:
-        status, model = self.api("GET", f"/users/{name}")
-        assert status == 200, model
-        return model
-
-    def start(self, name: str) -> tuple[int, Any]:
-        status, model = self.api("POST", f"/users/{name}")
-        assert status in (201, 409), model  # 409: the user exists already
-        return self.api("POST", f"/users/{name}/server")
-
-    def wait_ready(self, name: str) -> int:
-        """The pid of ``name``'s single-user server, once the Hub says it is ready."""
-        server: dict = {}
-
-        def ready() -> bool:
-            nonlocal server
-            server = self.user(name)["servers"].get("", {})
-            return bool(server.get("ready"))
-
-        assert wait_for(ready, START_S, step=0.3), f"{name}: {server}\n{self.log()}"
-        pid = int(server["state"]["pid"])
-        self.pids.add(pid)
-        return pid
-
-    def stop(self, name: str) -> None:
-        status, model = self.api("DELETE", f"/users/{name}/server")
-        assert status in (202, 204), model
-        assert wait_for(lambda: not self.user(name)["servers"], START_S, step=0.3), self.log()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-
-def _hub_config(
-    tmp_path: Path, gw: GatewayProcess, minter_file: Path, api_token: str, port: int
-) -> Path:
-    here = tmp_path / "hub"
-    singleuser = Path(sys.executable).parent / "jupyterhub-singleuser"
-    cmd = (
-        [str(singleuser)]
-        if singleuser.exists()
-        else [sys.executable, "-m", "jupyterhub.singleuser"]
-    )
-    settings = {
-        "port": port,
-        "hub_port": free_port(),
-        "proxy_api": f"http://127.0.0.1:{free_port()}",
-        "db": f"sqlite:///{here / 'jupyterhub.sqlite'}",
-        "cookie_secret": str(here / "cookie_secret"),
-        "proxy_pid": str(here / "proxy.pid"),
-        "homes": str(tmp_path / "homes" / "{username}"),
-        "cmd": cmd,
-        # A test machine or container may run as root, where a Jupyter server wants a word.
-        "args": ["--allow-root"] if os.geteuid() == 0 else [],
-        "token": api_token,
-        "servers": [gw.address],
-        "minter": str(minter_file),
-        "ttl": TTL_S,
-    }
-    config = here / "jupyterhub_config.py"
-    config.write_text(
-        f"s = {settings!r}\n"
-        + """
-c.JupyterHub.ip = "127.0.0.1"
-c.JupyterHub.port = s["port"]
-c.JupyterHub.hub_ip = "127.0.0.1"
-c.JupyterHub.hub_port = s["hub_port"]
-c.ConfigurableHTTPProxy.api_url = s["proxy_api"]
-c.ConfigurableHTTPProxy.pid_file = s["proxy_pid"]
-c.JupyterHub.db_url = s["db"]
-c.JupyterHub.cookie_secret_file = s["cookie_secret"]
-c.JupyterHub.authenticator_class = "dummy"
-c.Authenticator.allow_all = True
-c.JupyterHub.spawner_class = "simple"
-c.SimpleLocalProcessSpawner.home_dir_template = s["homes"]
-c.Spawner.cmd = s["cmd"]
-c.Spawner.args = s["args"]
-c.Spawner.start_timeout = 60
-c.Spawner.http_timeout = 60
-c.JupyterHub.services = [{"name": "bitfusion-test", "api_token": s["token"]}]
-c.JupyterHub.load_roles = [
-    {"name": "bitfusion-test", "scopes": ["admin:users", "admin:servers"],
-     "services": ["bitfusion-test"]},
-]
-
-from bitfusion_jupyter.hub import configure
-configure(c, servers=s["servers"], token_file=s["minter"], token_ttl_s=s["ttl"])
-"""
-    )
-    return config
-
-
-def _ours(tmp_path: Path) -> list[int]:
-    """Processes of this test's Hub left behind: its proxy and single-user servers (their
-    working folders are in ``tmp_path``)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            cwd = Path(os.readlink(entry / "cwd"))
-        except OSError:
-            continue
-        if (b"jupyterhub" in cmdline or b"configurable-http-proxy" in cmdline) and (
-            cwd == tmp_path or tmp_path in cwd.parents
-        ):
-            found.append(int(entry.name))
-    return found
-
-
 @pytest.fixture
 def hub(pool: GatewayProcess, minter_file: Path, tmp_path: Path) -> Iterator[Hub]:
-    (tmp_path / "hub").mkdir()
-    api_token, port = uuid.uuid4().hex, free_port()
-    config = _hub_config(tmp_path, pool, minter_file, api_token, port)
-    env = {**base_env(tmp_path), "HOME": str(tmp_path / "hub"), "PYTHONPATH": str(REPO)}
-    env["PATH"] = f"{Path(CHP or '').parent}{os.pathsep}{env.get('PATH', '')}"
-    log_path = tmp_path / "hub" / "hub.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterhub", "-f", str(config)],
-            cwd=tmp_path / "hub",
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    h = Hub(f"http://127.0.0.1:{port}", api_token, proc, log_path)
-    try:
-
-        def up() -> bool:
-            assert proc.poll() is None, h.log()
-            with contextlib.suppress(OSError):
-                return h.api("GET", "/")[0] == 200
-            return False
-
-        assert wait_for(up, START_S, step=0.3), h.log()
-        yield h
-    finally:
-        # The Hub stops its servers as it ends (which runs the stop hook) and its proxy;
-        # whatever it leaves, after a failure too, is killed here.
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for pid in {*h.pids, *_ours(tmp_path)}:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes()
-    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
-
-
-def _alive(pid: int) -> bool:
-    """``pid`` runs (a zombie does not count: the Hub may not have reaped it yet)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    with running_hub(tmp_path / "hub", [pool], minter_file) as running:
+        yield running
 
 
 def _line(proc: subprocess.Popen, timeout: float = START_S) -> str:
@@ -372,7 +171,7 @@ def test_each_hub_user_gets_their_own_pool_token_revoked_at_stop(hub, pool, mint
         for status, said in starts.map(hub.start, users):
             assert status in (201, 202), said
     pids = {name: hub.wait_ready(name) for name in users}
-    envs = {name: _environ(pid) for name, pid in pids.items()}
+    envs = {name: environ(pid) for name, pid in pids.items()}
 
     for name, env in envs.items():
         tok = tokens.parse(env["BITFUSION_TOKEN"])
@@ -417,7 +216,7 @@ def test_each_hub_user_gets_their_own_pool_token_revoked_at_stop(hub, pool, mint
     # Stopping alice's server revokes her token on the gateway; bob's still works.
     hub.stop("alice")
     alice = envs["alice"]
-    assert not _alive(pids["alice"])  # her single-user server is gone
+    assert not alive(pids["alice"])  # her single-user server is gone
     assert wait_for(lambda: pool.bf("list_gpus", env=alice).returncode != 0, 20)
     assert REVOKED in no_traceback(pool.bf("list_gpus", env=alice))
     assert pool.bf("list_gpus", env=envs["bob"]).returncode == 0
