@@ -11,6 +11,7 @@ from playwright.sync_api import Locator, Page, expect
 from gateway.spawned import free_port, stop_leftovers
 from tests.support.gateways import GatewayProcess, start_gateway
 from tests.support.lab import KERNEL_READY_MS, Lab, run_cell, start_lab, wait_for_idle_kernel
+from tests.support.wire import connect
 
 
 def open_panel(page: Page, lab: Lab) -> None:
@@ -152,6 +153,37 @@ def test_policing_is_said_in_the_cell_a_notification_and_the_panel(
     kernel.get_by_test_id("bf-shutdown").click()
     expect(kernel).to_have_count(0, timeout=30_000)
     assert pool_gateway.no_shares_within(20), "the share outlived its kernel's shutdown"
+
+
+def test_a_share_reclaimed_for_idleness_is_said_on_the_kernels_row(
+    page: Page, lab: Lab, pool_gateway: GatewayProcess, shoot
+):
+    panel = start_from_form(page, lab, 1024)
+    wait_for_idle_kernel(page)
+    assert len(pool_gateway.shares()) == 1
+    admin = connect(pool_gateway, "root", admin=True)
+    try:
+        admin.request("set_idle_timeout", seconds=2)
+        assert pool_gateway.no_shares_within(20), "the idle share was not reclaimed"
+        kernel = panel.get_by_test_id("bf-kernel").filter(has=page.get_by_test_id("bf-policed"))
+        row = kernel.get_by_test_id("bf-policed")
+        expect(row).to_have_attribute("data-action", "idle", timeout=20_000)
+        expect(row).to_contain_text("Share reclaimed (idle)")
+        expect(row).to_contain_text("runs locally, on no share")
+        idle = "went back to the pool (the admin's idle timeout)"
+        expect(page.locator(".Toastify__toast").filter(has_text=idle).first).to_be_visible()
+        shoot("idle-reclaimed")
+        # The kernel goes on locally: a cell runs, and no share is taken for it.
+        run_cell(page, "import os; print('on', os.environ.get('BITFUSION_SHARE_ID'))")
+        outputs = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output")
+        expect(outputs.filter(has_text="on None")).to_be_visible(timeout=KERNEL_READY_MS)
+        assert pool_gateway.shares() == []
+    finally:
+        admin.request("set_idle_timeout", seconds=0)
+        admin.close()
+    page.keyboard.press("Escape")
+    kernel.get_by_test_id("bf-shutdown").click()
+    expect(kernel).to_have_count(0, timeout=30_000)
 
 
 def test_a_notebook_from_the_panel_works_in_its_folder_on_the_share(
