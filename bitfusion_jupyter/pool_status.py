@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitfusion_jupyter import config
-from remoting import fanout
+from remoting import fanout, tokens
 from remoting.protocol import DASHBOARD_PORT
 
 NO_SERVERS = "No GPU servers are configured: run `bitfusion init --token TOKEN --server HOST:PORT`."
@@ -44,17 +44,18 @@ def configured() -> tuple[list[str], str | None]:
 
 def ask_all(servers: list[str], timeout: float = TIMEOUT_S) -> list[Answer]:
     """list_gpus and list_shares of every gateway, one connection each, in threads."""
-    replies = fanout.ask_each(
-        servers, config.token_for, [("list_gpus", {}), ("list_shares", {})], timeout
-    )
-    return [_answer(server, *replies[server]) for server in servers]
+    users: dict[str, str] = {}  # each server's token user, as the fan-out read it
+
+    def token_for(server: str) -> tokens.Token:
+        tok = config.token_for(server)
+        users[server] = tok.user
+        return tok
+
+    replies = fanout.ask_each(servers, token_for, [("list_gpus", {}), ("list_shares", {})], timeout)
+    return [_answer(server, users.get(server), *replies[server]) for server in servers]
 
 
-def _answer(server: str, gpus: fanout.Reply, shares: fanout.Reply) -> Answer:
-    try:
-        user: str | None = config.token_for(server).user
-    except config.ConfigError:
-        user = None
+def _answer(server: str, user: str | None, gpus: fanout.Reply, shares: fanout.Reply) -> Answer:
     failed = gpus if gpus.data is None else shares
     if failed.data is None:
         return Answer(server, failed.state, failed.error, user=user)

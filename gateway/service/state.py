@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,15 +104,9 @@ class ServiceState:
     check_replies: bool  # BITFUSION_CHECK_REPLIES: each reply is checked against its type
     _background: set[asyncio.Task[Any]]  # keeps fire-and-forget tasks alive
 
-    # Shared by every part: sending, and tasks beside the receive loop (gateway.service.core).
-    async def _send(self, ident: bytes, frames: list[bytes]) -> bool:
-        raise NotImplementedError
-
-    async def _reply(self, ident: bytes, request: Message, data: Mapping[str, Any]) -> None:
-        raise NotImplementedError
-
-    async def _error(self, ident: bytes, msg_id: int, code: str, message: str) -> None:
-        raise NotImplementedError
-
-    def _spawn_task(self, coro: Any) -> None:
-        raise NotImplementedError
+    # Shared by every part, defined by gateway.service.core.Gateway: sending, and tasks
+    # beside the receive loop. Declared here (not defined) so each part can call them.
+    _send: Callable[[bytes, list[bytes]], Awaitable[bool]]
+    _reply: Callable[[bytes, Message, Mapping[str, Any]], Awaitable[None]]
+    _error: Callable[[bytes, int, str, str], Awaitable[None]]
+    _spawn_task: Callable[[Any], None]
