@@ -1,12 +1,14 @@
 """The client's folder in a share (`run --files`): through the gateway against the same two
-ends over plain local pipes.
+ends over plain local pipes, and over OpenSSH on loopback.
 
-Both sides are the same parts: OpenSSH's sftp-server confined to the folder
-(bitfusion_jupyter.file_server) and sshfs mounting it in a share's sandbox
-(gateway.sandbox). The baseline joins them by two pipes on this machine; the measured side
-carries the SFTP bytes as stream 3 of a `bitfusion run --files` through a real gateway on
-loopback (nanny, gateway, CurveZMQ connection, client). In turns, who goes first
-alternating, each workload timed inside the share, so starts are not counted:
+All sides are the same parts: OpenSSH's sftp-server and sshfs mounting its folder in a
+share's sandbox (gateway.sandbox). The first baseline joins them by two pipes on this machine
+(sftp-server confined by bitfusion_jupyter.file_server); the second is what a user would do
+without us, sshfs to a remote machine over ssh, here `ssh -s sftp` to an sshd on loopback
+(encrypted, one TCP connection, two C processes in the way). The measured side carries the
+SFTP bytes as stream 3 of a `bitfusion run --files` through a real gateway on loopback
+(nanny, gateway, CurveZMQ connection, client). In turns, who goes first rotating, each
+workload timed inside the share, so starts are not counted:
 
 1. sequential read of a SIZE MiB file (goal: at least 0.5 x the pipes' speed);
 2. sequential write of SIZE MiB (same goal);
@@ -17,7 +19,8 @@ alternating, each workload timed inside the share, so starts are not counted:
 
 Progress goes to stderr, the table to stdout. Everything made is removed on the way out.
 
-    python bench/files.py [--rounds 3] [--size 256] [--only read write small import new changed]
+    python bench/files.py [--rounds 3] [--size 256] [--no-ssh]
+        [--only read write small import new changed]
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import pwd
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -110,8 +115,11 @@ def clear_outputs(folder: Path) -> None:
         shutil.rmtree(cache, ignore_errors=True)
 
 
-def over_pipes(layout: sandbox.Layout, folder: Path, what: str, size: int) -> float:
-    server = file_server.start(folder)
+def over_pipes(
+    layout: sandbox.Layout, folder: Path, what: str, size: int, ssh: SshLoopback | None = None
+) -> float:
+    """sshfs in a share's sandbox, joined by two pipes to sftp-server (or to `ssh -s sftp`)."""
+    server = ssh.client() if ssh else file_server.start(folder)
     fds = (server.stdout.fileno(), server.stdin.fileno())  # type: ignore[union-attr]
 
     def at_3_and_4() -> None:
@@ -126,12 +134,60 @@ def over_pipes(layout: sandbox.Layout, folder: Path, what: str, size: int) -> fl
         )
         return measure(
             subprocess.Popen(argv, pass_fds=(3, 4), preexec_fn=at_3_and_4, **PIPED),
-            folder, f"over pipes, {what}",
+            folder, f"over {'ssh' if ssh else 'pipes'}, {what}",
         )  # fmt: skip
     finally:
         server.stdin.close()  # type: ignore[union-attr]
         server.stdout.close()  # type: ignore[union-attr]
         server.wait()
+
+
+class SshLoopback:
+    """The realistic alternative: the same sftp-server reached over OpenSSH (ssh to an sshd on
+    loopback, encrypted, as sshfs to a remote machine would), started for the run and removed
+    with it. Runs only where sshd and ssh are installed."""
+
+    def __init__(self, top: Path) -> None:
+        self.top = top
+        top.mkdir(mode=0o700)
+        for name in ("host_key", "user_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(top / name)],
+                           check=True)  # fmt: skip
+        (top / "authorized_keys").write_text((top / "user_key.pub").read_text())
+        self.port = free_port()
+        sftp = next(p for p in file_server.SFTP_SERVER_PATHS if os.path.exists(p))
+        (top / "sshd_config").write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {top / 'host_key'}\n"
+            f"AuthorizedKeysFile {top / 'authorized_keys'}\nPidFile {top / 'sshd.pid'}\n"
+            f"StrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\n"
+            f"Subsystem sftp {sftp}\n"
+        )
+        os.makedirs("/run/sshd", exist_ok=True)  # privilege separation, when run as root
+        with open(top / "sshd.log", "wb") as sshd_log:
+            self.sshd = subprocess.Popen(
+                [shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-e", "-f",
+                 str(top / "sshd_config")], stderr=sshd_log,
+            )  # fmt: skip
+        for _ in range(100):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"sshd did not start: {(top / 'sshd.log').read_text()[-1000:]}")
+
+    def client(self) -> subprocess.Popen[bytes]:
+        """`ssh -s sftp`: SFTP on its stdin and stdout, as sftp-server's own are."""
+        return subprocess.Popen(
+            ["ssh", "-F", "none", "-i", str(self.top / "user_key"), "-p", str(self.port),
+             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+             "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-s",
+             f"{pwd.getpwuid(os.getuid()).pw_name}@127.0.0.1", "sftp"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        self.sshd.terminate()
+        self.sshd.wait()
 
 
 def through_gateway(env: dict[str, str], folder: Path, what: str, size: int) -> float:
@@ -167,9 +223,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size", type=int, default=256, help="MiB read and written")
     parser.add_argument("--only", nargs="+", metavar="WORKLOAD", help="run only these")
+    parser.add_argument("--no-ssh", action="store_true", help="leave out ssh on loopback")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-files-", dir="/var/tmp"))
     gw = None
+    ssh: SshLoopback | None = None
     try:
         progress(f"making the folder ({args.size} MiB, {SMALL_FILES} files, {MODULES} modules)")
         folder = make_folder(tmp / "client", args.size)
@@ -187,39 +245,60 @@ def main() -> int:
             "BITFUSION_TOKEN": gw.token("bench"),
             "BITFUSION_SERVERS": gw.address,
         }
+        ssh = None
+        if shutil.which("sshd") and shutil.which("ssh") and not args.no_ssh:
+            ssh = SshLoopback(tmp / "ssh")
+        else:
+            progress("no sshd or ssh here: the comparison over ssh on loopback is left out")
+        sides = ["gateway", "pipes"] + (["ssh"] if ssh else [])
         rows = []
         workloads = [("read", "MiB/s"), ("write", "MiB/s"), ("small", "s"), ("import", "s"),
                      ("new", "s"), ("changed", "s")]  # fmt: skip
         for what, unit in [w for w in workloads if not args.only or w[0] in args.only]:
-            times: dict[str, list[float]] = {"gateway": [], "pipes": []}
+            times: dict[str, list[float]] = {side: [] for side in sides}
             for i in range(args.rounds):
-                order = ["gateway", "pipes"] if i % 2 == 0 else ["pipes", "gateway"]
-                for side in order:
+                for side in sides[i % len(sides) :] + sides[: i % len(sides)]:  # in turns
                     clear_outputs(folder)
                     if side == "gateway":
                         times[side].append(through_gateway(env, folder, what, args.size))
                     else:
-                        times[side].append(over_pipes(layout, folder, what, args.size))
+                        times[side].append(
+                            over_pipes(
+                                layout, folder, what, args.size, ssh if side == "ssh" else None
+                            )
+                        )
                 progress(f"  {what}: {i + 1}/{args.rounds}")
-            g, p = statistics.median(times["gateway"]), statistics.median(times["pipes"])
+            med = {side: statistics.median(t) for side, t in times.items()}
             if unit == "MiB/s":
-                rows.append((what, f"{args.size / g:.0f} MiB/s", f"{args.size / p:.0f} MiB/s",
-                             p / g, "speed ratio, goal >= 0.5"))  # fmt: skip
+                shown = {side: f"{args.size / t:.0f} MiB/s" for side, t in med.items()}
+                ratios = {side: t / med["gateway"] for side, t in med.items()}  # speed
+                note = "speed ratio, goal >= 0.5 x pipes"
             else:
-                goal = "goal <= 2" if what == "small" else ""
-                goal = "goal: about 1 s" if what in ("new", "changed") else goal
                 digits = 3 if what in ("new", "changed") else 2
-                rows.append((what, f"{g:.{digits}f} s", f"{p:.{digits}f} s", g / p,
-                             f"time ratio, {goal}"))  # fmt: skip
+                shown = {side: f"{t:.{digits}f} s" for side, t in med.items()}
+                ratios = {
+                    side: med["gateway"] / t if t else float("nan") for side, t in med.items()
+                }
+                note = {"small": "time ratio, goal <= 2 x pipes", "new": "goal: about 1 s",
+                        "changed": "goal: about 1 s"}.get(what, "time ratio")  # fmt: skip
+            rows.append((what, shown, ratios, note))
         machine = f"{os.cpu_count()} cores, Linux {platform.release()}"
         print(f"\nMachine: {machine}, Python {platform.python_version()}; ", end="")
         print(f"medians of {args.rounds} rounds in turns.\n")
-        print("| workload | through the gateway | over local pipes | ratio | |")
-        print("|---|---|---|---|---|")
-        for what, g, p, ratio, note in rows:
-            print(f"| {what} | {g} | {p} | {ratio:.2f} | {note} |")
+        names = {"gateway": "through the gateway", "pipes": "over local pipes",
+                 "ssh": "over ssh on loopback"}  # fmt: skip
+        head = [names[s] for s in sides] + [
+            f"ratio to {names[s].split(' ', 1)[1]}" for s in sides[1:]
+        ]
+        print("| workload | " + " | ".join(head) + " | |")
+        print("|---" * (len(head) + 2) + "|")
+        for what, shown, ratios, note in rows:
+            cells = [shown[s] for s in sides] + [f"{ratios[s]:.2f}" for s in sides[1:]]
+            print(f"| {what} | " + " | ".join(cells) + f" | {note} |")
         return 0
     finally:
+        if ssh is not None:
+            ssh.stop()
         if gw is not None:
             gw.stop()
             stop_leftovers(tmp / "state")

@@ -27,6 +27,12 @@ from remoting.protocol import Message, ProtocolError
 from remoting.tokens import Token
 
 DEFAULT_TIMEOUT_S = 5.0
+HANDSHAKE_FAILED = {
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+}
+HANDSHAKE_TRIES = 3  # refused this often, never accepted: a wrong key, not a passing fault
 
 
 class GatewayError(Exception):
@@ -151,6 +157,7 @@ class GatewayConnection:
         )
         self._seen: set[int] = set()
         self._handshake_ok = False
+        self._handshakes_failed = 0
         self._up = False  # connected now, as far as the monitor has told
         try:
             socket.getaddrinfo(self.host, self.port)
@@ -175,20 +182,17 @@ class GatewayConnection:
             self._seen.add(event)
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshake_ok = self._up = True
+            elif event in HANDSHAKE_FAILED:
+                self._handshakes_failed += 1
             elif event == zmq.EVENT_DISCONNECTED:
                 self._up = False
 
     def _why_silent(self, waited: float) -> GatewayError:
         self._drain_monitor()
         where = f"gateway {self.address}"
-        failed = {
-            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH,
-            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
-        }
         if self._handshake_ok:
             text = f"The {where} accepted the connection but did not answer within {waited:g} s."
-        elif self._seen & failed or zmq.EVENT_CONNECTED in self._seen:
+        elif self._seen & HANDSHAKE_FAILED or zmq.EVENT_CONNECTED in self._seen:
             text = (
                 f"The {where} refused the encrypted handshake: your token's server key does "
                 "not match this gateway; get a token of this pool and run 'bitfusion init'."
@@ -264,6 +268,10 @@ class GatewayConnection:
                     # first request leaves the moment it can instead of on a fixed retry tick.
                     if self.monitor.poll(int(min(left, 0.05) * 1000) + 1):
                         self._drain_monitor()
+                    if self._handshakes_failed >= HANDSHAKE_TRIES and not self._handshake_ok:
+                        # The gateway turns our key down on every try (a token of another
+                        # pool): say so now rather than after the whole timeout.
+                        raise self._why_silent(limit)
                     continue
                 if cancelled and not gave_up:
                     # Give the place up once it is known; until then, wait for the queued

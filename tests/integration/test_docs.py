@@ -149,6 +149,9 @@ def docs_pool(tmp_path: Path):
         PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}",
         # request_gpus holds its share for this session: the test process stands for the shell.
         BITFUSION_SESSION=str(os.getpid()),
+        # deployment.md's pip installs skip compiling bytecode, a third of their time here;
+        # what they install is the same.
+        PIP_NO_COMPILE="1",
     )
     dead = f"127.0.0.1:{free_port()}"
     table = {
@@ -185,6 +188,8 @@ def docs_pool(tmp_path: Path):
             pass
 
 
+# deployment.md builds a wheel and installs it into a venv: about 2 minutes beside other tests.
+@pytest.mark.timeout(400)
 @pytest.mark.parametrize("doc", DOC_FILES)
 def test_every_command_in_the_docs_runs(doc: str, docs_pool) -> None:
     env, home, table, tokens = docs_pool

@@ -29,8 +29,8 @@ from tests.support.gateways import start_gateway
 from tests.support.waiting import WAIT_S
 from tests.support.wire import RawClient, connect, still_serves
 
-BUDGET_S = float(os.environ.get("BITFUSION_FUZZ_S", "20"))  # wall clock for the live fuzz
-ATHERIS_S = int(os.environ.get("BITFUSION_ATHERIS_S", "15"))
+BUDGET_S = float(os.environ.get("BITFUSION_FUZZ_S", "12"))  # wall clock for the live fuzz
+ATHERIS_S = int(os.environ.get("BITFUSION_ATHERIS_S", "10"))
 QUIET_S = 0.15  # a batch's replies are in once the socket is this quiet (or after REPLIES_S)
 REPLIES_S = 3.0
 
