@@ -44,6 +44,7 @@ from gateway.service.kernel_sessions import KernelSessions
 from gateway.service.lifecycle import Lifecycle
 from gateway.service.processes import Processes
 from gateway.service.queue import AllocationQueue
+from gateway.service.router import Router
 from gateway.service.state import KernelState, Waiter
 from remoting import messages, protocol, state_dir
 from remoting.protocol import Message
@@ -102,6 +103,7 @@ class Gateway(
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_PAYLOAD_BYTES + 2 * 1024 * 1024)
         self.sock.setsockopt(zmq.SNDHWM, 10_000)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.router = Router(self.sock)  # every client message in and out goes through it
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._background: set[asyncio.Task[Any]] = set()  # keeps fire-and-forget tasks alive
@@ -117,6 +119,7 @@ class Gateway(
         launcher.prepare_spare()
         await self._adopt()
         web = self._start_web() if self.cfg.web_port else None
+        self.router.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
@@ -136,6 +139,7 @@ class Gateway(
             kernel.channels.close()
         for relay in list(self.relays.values()):
             await relay.close()
+        self.router.stop()
         self.sock.close(0)
         launcher.discard_spare()
         self.ledger.close()
@@ -191,7 +195,7 @@ class Gateway(
 
     async def _send(self, ident: bytes, frames: list[bytes]) -> bool:
         try:
-            await self.sock.send_multipart([ident, *frames], flags=zmq.NOBLOCK)
+            self.router.send([ident, *frames])
             return True
         except zmq.ZMQError as exc:  # peer gone (EHOSTUNREACH) or too slow (EAGAIN)
             log.debug("could not deliver to a client: %s", exc)

@@ -53,7 +53,7 @@ class Dispatch(ServiceState):
         while True:
             # Copied: what clients send is small (requests, stdin, cells); the large flow is
             # kernel output, which KernelChannels receives without a copy.
-            frames = await self.sock.recv_multipart(copy=True)
+            frames = await self.router.recv()
             ident, body = frames[0], frames[1:]
             try:
                 await self._handle(ident, body)

@@ -26,6 +26,7 @@ class Housekeeping(ServiceState):
         n = 0
         while True:
             await asyncio.sleep(0.25)
+            self.router.poke()  # a last resort: a message whose wake-up a send took
             try:
                 for share in self.ledger.expired(time.time()):
                     if share.id not in self.ending:

@@ -28,6 +28,7 @@ from gateway.log_limit import LogLimit
 from gateway.nanny.relay import Relay
 from gateway.police import Police
 from gateway.service.config import GatewayConfig
+from gateway.service.router import Router
 from remoting.protocol import Message
 from remoting.shares import Want
 
@@ -98,6 +99,7 @@ class ServiceState:
     mps: bool
     ctx: zmq.asyncio.Context
     sock: zmq.asyncio.Socket
+    router: Router
     started: float
     refusals: LogLimit  # every refusal is logged, a flood of them is counted
     last_ids: dict[bytes, int]  # connection -> its last request id (replays)
