@@ -564,7 +564,8 @@ def _run_all(kc, cells, send_during=None, timeout=60):
     echoed, idle, replies = dict.fromkeys(ids, 0), set(), {}
     first = next(iter(ids))
     deadline = time.monotonic() + timeout
-    while (len(idle) < len(ids) or len(replies) < len(ids)) and time.monotonic() < deadline:
+    # Only replies to these cells count: wait_for_ready may have left a late kernel_info_reply.
+    while not (ids.keys() <= idle and ids.keys() <= replies.keys()) and time.monotonic() < deadline:
         try:
             msg = kc.get_iopub_msg(timeout=0.2)
         except Exception:
@@ -583,7 +584,8 @@ def _run_all(kc, cells, send_during=None, timeout=60):
                 idle.add(parent)
         while kc.shell_channel.msg_ready():
             reply = kc.get_shell_msg(timeout=1)
-            replies.setdefault(reply["parent_header"]["msg_id"], reply["content"]["status"])
+            if reply["parent_header"].get("msg_id") in ids:
+                replies.setdefault(reply["parent_header"]["msg_id"], reply["content"]["status"])
     return {code: (text[i], echoed[i], replies.get(i)) for i, code in ids.items()}
 
 
