@@ -82,10 +82,12 @@ class Relay:
             await self.deliver(self.subscriber, "stdin_seq", fields, None)
 
     async def _pump(self) -> None:
-        assert self.link is not None
+        # Our own link, held here: close() drops self.link while a delivery is under way.
+        link = self.link
+        assert link is not None
         try:
-            while True:
-                header, payload = await self.link.receive()
+            while not self.closing:
+                header, payload = await link.receive()
                 kind = header.get("type")
                 if kind == NannyMsg.ATTACHED:
                     self.on_pid(int(header["child_pid"]))
@@ -118,7 +120,7 @@ class Relay:
                 self.on_exit(None)  # nanny vanished without an exit; the gateway decides
         except Exception:  # a broken relay must not take the gateway down
             log.exception("relay for %s failed", self.proc_id)
-            if self.exit_seq is None:
+            if self.exit_seq is None and not self.closing:
                 self.on_exit(None)
         finally:
             self.closed.set()
