@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -30,6 +29,8 @@ from gateway.settings import (
     UsageError,
     default_state_dir,
     option_help,
+    prepare_state_dir,
+    read_peers,
     trait_default,
 )
 from remoting import protocol, tokens
@@ -156,23 +157,6 @@ def run(args: argparse.Namespace) -> int:
     return _serve(args)
 
 
-def prepare_state_dir(state_dir: Path) -> None:
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # 0700 whoever made it: it holds the keys, tokens, the ledger (who runs what) and
-        # users' homes. Tighter only: a folder of someone else's is left as it is.
-        if state_dir.stat().st_uid == os.geteuid() and state_dir.stat().st_mode & 0o077:
-            state_dir.chmod(0o700)
-        probe = state_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(
-            f"The state dir {state_dir} cannot be written ({exc.strerror}); "
-            "pick another with --state-dir."
-        ) from None
-
-
 def _serve(args: argparse.Namespace) -> int:
     from gateway.gpus import InventoryError, open_inventory, parse_simulate_spec
     from gateway.kernels import KernelConfigError, load_kernels
@@ -238,23 +222,6 @@ def _serve(args: argparse.Namespace) -> int:
             "pick another --web-port, or 0 for none."
         ) from None
     return 0
-
-
-def read_peers(path: Path | None, state_dir: Path, app: GatewayApp | None = None) -> list[str]:
-    """The other gateways of the cluster, from a servers.conf of the gateway's own."""
-    from remoting.servers_conf import ConfigError, read_servers_conf
-
-    if path is None:
-        path = state_dir / "servers.conf"
-        if not path.exists():
-            return []
-    try:
-        return [server for server, _ in read_servers_conf(path)]
-    except FileNotFoundError:
-        said = f"--peers {path} does not exist; give a servers.conf file."
-        raise UsageError(app.blame("peers_file", said) if app else said) from None
-    except (OSError, ConfigError) as exc:
-        raise UsageError(str(exc)) from None
 
 
 def _banner(gateway: Any, token_path: Path, config_files: str) -> None:

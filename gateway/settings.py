@@ -1,7 +1,9 @@
 """The gateway's settings: one trait per setting on `GatewayApp` (and on
 `gateway.police.Police`), each default written once, here; the config files they are read
-from (``/etc/bitfusion`` then the state directory); and how a bad value is told, in one
-sentence naming the file and setting. `gateway.app` puts argparse in front of them.
+from (``/etc/bitfusion`` then the state directory); the state directory and the peers file
+they name, made ready or read for the gateway and its token commands; and how a bad value is
+told, in one sentence naming the file and setting. `gateway.app` puts argparse in front of
+them.
 """
 
 from __future__ import annotations
@@ -306,12 +308,20 @@ class GatewayApp(Application):
             "web_port": self.web_port,
         }
 
-    def gateway_config(self, kernels: dict[str, Any], peers: list[str]) -> GatewayConfig:
+    def gateway_config(
+        self,
+        kernels: dict[str, Any] | None = None,
+        peers: list[str] | None = None,
+        **overrides: Any,
+    ) -> GatewayConfig:
+        """The service's view of these settings. ``overrides`` (tests, the fuzzer) replace
+        fields; without kernels or peers, python3 and no peers."""
         from gateway.service import GatewayConfig
 
-        return GatewayConfig(
-            state_dir=self.state_dir, kernels=kernels, peers=peers, **self.service_settings()
-        )
+        fields = {**self.service_settings(), **overrides}
+        fields.setdefault("state_dir", self.state_dir)
+        extra = {"kernels": kernels} if kernels is not None else {}
+        return GatewayConfig(**fields, **extra, peers=peers or [])
 
 
 def read_config_file(path: Path) -> Config:
@@ -347,3 +357,37 @@ def option_help(section: str, name: str, *, show_default: bool = True) -> str:
     owner = Police if section == "Police" else GatewayApp
     text = str(owner.class_traits()[name].help)
     return f"{text} (default {trait_default(section, name)})" if show_default else text
+
+
+def prepare_state_dir(state_dir: Path) -> None:
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # 0700 whoever made it: it holds the keys, tokens, the ledger (who runs what) and
+        # users' homes. Tighter only: a folder of someone else's is left as it is.
+        if state_dir.stat().st_uid == os.geteuid() and state_dir.stat().st_mode & 0o077:
+            state_dir.chmod(0o700)
+        probe = state_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(
+            f"The state dir {state_dir} cannot be written ({exc.strerror}); "
+            "pick another with --state-dir."
+        ) from None
+
+
+def read_peers(path: Path | None, state_dir: Path, app: GatewayApp | None = None) -> list[str]:
+    """The other gateways of the cluster, from a servers.conf of the gateway's own."""
+    from remoting.servers_conf import ConfigError, read_servers_conf
+
+    if path is None:
+        path = state_dir / "servers.conf"
+        if not path.exists():
+            return []
+    try:
+        return [server for server, _ in read_servers_conf(path)]
+    except FileNotFoundError:
+        said = f"--peers {path} does not exist; give a servers.conf file."
+        raise UsageError(app.blame("peers_file", said) if app else said) from None
+    except (OSError, ConfigError) as exc:
+        raise UsageError(str(exc)) from None

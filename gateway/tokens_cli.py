@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from gateway import cluster_keys
-from gateway.app import GatewayApp, UsageError, prepare_state_dir, read_peers
+from gateway.settings import GatewayApp, UsageError, prepare_state_dir, read_peers
 from remoting import state_dir as layout
 from remoting import tokens
 

@@ -201,7 +201,7 @@ class Run:
         self.progress(checker, time.time() - started)
         checker.close()
         self.pump.stop()
-        return summarize(self, checker, elapsed, leaked)
+        return summarize(self.records, self.rss, self.held_at_kill, checker, elapsed, leaked)
 
     def wait_ready(self, workers: int) -> None:
         deadline = time.monotonic() + 60

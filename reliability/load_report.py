@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from reliability.load import Run
-    from reliability.load_checker import Checker
+    from reliability.load_checker import Checker, Records
 
 OPERATIONS = ("allocate", "renew", "list_shares", "spawn", "release")
 MAX_ERRORS_SHOWN = 50
@@ -30,8 +29,16 @@ def _latency(values: list[float]) -> dict[str, Any]:
     }
 
 
-def summarize(run: Run, checker: Checker, elapsed: float, leaked: list[dict]) -> dict[str, Any]:
-    recs = run.records
+def summarize(
+    recs: Records,
+    rss: list[float],
+    held_at_kill: int,
+    checker: Checker,
+    elapsed: float,
+    leaked: list[dict],
+) -> dict[str, Any]:
+    """``rss``: the gateway's resident MiB, sampled; ``held_at_kill``: the shares the killed
+    worker held."""
     with recs.lock:
         latency = {k: list(v) for k, v in recs.latency.items()}
         counts = dict(recs.counts)
@@ -56,9 +63,9 @@ def summarize(run: Run, checker: Checker, elapsed: float, leaked: list[dict]) ->
         "errors": errors[:MAX_ERRORS_SHOWN],
         "latency_ms": {k: _latency(v) for k, v in sorted(latency.items())},
         "gateway_rss_mib": {
-            "start": round(run.rss[0], 1) if run.rss else None,
-            "peak": round(max(run.rss), 1) if run.rss else None,
-            "end": round(run.rss[-1], 1) if run.rss else None,
+            "start": round(rss[0], 1) if rss else None,
+            "peak": round(max(rss), 1) if rss else None,
+            "end": round(rss[-1], 1) if rss else None,
         },
         "invariant": {
             "checks": checker.checks,
@@ -66,7 +73,7 @@ def summarize(run: Run, checker: Checker, elapsed: float, leaked: list[dict]) ->
             "details": checker.violations,
         },
         "dead_holders": {
-            "killed_worker_held": run.held_at_kill,
+            "killed_worker_held": held_at_kill,
             "dropped": counts.get("abandoned", 0),
             "dropped_with_process": counts.get("abandoned_running", 0),
             "released_with_stubborn_process": counts.get("released_running", 0),

@@ -11,12 +11,6 @@ from collections.abc import Callable
 from gateway.nanny.log import log
 from gateway.nanny.wire import NannyMsg, encode_frame
 
-# Nanny only for annotations (strings here): process imports this module, and typing costs
-# milliseconds at every start.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from gateway.nanny.process import Nanny
-
 STDIN_TELL_EVERY = 1024 * 1024  # well under the 8 MiB the client sends ahead (STDIN_WINDOW)
 
 
@@ -67,8 +61,16 @@ class Sink:
     to the sshfs that mounts the client's folder (stream 3). Each has its own seq space, so a
     big file read never waits behind stdin, nor stdin behind it."""
 
-    def __init__(self, nanny: Nanny, stream: int, fd: int, close: Callable[[], None]) -> None:
-        self.nanny = nanny
+    def __init__(
+        self,
+        sel: selectors.BaseSelector,
+        tell: Callable[[bytes], bool],
+        stream: int,
+        fd: int,
+        close: Callable[[], None],
+    ) -> None:
+        self.sel = sel  # the nanny's, which waits for the fd to take more
+        self.tell = tell  # a frame for the gateway; False when none is attached to hear it
         self.stream = stream
         self.fd: int | None = fd
         self._close_file = close
@@ -105,14 +107,12 @@ class Sink:
         # is not yet told, to send again after a gateway restart, and sends no more than a
         # window ahead, so a child that reads slowly holds back the client's reading. Told a
         # MiB at a time (the window is larger): a message a chunk would slow a fast pipe.
-        nanny = self.nanny
-        if not self.box and self.untold_bytes >= STDIN_TELL_EVERY and nanny.attached:
-            self.untold_bytes = 0
+        if not self.box and self.untold_bytes >= STDIN_TELL_EVERY:
             header = {"type": NannyMsg.STDIN_SEQ, "seq": self.seq}
             if self.stream:
                 header["stream"] = self.stream
-            nanny.conn_box.push(encode_frame(header))
-            nanny._flush_conn()
+            if self.tell(encode_frame(header)):
+                self.untold_bytes = 0
 
     def _write(self) -> None:
         fd = self.fd
@@ -134,15 +134,15 @@ class Sink:
         if want != self.watched:
             self.watched = want
             if want:
-                self.nanny.sel.register(fd, selectors.EVENT_WRITE, lambda _mask: self.flush())
+                self.sel.register(fd, selectors.EVENT_WRITE, lambda _mask: self.flush())
             else:
-                self.nanny.sel.unregister(fd)
+                self.sel.unregister(fd)
 
     def close(self) -> None:
         if self.fd is None:
             return
         if self.watched:
-            self.nanny.sel.unregister(self.fd)
+            self.sel.unregister(self.fd)
             self.watched = False
         self.box.clear()
         self.fd = None

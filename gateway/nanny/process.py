@@ -68,10 +68,12 @@ class Nanny:
 
         # Inputs: the child's stdin, and with a mount of the client's folder the SFTP stream
         # to its sshfs (``files``: our ends, (to sshfs, from sshfs)).
-        self.sinks = {0: Sink(self, 0, child.stdin.fileno(), child.stdin.close)}
+        self.sinks = {0: Sink(self.sel, self._tell, 0, child.stdin.fileno(), child.stdin.close)}
         if files is not None:
             to_sshfs, from_sshfs = files
-            self.sinks[wire.FILES] = Sink(self, wire.FILES, to_sshfs, lambda: os.close(to_sshfs))
+            self.sinks[wire.FILES] = Sink(
+                self.sel, self._tell, wire.FILES, to_sshfs, lambda: os.close(to_sshfs)
+            )
             self.pipes[from_sshfs] = wire.FILES
 
         # The one gateway connection.
@@ -243,6 +245,13 @@ class Nanny:
     def _send(self, frame: bytes) -> None:
         self.conn_box.push(frame)
         self._flush_conn()
+
+    def _tell(self, frame: bytes) -> bool:
+        """A frame that only a gateway attached now needs (a Sink's progress)."""
+        if not self.attached:
+            return False
+        self._send(frame)
+        return True
 
     def _flush_conn(self) -> None:
         conn = self.conn

@@ -28,7 +28,8 @@ import atheris
 with atheris.instrument_imports(include=["remoting", "gateway"]):
     from gateway import cluster_keys
     from gateway.gpus import open_inventory
-    from gateway.service import Gateway, GatewayConfig
+    from gateway.service import Gateway
+    from gateway.settings import GatewayApp
     from remoting import protocol, tokens
 
 RISKY = {"spawn", "kernel_start", "register_pid"}
@@ -55,7 +56,9 @@ class Target:
         inventory = open_inventory("2x16GiB", state, "fuzzhost")
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        self.gw = Gateway(GatewayConfig(state_dir=state, lease_grace_s=5.0), inventory, keys)
+        self.gw = Gateway(
+            GatewayApp().gateway_config(state_dir=state, lease_grace_s=5.0), inventory, keys
+        )
         mint = tokens.mint
         other = cluster_keys.load_or_create(state / "other-pool")
         self.tokens = [

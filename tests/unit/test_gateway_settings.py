@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from traitlets import Undefined
 
-from gateway import app as gateway_app
 from gateway import settings as gateway_settings
 from gateway.app import FLAGS, GatewayApp, UsageError, add_arguments, main
 from gateway.police import Police
@@ -134,7 +133,7 @@ def test_a_broken_or_open_config_file_is_refused(state: Path) -> None:
 def test_a_value_a_loader_refuses_names_the_file_that_set_it(state: Path) -> None:
     path = write(state, f"c.GatewayApp.peers_file = '{state / 'nope.conf'}'\n")
     with pytest.raises(UsageError) as caught:
-        gateway_app.read_peers(state / "nope.conf", state, settings("--state-dir", str(state)))
+        gateway_settings.read_peers(state / "nope.conf", state, settings("--state-dir", str(state)))
     assert str(caught.value).endswith(f"(set by c.GatewayApp.peers_file in {path}).")
 
 
@@ -174,9 +173,12 @@ def test_the_token_commands_find_the_state_dir_in_etc(
 
 
 def test_one_default_per_setting() -> None:
-    """GatewayConfig spells no default: made by hand, it takes the app's."""
-    cfg = GatewayConfig(state_dir=Path("/nowhere"))
+    """GatewayConfig spells no default: the app makes it, with its traits' defaults."""
+    with pytest.raises(TypeError):
+        GatewayConfig(state_dir=Path("/nowhere"))  # type: ignore[call-arg]
     app = GatewayApp()
+    cfg = app.gateway_config(state_dir=Path("/nowhere"))
+    assert cfg.state_dir == Path("/nowhere") and cfg.peers == [] and "python3" in cfg.kernels
     assert cfg.web_port == protocol.DASHBOARD_PORT == app.web_port  # was 0 in the dataclass
     for name, value in app.service_settings().items():
         assert getattr(cfg, name) == value, name
