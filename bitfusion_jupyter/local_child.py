@@ -23,10 +23,10 @@ from typing import Any
 
 import zmq
 
+from bitfusion_jupyter.jupyter_frames import DELIMITER, HEADER, PARENT, delimiter_at
 from remoting.protocol import KERNEL_REQUEST_CHANNELS, as_bytes, jupyter_endpoint
 
 UNDER_SHIM_ENV = "BITFUSION_UNDER_SHIM"  # tells the child's magic to ask the shim to move
-DELIMITER = b"<IDS|MSG>"
 READY_PROBE_S = 0.25  # how often to ask until the kernel's iopub is heard
 SHARE_VARIABLES = ("BITFUSION_KERNEL_ID", "BITFUSION_SHARE_ID")
 
@@ -130,11 +130,10 @@ class LocalChild:
     def _own(self, frames: list[Any]) -> bool:
         """True for what the frontend must not see: the welcome our subscription earned,
         and the statuses of our probes."""
-        try:
-            i = [as_bytes(f) for f in frames[:4]].index(DELIMITER)
-            header, parent = as_bytes(frames[i + 2]), as_bytes(frames[i + 3])
-        except (ValueError, IndexError):
+        i = delimiter_at(frames)
+        if i is None or len(frames) <= i + PARENT:
             return False
+        header, parent = as_bytes(frames[i + HEADER]), as_bytes(frames[i + PARENT])
         return b'"iopub_welcome"' in header or any(p in parent for p in self._probes)
 
     def interrupt(self) -> None:

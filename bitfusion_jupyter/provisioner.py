@@ -34,10 +34,10 @@ from tornado import web
 from traitlets import Bool, Float, Int, List, Unicode, Union
 
 from bitfusion_jupyter import config
+from bitfusion_jupyter.move import ADOPT_ENV
 from bitfusion_jupyter.pool import Grant, Pool
 from bitfusion_jupyter.remote_kernel import KERNEL_START_TIMEOUT_S
 from bitfusion_jupyter.share_request import ShareRequest, UsageError, from_args
-from bitfusion_jupyter.shim import ADOPT_ENV
 from remoting import protocol, tokens
 from remoting.client import GatewayError
 from remoting.messages import ErrorCode

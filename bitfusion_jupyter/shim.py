@@ -25,24 +25,21 @@ from typing import Any
 
 import zmq
 
-from bitfusion_jupyter import config, file_server, kernel_notices, share_request, share_sidecar
-from bitfusion_jupyter.local_child import DELIMITER, LocalChild
+from bitfusion_jupyter import (
+    config,
+    file_server,
+    jupyter_frames,
+    kernel_notices,
+    move,
+    share_request,
+    share_sidecar,
+)
+from bitfusion_jupyter.local_child import LocalChild
 from bitfusion_jupyter.pool import Grant, Pool, say
 from bitfusion_jupyter.remote_kernel import RemoteKernel, start_kernel
 from remoting import tokens
 from remoting.client import DEFAULT_TIMEOUT_S, GatewayError
-from remoting.protocol import KERNEL_REQUEST_CHANNELS, Message, as_bytes, jupyter_endpoint
-
-# An input request whose prompt starts with this comes from the %bitfusion magic for the shim.
-SHIM_REQUEST = "\x00bitfusion-request "
-# What a move means, said by the magic with each move. A frontend cannot rename a running
-# kernel, so the label keeps the kernelspec's name; that is also what a restart brings back.
-MOVE_NOTE = (
-    "It restarts there: its variables are reset. The notebook's kernel label keeps naming "
-    "the kernelspec it started with, which a restart goes back to; the status bar and the "
-    "GPU pool panel show the share it has now."
-)
-ADOPT_ENV = "BITFUSION_ADOPT"  # a share a local kernel took and hands to the shim it becomes
+from remoting.protocol import KERNEL_REQUEST_CHANNELS, Message, jupyter_endpoint
 
 
 class LocalPorts:
@@ -101,7 +98,7 @@ class Shim:
         self.stop = False
         self.stopped = False  # policing stopped the kernel: its note stays for the panel
         self.interrupts = 0
-        self.pending: dict | None = None  # a move the magic asked for, done when idle
+        self.pending: move.PendingMove | None = None  # a move the magic asked for
         # Cells sent to the kernel and not yet answered, in order: those queued behind the
         # cell that asks for a move (JupyterLab's Run All) are run again on the new kernel.
         self.in_flight: dict[str, tuple[bytes, list[Any]]] = {}
@@ -154,7 +151,7 @@ class Shim:
     ) -> None:
         """A frontend's request to the kernel, its cells noted until they are answered."""
         if channel == "shell":
-            header = _header(frames)
+            header = jupyter_frames.header(frames)
             if header.get("msg_type") == "execute_request":
                 self.in_flight[header["msg_id"]] = (ident, frames)
         backend.send(channel, ident, frames)
@@ -219,7 +216,7 @@ class Shim:
     def _running_cell(self) -> tuple[bytes, dict] | None:
         """The cell the kernel runs now (the oldest unanswered): its routing id and header."""
         for ident, frames in self.in_flight.values():
-            return ident, _header(frames)
+            return ident, jupyter_frames.header(frames)
         return None
 
     def _show_notices(self, backend: RemoteKernel | LocalChild) -> None:
@@ -283,23 +280,23 @@ class Shim:
         """Deliver one kernel message; True when it completed a move to another kernel."""
         if channel == "stdin" and self._is_shim_request(ident, frames):
             return False
-        if channel == "iopub" and _is_starting(frames):
+        if channel == "iopub" and jupyter_frames.is_starting(frames):
             # A kernel behind the shim starting (first, or after a move) is no news to the
             # frontend, which saw the shim start; ipykernel follows it with no idle, so
             # JupyterLab would say "Starting" until the next cell.
             return False
         parent_id = None
         if (channel == "shell" and self.in_flight) or self.pending is not None:
-            parent_id = _header(frames, 3).get("msg_id")
+            parent_id = jupyter_frames.header(frames, jupyter_frames.PARENT).get("msg_id")
         if channel == "shell":
             self.in_flight.pop(parent_id, None)  # that cell is answered
-        if self.pending is not None and parent_id in self.pending.get("behind", ()):
+        if self.pending is not None and parent_id in self.pending.behind:
             # A cell queued behind the move, which the new kernel will run: what the old
             # one says of it waits, shown only if the move fails.
-            self.pending["held"].append((channel, ident, frames))
+            self.pending.held.append((channel, ident, frames))
             return False
         self._deliver(channel, ident, frames)
-        if self.pending is not None and _ends_cell(self.pending, channel, frames):
+        if self.pending is not None and self.pending.ends_cell(channel, frames):
             return self._complete_move()
         return False
 
@@ -314,79 +311,40 @@ class Shim:
 
     # --- the %bitfusion magic's requests -------------------------------------------------
     def _is_shim_request(self, ident: bytes | None, frames: list[Any]) -> bool:
-        parts = _jupyter_parts(frames)
+        parts = jupyter_frames.jupyter_parts(frames)
         if parts is None or parts["header"].get("msg_type") != "input_request":
             return False
         prompt = parts["content"].get("prompt", "")
-        if not prompt.startswith(SHIM_REQUEST):
+        if not prompt.startswith(move.SHIM_REQUEST):
             return False
+        pending: move.PendingMove | None = None
         try:
-            request = json.loads(prompt[len(SHIM_REQUEST) :])
-            answer = self._prepare(request)
+            request = move.parse_request(prompt)
+            answer, pending = move.prepare(request, self.grant, self.files, self.server_list)
         except (ValueError, KeyError, TypeError) as exc:
             answer = {"ok": False, "error": f"bad request from the magic ({exc})."}
-        if answer["ok"]:
-            asking = parts["parent"].get("msg_id")
-            cells = list(self.in_flight)
-            behind = cells[cells.index(asking) + 1 :] if asking in self.in_flight else []
-            self.pending.update(
-                parent_id=asking, behind={c: self.in_flight[c] for c in behind}, held=[]
-            )
-        self._reply_input(
-            ident, parts["header"], json.dumps({k: v for k, v in answer.items() if k != "grant"})
-        )
+        if pending is not None:
+            pending.after(parts["parent"].get("msg_id"), self.in_flight)
+            self.pending = pending
+        self._reply_input(ident, parts["header"], json.dumps(answer))
         return True
 
-    def _prepare(self, request: dict) -> dict:
-        if request["action"] == "local":
-            if self.grant is None:
-                return {"ok": False, "error": "this kernel already runs locally."}
-            self.pending = {"action": "local"}
-            return {
-                "ok": True,
-                "message": "This kernel moves back to a local kernel on the "
-                "notebook's machine and gives its share back. It restarts: its variables "
-                "are reset.",
-            }
-        req = share_request.ShareRequest(
-            gpus=request["request"]["gpus"],
-            mib=request["request"].get("mib"),
-            fraction=request["request"].get("fraction"),
-            filters=request["request"].get("filters") or [],
-            wait_s=request.get("wait_s", 0),
-        )
-        choice = self.files
-        try:  # the magic's --files is read here, on the notebook's machine
-            if request.get("no_files"):
-                choice = file_server.Choice(None, "")
-            elif request.get("files"):
-                # A named folder that cannot go raises; "." may come back with a note, shown
-                # in the new kernel's first cell.
-                choice = file_server.choose(
-                    os.getcwd(), request["files"], False, hint=file_server.KERNEL_HINT
-                )
-        except file_server.FilesError as exc:
-            return {"ok": False, "error": str(exc)}
-        pool = Pool.from_config(request.get("servers") or self.server_list, zero_copy=True)
-        try:
-            grant = pool.allocate(req, release_on_exit=True)
-        except (config.ConfigError, tokens.TokenError, GatewayError) as exc:
-            pool.close()
-            return {"ok": False, "error": str(exc)}
-        self.pending = {
-            "action": "move",
-            "grant": grant,
-            "pool": pool,
-            "kernel": request.get("kernel") or "python3",
-            "files": choice,
-        }
-        folder = choice.folder
-        where = f"\nIt works in your folder {folder} there." if folder is not None else ""
-        return {
-            "ok": True,
-            "message": f"This kernel moves to the {describe(grant, self.pending['kernel'])}."
-            f"{where}\n{MOVE_NOTE}",
-        }
+    def _complete_move(self) -> bool:
+        """The asking cell has ended: move now. True when the kernel behind the shim
+        changed (what the old one still says is not wanted)."""
+        pending, self.pending = self.pending, None
+        assert pending is not None
+        new = pending.complete(self.backend, self.info, self._session())
+        if new is None:
+            for message in pending.held:
+                self._to_frontend(*message)  # the old kernel ran those cells after all
+            return False
+        self.backend = new
+        if pending.files is not None:
+            self.files = pending.files
+        self.in_flight = {}
+        self.replays.extend(pending.behind.values())
+        return True
 
     def _session(self) -> Any:
         from jupyter_client.session import Session  # only when the magic asks
@@ -406,99 +364,6 @@ class Shim:
         session = self._session()
         reply = session.msg("input_reply", {"value": value}, parent=request_header)
         self.backend.send("stdin", ident, session.serialize(reply))
-
-    def _complete_move(self) -> bool:
-        pending, self.pending = self.pending, None
-        assert pending is not None
-        old, old_grant = self.backend, self.grant
-        connection_file = str(self.info["__file__"])
-        if pending["action"] == "local":
-            share_sidecar.remove(connection_file)
-            self.backend = LocalChild(zmq.Context.instance(), self.info, self._session())
-            if old_grant is not None:
-                old_grant.release(timeout=3.0)  # ends the remote kernel
-            if isinstance(old, RemoteKernel):
-                old.close_files()
-            say("the kernel now runs locally, on no share.")
-        else:
-            grant: Grant = pending["grant"]
-            try:
-                started, server, _, note = start_kernel(
-                    grant, self.info, pending["kernel"], pending["files"]
-                )
-            except (GatewayError, file_server.FilesError) as exc:
-                say(f"could not start the kernel on the new share ({exc}); staying where it was.")
-                grant.release(timeout=3.0)
-                pending["pool"].close()
-                for message in pending["held"]:
-                    self._to_frontend(*message)  # the old kernel ran those cells after all
-                return False
-            if old_grant is not None:
-                old_grant.release(timeout=3.0)  # ends the old kernel
-            else:
-                old.close()  # the local kernel
-            if isinstance(old, RemoteKernel):
-                old.close_files()
-            self.backend = RemoteKernel(grant, started, connection_file, server, note)
-            self.files = pending["files"]
-            say(describe(grant, started["kernel"]))
-        self.in_flight = {}
-        self.replays.extend(pending["behind"].values())
-        return True
-
-
-def _json_parts(frames: list[Any], *parts: int) -> list[dict] | None:
-    """JSON parts of a Jupyter message's frames, counted from its delimiter (after any
-    routing ids): 2 the header, 3 the parent header, 5 the content. None if the frames are
-    not a Jupyter message. Only frames the size of the delimiter are compared, so a big
-    output frame is never copied to find it."""
-    try:
-        at = next(
-            n
-            for n, frame in enumerate(frames[:8])  # routing ids, delimiter, sig, 4 parts
-            if len(frame) == len(DELIMITER) and as_bytes(frame) == DELIMITER
-        )
-        return [json.loads(as_bytes(frames[at + part])) for part in parts]
-    except (StopIteration, ValueError, IndexError):
-        return None
-
-
-def _header(frames: list[Any], part: int = 2) -> dict:
-    """The header (2) or parent header (3) of a Jupyter message's frames; {} if not one."""
-    found = _json_parts(frames, part)
-    return found[0] if found else {}
-
-
-def _jupyter_parts(frames: list[Any]) -> dict | None:
-    """Header, parent header and content of a Jupyter message's frames (None if not one)."""
-    found = _json_parts(frames, 2, 3, 5)
-    return dict(zip(("header", "parent", "content"), found, strict=True)) if found else None
-
-
-def _is_starting(frames: list[Any]) -> bool:
-    """An iopub status "starting". Only a message whose topic says status (ipykernel's
-    ``kernel.ID.status``) is parsed: outputs pass on this hot path untouched."""
-    if not frames or len(frames[0]) > 128 or not as_bytes(frames[0]).endswith(b"status"):
-        return False
-    if _header(frames).get("msg_type") != "status":
-        return False
-    found = _json_parts(frames, 5)
-    return bool(found) and found[0].get("execution_state") == "starting"
-
-
-def _ends_cell(pending: dict, channel: str, frames: list[Any]) -> bool:
-    """True once the cell that asked for a move has both its reply (shell) and its idle
-    status (iopub) delivered. They reach us through different kernel sockets, in either
-    order; moving on the first would lose the other, and leave the cell hanging."""
-    parts = _jupyter_parts(frames)
-    if parts is None or parts["parent"].get("msg_id") != pending.get("parent_id"):
-        return False
-    kind = parts["header"].get("msg_type")
-    if channel == "shell" and kind == "execute_reply":
-        pending["replied"] = True
-    elif kind == "status" and parts["content"].get("execution_state") == "idle":
-        pending["idle"] = True
-    return bool(pending.get("replied") and pending.get("idle"))
 
 
 _TRAIT_OPTION = re.compile(r"^--[A-Za-z_]\w*(\.\w+)+(=.*)?$")
@@ -537,14 +402,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def describe(grant: Grant, kernel: str) -> str:
-    gpus = ", ".join(
-        f"GPU {g['index']} {g['name']} ({g['mib']} MiB{', SIMULATED' if g['simulated'] else ''})"
-        for g in grant.share["gpus"]
-    )
-    return f"{kernel} kernel in share {grant.share_id} on {grant.conn.address}: {gpus}"
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -576,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     shim: Shim | None = None
     try:
         pool = Pool.from_config(args.server_list, args.timeout, zero_copy=True)
-        adopt = os.environ.pop(ADOPT_ENV, None)
+        adopt = os.environ.pop(move.ADOPT_ENV, None)
         if adopt:
             # A local kernel whose %bitfusion magic took this share, then became this shim.
             held = json.loads(adopt)
@@ -589,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             grant = pool.allocate(req, release_on_exit=True, on_queue=say)
         started, server, folder, note = start_kernel(grant, info, args.kernel, choice)
-        say(describe(grant, started["kernel"]))
+        say(move.describe(grant, started["kernel"]))
         if folder is not None:
             say(f"the kernel works in your folder {folder}, at the same path on the share.")
         remote = RemoteKernel(grant, started, str(args.connection_file), server, note)
