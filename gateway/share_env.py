@@ -20,6 +20,7 @@ SHARE_SITE = Path(__file__).resolve().parent / "share_site"
 _OWNED = (
     "BITFUSION_SIMULATED_USAGE_DIR",
     names.USAGE_FILE,
+    names.FILES,
     "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT",
 )
 

@@ -11,3 +11,4 @@ GPU_MEMORY_TOTAL_MIB = "BITFUSION_GPU_MEMORY_TOTAL_MIB"
 SIMULATED = "BITFUSION_SIMULATED"  # "1" on a simulated pool
 KERNEL_ID = "BITFUSION_KERNEL_ID"  # only in kernels: they have a shim to ask
 USAGE_FILE = "BITFUSION_USAGE_FILE"  # the share's live usage, JSON (gateway/usage_files.py)
+FILES = "BITFUSION_FILES"  # the client's folder, at the same path, when one is carried

@@ -21,6 +21,7 @@ from gateway.nanny.relay import Relay
 from gateway.nanny.wire import FILES_FDS, NannyMsg
 from gateway.service.state import RequestError, ServiceState
 from remoting import protocol, tokens
+from remoting import share_env as share_names
 from remoting.protocol import Message
 from remoting.util.procs import session_of
 
@@ -168,6 +169,8 @@ class Processes(ServiceState):
         # so no path of the state directory ever reaches it.
         run_in = sandbox.RUN_IN
         env = {**env, "BITFUSION_USAGE_FILE": f"{run_in}/usage/{usage_files.FILE_NAME}"}
+        if files:  # share_site keeps its modules' bytecode on this server
+            env[share_names.FILES] = files
         binds = [sandbox.Bind(str(usage_dir), f"{run_in}/usage")]
         if claims is not None:
             binds.append(sandbox.Bind(str(claims), f"{run_in}/simulated-usage", True))

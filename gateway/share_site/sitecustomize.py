@@ -8,8 +8,10 @@ frameworks' own and cooperative; the gateway's police enforces the share's limit
 
 Values come from BITFUSION_MEMORY_MIB and BITFUSION_GPU_MEMORY_TOTAL_MIB, one entry per GPU in
 CUDA_VISIBLE_DEVICES order, i.e. per device ordinal as the frameworks number them. A GPU granted
-whole gets no cap. Any other ``sitecustomize`` further along sys.path (a venv's, a distro's) still
-runs afterwards. It may run under any Python a user brings, so it keeps to Python 3.7's syntax.
+whole gets no cap. When the client's folder is carried (BITFUSION_FILES), the bytecode of its
+modules is kept on this server (bitfusion_folder_bytecode, beside this file). Any other
+``sitecustomize`` further along sys.path (a venv's, a distro's) still runs afterwards. It may
+run under any Python a user brings, so it keeps to Python 3.7's syntax.
 """
 
 from __future__ import annotations  # annotations stay unevaluated, as old Pythons need
@@ -180,6 +182,13 @@ try:
     _install()
 except Exception as exc:
     _warn(exc)
+if os.environ.get("BITFUSION_FILES") and sys.version_info >= (3, 8):
+    try:  # an optimisation: without it, Python's own __pycache__ in the folder
+        import bitfusion_folder_bytecode
+
+        bitfusion_folder_bytecode.install(os.environ["BITFUSION_FILES"], os.path.expanduser("~"))
+    except Exception:
+        pass
 try:
     _chain()
 except Exception as exc:

@@ -233,6 +233,7 @@ def test_a_notebook_on_a_bitfusion_kernel_works_in_its_folder(client_env, projec
 
     assert out(cells[0]).split() == [str(project), "hi", "from", "helper", "['a,b',", "'1,2']"]
     assert (project / "model.txt").read_text() == "saved from the notebook"
+    assert not (project / "__pycache__").exists()  # the kernel kept helper's bytecode
     assert out(cells[2]).split() == ["2048", str(project), "saved", "from", "the", "notebook"]
     assert client_env.no_shares_within(15)
 
@@ -301,3 +302,19 @@ def test_a_folder_whose_server_is_gone_fails_its_operations_and_writes_nowhere(g
     assert "wrote" not in out and not (project / "after.txt").exists()
     time.sleep(0.1)
     assert gateway.no_shares_within(15)
+
+
+def test_the_folders_modules_keep_their_bytecode_on_the_server_not_in_the_folder(gateway, project):
+    """Importing from the folder leaves no __pycache__ of the server's Python in it: the
+    bytecode is kept in the user's server home (each read of it would be a round trip to the
+    client), and a module the user changes on the client is compiled anew."""
+    code = "import helper; print(helper.hi())"
+    r = gateway.bf("run", "-m", "1024", "--files", str(project), "--", PY, "-c", code)
+    assert r.returncode == 0 and r.stdout == "hi from helper\n", r.stderr
+    assert not (project / "__pycache__").exists()
+    cache = gateway.state_dir / "homes" / "alice" / ".cache" / "bitfusion" / "pycache"
+    assert list(cache.rglob(f"{project.relative_to('/')}/helper.*.pyc")), "no bytecode kept"
+    (project / "helper.py").write_text("def hi():\n    return 'changed on the client'\n")
+    r = gateway.bf("run", "-m", "1024", "--files", str(project), "--", PY, "-c", code)
+    assert r.returncode == 0 and r.stdout == "changed on the client\n", r.stderr
+    assert not (project / "__pycache__").exists()
