@@ -105,15 +105,19 @@ def test_a_command_gone_while_no_gateway_ran_is_said_and_its_client_exits(gatewa
 
 
 def test_ctrl_c_ends_a_client_whose_gateway_does_not_answer(gateway):
-    client = gateway.bf_background("run", "-m", "512", "--", "sleep", "60")
+    client = gateway.bf_background("run", "-m", "512", "--", "sh", "-c", "echo started; sleep 60")
     try:
-        assert wait_for(lambda: gateway.shares(), 15)
+        # Frozen once the command runs, not while the client still waits for it to start
+        # (that wait ends in its own error, not in a lost gateway).
+        assert client.stdout.readline() == "started\n"
         os.kill(gateway.proc.pid, signal.SIGSTOP)  # frozen: it takes nothing in any more
-        line = ""
+        said: list[str] = []
         deadline = time.monotonic() + 20
-        while "lost the gateway" not in line and time.monotonic() < deadline:
-            line = client.stderr.readline()
-        assert "lost the gateway" in line, line
+        while not any("lost the gateway" in s for s in said) and time.monotonic() < deadline:
+            said.append(client.stderr.readline())
+            if not said[-1]:
+                break  # the client ended
+        assert any("lost the gateway" in s for s in said), said
         client.send_signal(signal.SIGINT)
         _, err = client.communicate(timeout=20)
         assert client.returncode == 128 + signal.SIGINT, err
