@@ -263,3 +263,17 @@ def test_a_running_mps_control_process_is_found(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert not mps_running(no_pipe)
+
+
+def test_share_site_reads_the_variables_by_the_names_the_gateway_sets():
+    # share_site runs under the user's Python, without our packages, so it spells the names:
+    # each must be one remoting.share_env defines (a rename there would silently stop it).
+    import re
+
+    from remoting import share_env as names
+
+    defined = {v for v in vars(names).values() if isinstance(v, str)}
+    read = set()
+    for path in SHARE_SITE.glob("*.py"):
+        read |= set(re.findall(r'"(BITFUSION_[A-Z_]+)"', path.read_text()))
+    assert read and read <= defined, read - defined
