@@ -52,7 +52,9 @@ def is_starting(frames: list[Any]) -> bool:
     ``kernel.ID.status``) is parsed: outputs pass on this hot path untouched."""
     if not frames or len(frames[0]) > 128 or not as_bytes(frames[0]).endswith(b"status"):
         return False
-    if header(frames).get("msg_type") != "status":
-        return False
-    found = json_parts(frames, CONTENT)
-    return found is not None and found[0].get("execution_state") == "starting"
+    found = json_parts(frames, HEADER, CONTENT)
+    return (
+        found is not None
+        and found[0].get("msg_type") == "status"
+        and found[1].get("execution_state") == "starting"
+    )

@@ -24,7 +24,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from bitfusion_jupyter import share_request
 from bitfusion_jupyter.local_child import UNDER_SHIM_ENV
-from bitfusion_jupyter.move import ADOPT_ENV, MOVE_NOTE, SHIM_REQUEST, describe
+from bitfusion_jupyter.move import ADOPT_ENV, SHIM_REQUEST, announce
 from remoting import share_env as names
 
 EXEC_DELAY_S = 0.5  # lets the cell's reply and idle status leave before the exec
@@ -273,9 +273,7 @@ class BitfusionMagics(Magics):
         finally:
             if pool is not None:
                 pool.close()
-        where = f"\nIt works in your folder {folder} there." if folder is not None else ""
-        print(f"This kernel moves to the {describe(grant, kernel)}.{where}")
-        print(MOVE_NOTE, flush=True)
+        print(announce(grant, kernel, folder), flush=True)
         adopt = {
             "server": grant.conn.address,
             "share": grant.share,

@@ -42,6 +42,13 @@ def describe(grant: Grant, kernel: str) -> str:
     return f"{kernel} kernel in share {grant.share_id} on {grant.conn.address}: {gpus}"
 
 
+def announce(grant: Grant, kernel: str, folder: str | None) -> str:
+    """What the magic says of a move to ``grant``'s share (the shim's answer, or the magic
+    itself for a local kernel it moves)."""
+    where = f"\nIt works in your folder {folder} there." if folder is not None else ""
+    return f"This kernel moves to the {describe(grant, kernel)}.{where}\n{MOVE_NOTE}"
+
+
 def parse_request(prompt: str) -> dict[str, Any]:
     """The magic's request, from an input request's prompt that starts with SHIM_REQUEST;
     ValueError when it is not one the magic would send."""
@@ -170,9 +177,4 @@ def prepare(
         pool.close()
         return {"ok": False, "error": str(exc)}, None
     move = PendingMove("move", grant, pool, request.get("kernel") or "python3", choice)
-    folder = choice.folder
-    where = f"\nIt works in your folder {folder} there." if folder is not None else ""
-    return {
-        "ok": True,
-        "message": f"This kernel moves to the {describe(grant, move.kernel)}.{where}\n{MOVE_NOTE}",
-    }, move
+    return {"ok": True, "message": announce(grant, move.kernel, choice.folder)}, move
