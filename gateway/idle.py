@@ -16,8 +16,9 @@ from gateway.ledger import Share
 
 
 class IdleTracker:
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float | None = None) -> None:
         self._last: dict[str, float] = {}
+        self.timeout_s = timeout_s  # the admin's idle timeout (None: off)
 
     def touch(self, share_id: str, now: float | None = None) -> None:
         self._last[share_id] = time.time() if now is None else now
@@ -29,10 +30,9 @@ class IdleTracker:
     def forget(self, share_id: str) -> None:
         self._last.pop(share_id, None)
 
-    def overdue(
-        self, shares: Iterable[Share], timeout_s: float | None, now: float | None = None
-    ) -> list[Share]:
-        """The shares idle for longer than ``timeout_s`` (none when it is off)."""
+    def overdue(self, shares: Iterable[Share], now: float | None = None) -> list[Share]:
+        """The shares idle for longer than the timeout (none when it is off)."""
+        timeout_s = self.timeout_s
         if not timeout_s:
             return []
         return [s for s in shares if self.idle_s(s, now) > timeout_s]

@@ -4,23 +4,33 @@ refusal when no sandbox can be made.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
-from gateway.ledger import Share
+from gateway import sandbox
+from gateway.ledger import Ledger, Share
+from gateway.log_limit import LogLimit
 from gateway.nanny.relay import Relay
-from gateway.service.state import RequestError, ServiceState
+from gateway.service.state import RequestError
 from remoting import protocol, tokens
 
 log = logging.getLogger("bitfusion.gateway")
 
 
-class Access(ServiceState):
-    def _share(self, share_id: str, tok: tokens.Token) -> Share:
+@dataclasses.dataclass(eq=False)
+class Access:
+    ledger: Ledger
+    relays: dict[str, Relay]  # process id -> its link to the process's nanny
+    refusals: LogLimit
+    hostname: str
+    verdict: sandbox.Verdict  # how shares are walled off, checked once at start
+
+    def share(self, share_id: str, tok: tokens.Token) -> Share:
         share = self.ledger.shares.get(share_id)
         # Someone else's share looks exactly like a missing one, so ids leak nothing.
         if share is None or (share.owner != tok.user and not tok.admin):
             if share is not None:
-                self._denied(
+                self.denied(
                     tok,
                     share_id,
                     "touched another user's share",
@@ -29,12 +39,12 @@ class Access(ServiceState):
                 )
             raise RequestError(
                 protocol.E_NOT_FOUND,
-                f"No share {share_id} of yours is held on {self.cfg.hostname}; it may have "
+                f"No share {share_id} of yours is held on {self.hostname}; it may have "
                 "been released or its lease may have expired.",
             )
         return share
 
-    def _denied(
+    def denied(
         self, tok: tokens.Token, share_id: str | None, event: str, target: str, answer: str
     ) -> None:
         """A user reached for someone else's share, process or kernel: an event in the ledger
@@ -44,7 +54,7 @@ class Access(ServiceState):
             f"refused:{tok.user}", "refused user %s on %s (%s)", tok.user, target, answer
         )
 
-    def _relay(self, proc_id: str, tok: tokens.Token) -> Relay | None:
+    def relay(self, proc_id: str, tok: tokens.Token) -> Relay | None:
         relay = self.relays.get(proc_id)
         if relay is None:
             return None
@@ -54,7 +64,7 @@ class Access(ServiceState):
         if relay.owner != tok.user and not tok.admin:
             proc = self.ledger.processes.get(proc_id)
             share_id = proc.share_id if proc else None
-            self._denied(
+            self.denied(
                 tok,
                 share_id,
                 f"touched process {proc_id}",
@@ -64,18 +74,17 @@ class Access(ServiceState):
             return None
         return relay
 
-    def _admin(self, tok: tokens.Token, action: str, minter_too: bool = False) -> None:
+    def admin(self, tok: tokens.Token, action: str, minter_too: bool = False) -> None:
         if not (tok.admin or (minter_too and tok.minter)):
             self.ledger.event("denied", tok.user, None, f"{action} needs an admin token")
             raise RequestError(
                 protocol.E_DENIED, f"Only an admin token may {action}; ask your admin."
             )
 
-    def _refuse_unsandboxed(self, tok: tokens.Token) -> None:
-        if self.sandbox.refuse:
+    def refuse_unsandboxed(self, tok: tokens.Token) -> None:
+        if self.verdict.refuse:
             self.refusals.info("unsandboxed", "refused user %s: no sandbox", tok.user)
             raise RequestError(
                 protocol.E_SPAWN,
-                f"{self.cfg.hostname} refuses shares: "
-                f"{self.sandbox_line.removeprefix('REFUSED: ')}.",
+                f"{self.hostname} refuses shares: {self.verdict.line.removeprefix('REFUSED: ')}.",
             )

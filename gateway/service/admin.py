@@ -3,11 +3,18 @@ such as a JupyterHub's)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
 
-from gateway.service.state import RequestError, ServiceState
+from gateway.cluster_keys import ClusterKeys
+from gateway.gpus import GpuInfo
+from gateway.idle import IdleTracker
+from gateway.ledger import Ledger
+from gateway.service.access import Access
+from gateway.service.config import GatewayConfig
+from gateway.service.state import RequestError
 from remoting import protocol, tokens
 from remoting.protocol import Message
 from remoting.util.numbers import finite
@@ -15,9 +22,17 @@ from remoting.util.numbers import finite
 log = logging.getLogger("bitfusion.gateway")
 
 
-class Admin(ServiceState):
+@dataclasses.dataclass(eq=False)
+class Admin:
+    cfg: GatewayConfig
+    ledger: Ledger
+    gpus: list[GpuInfo]
+    keys: ClusterKeys
+    access: Access
+    idle: IdleTracker
+
     async def on_drain(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
-        self._admin(tok, "drain a GPU")
+        self.access.admin(tok, "drain a GPU")
         index = msg["index"]
         if index not in {g.index for g in self.gpus}:
             raise RequestError(protocol.E_NOT_FOUND, f"{self.cfg.hostname} has no GPU {index}.")
@@ -29,20 +44,20 @@ class Admin(ServiceState):
     async def on_set_idle_timeout(
         self, ident: bytes, msg: Message, tok: tokens.Token
     ) -> dict[str, Any]:
-        self._admin(tok, "set the idle timeout")
+        self.access.admin(tok, "set the idle timeout")
         seconds = finite(msg["seconds"])
         if seconds is None or seconds < 0:
             raise RequestError(
                 protocol.E_BAD_REQUEST,
                 "The idle timeout is a number of seconds, 0 or more (0 turns it off).",
             )
-        self.idle_timeout_s = seconds or None
-        self.ledger.set_setting("idle_timeout_s", self.idle_timeout_s)
+        self.idle.timeout_s = seconds or None
+        self.ledger.set_setting("idle_timeout_s", self.idle.timeout_s)
         self.ledger.event("idle_timeout", tok.user, None, f"set to {seconds:g} s")
-        return {"idle_timeout_s": self.idle_timeout_s}
+        return {"idle_timeout_s": self.idle.timeout_s}
 
     async def on_revoke(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
-        self._admin(tok, "revoke a token", minter_too=True)
+        self.access.admin(tok, "revoke a token", minter_too=True)
         self.ledger.revoke(msg["nonce"])
         self.ledger.event("revoke", tok.user, None, f"token {msg['nonce'][:8]}…")
         return {"revoked": msg["nonce"]}
@@ -51,7 +66,7 @@ class Admin(ServiceState):
         """A token for a user of this pool, signed with the cluster secret (so it works on
         every gateway). A minter (a JupyterHub) mints only users' tokens, and only ones
         that expire: what it hands out ends even if it never revokes it."""
-        self._admin(tok, "mint a token", minter_too=True)
+        self.access.admin(tok, "mint a token", minter_too=True)
         admin = bool(msg.get("admin"))
         if admin and not tok.admin:
             self.ledger.event("denied", tok.user, None, "a minter asked for an admin token")

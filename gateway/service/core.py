@@ -4,8 +4,9 @@ Everything runs on one asyncio loop, so handlers never race each other over the 
 A message that does not follow the protocol is logged and answered (when it has an id) with a
 clear error; it never reaches a handler and never stops the loop for other clients.
 
-Gateway owns the state and the sockets; each job is a part of its own (gateway.service.*),
-and gateway.service.dispatch.HANDLERS says which part answers which message.
+Gateway owns the sockets and the ledger, and builds the parts (gateway.service.*), each an
+object handed only what it uses; gateway.service.dispatch.handlers() says which part answers
+which message.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import asyncio
 import logging
 import os
 import signal
-import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,63 +36,44 @@ from gateway.police import Police
 from gateway.service.access import Access
 from gateway.service.admin import Admin
 from gateway.service.config import GatewayConfig
-from gateway.service.dispatch import Dispatch
+from gateway.service.dispatch import Dispatch, handlers
+from gateway.service.grants import Grants
 from gateway.service.housekeeping import Housekeeping
 from gateway.service.inventory import Inventory
 from gateway.service.kernel_sessions import KernelSessions
 from gateway.service.lifecycle import Lifecycle
+from gateway.service.outbox import Outbox
 from gateway.service.processes import Processes
 from gateway.service.queue import AllocationQueue
 from gateway.service.router import Router
-from gateway.service.state import KernelState, Waiter
-from remoting import messages, protocol, state_dir
-from remoting.protocol import Message
+from gateway.service.state import Background, Transitions
+from remoting import protocol, state_dir
 from remoting.util.procs import pid_alive
 
 log = logging.getLogger("bitfusion.gateway")
 
 
-class Gateway(
-    Dispatch,
-    Access,
-    Inventory,
-    AllocationQueue,
-    Lifecycle,
-    Processes,
-    KernelSessions,
-    Admin,
-    Housekeeping,
-):
+class Gateway:
     def __init__(self, config: GatewayConfig, inventory: GpuInventory, keys: ClusterKeys):
         self.cfg = config
         self.inventory = inventory
         self.keys = keys
-        self.gpus = inventory.gpus()
+        self.gpus = gpus = inventory.gpus()
         run_dir = config.state_dir / state_dir.RUN
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.run_dir = run_dir
         # How shares are walled off (said at start, in localhealth, on the dashboard).
-        self.sandbox = sandbox.check(config.confine)
-        self.sandbox_abi = self.sandbox.landlock_abi  # 0: no Landlock scopes for kernels
-        self.sandbox_line = self.sandbox.line
-        self.layout = sandbox.Layout.for_gateway(
+        self.sandbox = verdict = sandbox.check(config.confine)
+        self.sandbox_abi = verdict.landlock_abi  # 0: no Landlock scopes for kernels
+        self.sandbox_line = verdict.line
+        self.layout = layout = sandbox.Layout.for_gateway(
             config.state_dir,
             config.homes_dir or config.state_dir / state_dir.HOMES,
             [k.argv[0] for k in config.kernels.values()],
         )
-        self.ledger = Ledger(config.state_dir / state_dir.LEDGER, self.gpus)
-        self.police = Police(config.police_mode, config.police_grace_s)
-        self.relays: dict[str, Relay] = {}
-        self.kernels: dict[str, KernelState] = {}
-        self.queue: list[Waiter] = []
-        self.ending: dict[str, asyncio.Event] = {}  # shares being ended; set once gone
-        self.launching: dict[str, int] = {}  # share id -> processes being started in it
-        self.launched = asyncio.Condition()  # notified as each of those starts finishes
-        self.usage: dict[str, dict[int, int]] = {}  # share id -> GPU index -> MiB in use
-        self.history = History(self.ledger.db)
-        self.idle = IdleTracker()
-        self.idle_timeout_s: float | None = self.ledger.setting("idle_timeout_s")
-        self.mps = mps_running()
+        self.ledger = ledger = Ledger(config.state_dir / state_dir.LEDGER, gpus)
+        history = History(ledger.db)
+        self.idle = idle = IdleTracker(ledger.setting("idle_timeout_s"))
+        mps = mps_running()
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.curve_server = True
@@ -106,11 +86,47 @@ class Gateway(
         self.router = Router(self.sock)  # every client message in and out goes through it
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._background: set[asyncio.Task[Any]] = set()  # keeps fire-and-forget tasks alive
-        self.started = time.time()
         self.refusals = LogLimit(log)  # every refusal is logged, a flood of them is counted
-        self.last_ids: dict[bytes, int] = {}  # connection -> its last request id (replays)
-        self.check_replies = bool(os.environ.get("BITFUSION_CHECK_REPLIES"))
+
+        # The parts, each handed only what it uses. Shared between some of them: the links to
+        # processes' nannies (by process id), each share's GPU memory in use (sampled by
+        # policing), and the shares being ended or started in.
+        self.relays: dict[str, Relay] = {}
+        usage: dict[str, dict[int, int]] = {}
+        transitions = Transitions()
+        background = Background()
+        out = Outbox(self.router, config.hostname, bool(os.environ.get("BITFUSION_CHECK_REPLIES")))
+        access = Access(ledger, self.relays, self.refusals, config.hostname, verdict)
+        simulated = inventory.simulated
+        grants = Grants(config, ledger, gpus, idle, verdict, simulated=simulated, mps=mps)
+        self.queue = AllocationQueue(config, ledger, gpus, out, grants)
+        self.processes = Processes(
+            config, ledger, gpus, access, grants, transitions, out=out, background=background,
+            relays=self.relays, idle=idle, layout=layout, verdict=verdict, simulated=simulated,
+            mps=mps, run_dir=run_dir,
+        )  # fmt: skip
+        self.kernels = KernelSessions(
+            config, self.ctx, ledger, access, self.processes, grants, out=out, idle=idle,
+            refusals=self.refusals, run_dir=run_dir, landlock_abi=verdict.landlock_abi,
+        )  # fmt: skip
+        self.lifecycle = Lifecycle(
+            config, ledger, gpus, access, grants, self.queue, transitions, self.kernels,
+            relays=self.relays, usage=usage, idle=idle, out=out, background=background,
+        )  # fmt: skip
+        info = Inventory(
+            config, ledger, gpus, inventory, history, idle, self.queue, usage=usage,
+            layout=layout, verdict=verdict, mps=mps,
+        )  # fmt: skip
+        admin = Admin(config, ledger, gpus, keys, access, idle)
+        police = Police(config.police_mode, config.police_grace_s)
+        self.house = Housekeeping(
+            config, ledger, gpus, inventory, self.lifecycle, self.queue, police, idle, history,
+            relays=self.relays, usage=usage, out=out, background=background, router=self.router,
+        )  # fmt: skip
+        table = handlers(info, self.queue, self.lifecycle, self.processes, self.kernels, admin)
+        self.dispatch = Dispatch(
+            config.hostname, keys, ledger, self.refusals, self.router, out, background, table
+        )
 
     def bind(self) -> None:
         self.sock.bind(f"tcp://{self.cfg.bind}:{self.cfg.port}")
@@ -124,9 +140,9 @@ class Gateway(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
         self._tasks = [
-            asyncio.create_task(self._receive_loop()),
-            asyncio.create_task(self._tick_loop()),
-            asyncio.create_task(self._police_loop()),
+            asyncio.create_task(self.dispatch.receive_loop()),
+            asyncio.create_task(self.house.tick_loop()),
+            asyncio.create_task(self.house.police_loop()),
             asyncio.create_task(handshakes.watch(self.sock, self.refusals)),
         ]
         await self._stop.wait()
@@ -135,8 +151,7 @@ class Gateway(
         if web is not None:
             web.stop()
         # Processes in shares outlive the gateway on purpose; only our own links close.
-        for kernel in self.kernels.values():
-            kernel.channels.close()
+        self.kernels.close_all()
         for relay in list(self.relays.values()):
             await relay.close()
         self.router.stop()
@@ -176,9 +191,9 @@ class Gateway(
                     self.ledger.finish_process(proc.id, None)
                 continue
             try:
-                await self._start_relay(proc, out_from=1)
+                await self.processes.start_relay(proc, out_from=1)
                 if proc.kernel:
-                    self._open_kernel(proc, None)
+                    self.kernels.open(proc, None)
                 log.info("adopted process %s of share %s", proc.id, proc.share_id)
             except (OSError, NannyGone, TimeoutError):
                 status = launcher.read_status(Path(proc.status_path or ""))
@@ -187,35 +202,3 @@ class Gateway(
                     launcher.kill_orphan(status)
                 self.ledger.finish_process(proc.id, code)
                 log.info("process %s ended while the gateway was away (exit %s)", proc.id, code)
-
-    def _spawn_task(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _send(self, ident: bytes, frames: list[bytes]) -> bool:
-        try:
-            self.router.send([ident, *frames])
-            return True
-        except zmq.ZMQError as exc:  # peer gone (EHOSTUNREACH) or too slow (EAGAIN)
-            log.debug("could not deliver to a client: %s", exc)
-            return False
-
-    async def _reply(self, ident: bytes, request: Message, data: Mapping[str, Any]) -> None:
-        if self.check_replies:  # the test suite's gateways: every reply matches its type
-            messages.check_reply(request.type, dict(data))
-        await self._send(ident, protocol.encode("reply", id=request["id"], ok=True, data=data))
-
-    async def _error(self, ident: bytes, msg_id: int, code: str, message: str) -> None:
-        await self._send(
-            ident,
-            protocol.encode(
-                "reply", id=msg_id, ok=False, code=code, error=message, server=self.cfg.hostname
-            ),
-        )
-
-    async def _deliver(self, ident: bytes, kind: str, fields: dict, payload: bytes | None) -> None:
-        self._touch_proc(fields.get("proc_id"))
-        await self._send(
-            ident, protocol.encode(kind, [payload] if payload is not None else [], **fields)
-        )

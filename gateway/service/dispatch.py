@@ -1,21 +1,27 @@
 """Receiving: decode, authenticate, refuse replayed ids, and run each message's handler
-from one explicit table (HANDLERS).
+from one explicit table (``handlers()``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from gateway.cluster_keys import ClusterKeys
+from gateway.ledger import Ledger
+from gateway.log_limit import LogLimit
 from gateway.service.admin import Admin
 from gateway.service.inventory import Inventory
 from gateway.service.kernel_sessions import KernelSessions
 from gateway.service.lifecycle import Lifecycle
+from gateway.service.outbox import Outbox
 from gateway.service.processes import Processes
 from gateway.service.queue import AllocationQueue
-from gateway.service.state import MAX_CONNECTIONS_TRACKED, RequestError, ServiceState
+from gateway.service.router import Router
+from gateway.service.state import MAX_CONNECTIONS_TRACKED, Background, RequestError
 from remoting import protocol, tokens
 from remoting.protocol import Message, ProtocolError
 
@@ -48,15 +54,66 @@ def _salvage_id(body: Sequence[bytes]) -> int | None:
         return None
 
 
-class Dispatch(ServiceState):
-    async def _receive_loop(self) -> None:
+Handler = Callable[[bytes, Message, tokens.Token], Awaitable[dict[str, Any] | None]]
+
+
+def handlers(
+    inventory: Inventory,
+    queue: AllocationQueue,
+    lifecycle: Lifecycle,
+    processes: Processes,
+    kernels: KernelSessions,
+    admin: Admin,
+) -> dict[str, Handler]:
+    """Which part answers each authenticated message (tests/unit/test_dispatch_table.py checks
+    that every one has a handler, and nothing else does)."""
+    return {
+        "hello": inventory.on_hello,
+        "list_gpus": inventory.on_list_gpus,
+        "smi": inventory.on_smi,
+        "list_shares": inventory.on_list_shares,
+        "history": inventory.on_history,
+        "allocate": lifecycle.on_allocate,
+        "waiting": queue.on_waiting,
+        "renew": lifecycle.on_renew,
+        "release": lifecycle.on_release,
+        "spawn": processes.on_spawn,
+        "register_pid": processes.on_register_pid,
+        "attach": processes.on_attach,
+        "stdin": processes.on_stdin,
+        "stdin_close": processes.on_stdin_close,
+        "signal": processes.on_signal,
+        "ack": processes.on_ack,
+        "kernel_start": kernels.on_kernel_start,
+        "kernel_in": kernels.on_kernel_in,
+        "drain": admin.on_drain,
+        "set_idle_timeout": admin.on_set_idle_timeout,
+        "revoke": admin.on_revoke,
+        "mint": admin.on_mint,
+    }
+
+
+@dataclasses.dataclass(eq=False)
+class Dispatch:
+    hostname: str
+    keys: ClusterKeys
+    ledger: Ledger
+    refusals: LogLimit  # every refusal is logged, a flood of them is counted
+    router: Router
+    out: Outbox
+    background: Background
+    table: dict[str, Handler]
+    # connection -> its last request id (replays)
+    last_ids: dict[bytes, int] = dataclasses.field(default_factory=dict)
+
+    async def receive_loop(self) -> None:
         while True:
             # Copied: what clients send is small (requests, stdin, cells); the large flow is
             # kernel output, which KernelChannels receives without a copy.
             frames = await self.router.recv()
             ident, body = frames[0], frames[1:]
             try:
-                await self._handle(ident, body)
+                await self.handle(ident, body)
             except Exception:  # a bug in one handler must not stop the service
                 log.exception("internal error while handling a message")
             # A ready message is received without yielding, so under a steady flow this loop
@@ -64,7 +121,7 @@ class Dispatch(ServiceState):
             # it would wait for a lull. Give them a turn after each message.
             await asyncio.sleep(0)
 
-    async def _handle(self, ident: bytes, body: list[bytes]) -> None:
+    async def handle(self, ident: bytes, body: list[bytes]) -> None:
         try:
             msg = protocol.decode(body)
         except ProtocolError as exc:
@@ -73,7 +130,7 @@ class Dispatch(ServiceState):
             )
             msg_id = _salvage_id(body)
             if msg_id is not None:
-                await self._error(
+                await self.out.error(
                     ident, msg_id, protocol.E_BAD_REQUEST, f"Malformed request: {exc}"
                 )
             return
@@ -113,7 +170,7 @@ class Dispatch(ServiceState):
             return
         run = self._run(ident, msg, tok)
         if msg.type in BESIDE_THE_LOOP:
-            self._spawn_task(run)
+            self.background.spawn(run)
         else:
             await run
 
@@ -121,9 +178,9 @@ class Dispatch(ServiceState):
         """Run one authenticated message's handler and answer it, whatever happens."""
         spec = protocol.MESSAGES[msg.type]
         try:
-            result = await HANDLERS[msg.type](self, ident, msg, tok)
+            result = await self.table[msg.type](ident, msg, tok)
             if spec.request and result is not None:
-                await self._reply(ident, msg, result)
+                await self.out.reply(ident, msg, result)
         except RequestError as exc:
             await self._refuse(ident, msg, tok, exc)
         except Exception:
@@ -133,7 +190,7 @@ class Dispatch(ServiceState):
         # A bug, not the sender's fault: log it, and still answer so no client hangs.
         log.exception("internal error while handling %s", msg.type)
         if protocol.MESSAGES[msg.type].request:
-            await self._error(
+            await self.out.error(
                 ident,
                 msg["id"],
                 protocol.E_INTERNAL,
@@ -156,7 +213,7 @@ class Dispatch(ServiceState):
             exc,
         )
         if protocol.MESSAGES[msg.type].request:
-            await self._error(ident, msg["id"], exc.code, str(exc))
+            await self.out.error(ident, msg["id"], exc.code, str(exc))
 
     def _authenticate(self, text: str) -> tokens.Token:
         try:
@@ -166,7 +223,7 @@ class Dispatch(ServiceState):
         if not tokens.verify(self.keys.token_secret, tok):
             raise RequestError(
                 protocol.E_AUTH,
-                f"The gateway on {self.cfg.hostname} does not accept this token; ask your admin "
+                f"The gateway on {self.hostname} does not accept this token; ask your admin "
                 "for a token of this pool and record it with 'bitfusion init'.",
             )
         if self.ledger.is_revoked(tok.nonce):
@@ -197,33 +254,3 @@ class Dispatch(ServiceState):
         self.last_ids[ident] = msg_id
         if len(self.last_ids) > MAX_CONNECTIONS_TRACKED:
             del self.last_ids[next(iter(self.last_ids))]
-
-
-Handler = Callable[[Any, bytes, Message, tokens.Token], Awaitable[dict[str, Any] | None]]
-
-# Which part answers each authenticated message (tests/unit/test_dispatch_table.py checks that
-# every one has a handler, and nothing else does).
-HANDLERS: dict[str, Handler] = {
-    "hello": Inventory.on_hello,
-    "list_gpus": Inventory.on_list_gpus,
-    "smi": Inventory.on_smi,
-    "list_shares": Inventory.on_list_shares,
-    "history": Inventory.on_history,
-    "allocate": Lifecycle.on_allocate,
-    "waiting": AllocationQueue.on_waiting,
-    "renew": Lifecycle.on_renew,
-    "release": Lifecycle.on_release,
-    "spawn": Processes.on_spawn,
-    "register_pid": Processes.on_register_pid,
-    "attach": Processes.on_attach,
-    "stdin": Processes.on_stdin,
-    "stdin_close": Processes.on_stdin_close,
-    "signal": Processes.on_signal,
-    "ack": Processes.on_ack,
-    "kernel_start": KernelSessions.on_kernel_start,
-    "kernel_in": KernelSessions.on_kernel_in,
-    "drain": Admin.on_drain,
-    "set_idle_timeout": Admin.on_set_idle_timeout,
-    "revoke": Admin.on_revoke,
-    "mint": Admin.on_mint,
-}

@@ -5,6 +5,7 @@ and the history samples.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -12,24 +13,49 @@ import time
 from typing import Any
 
 from gateway import usage_files
-from gateway.gpus import GpuState
-from gateway.police import PolicedShare, Verdict
-from gateway.service.state import ServiceState
+from gateway.gpus import GpuInfo, GpuInventory, GpuState
+from gateway.history import History
+from gateway.idle import IdleTracker
+from gateway.ledger import Ledger
+from gateway.nanny.relay import Relay
+from gateway.police import Police, PolicedShare, Verdict
+from gateway.service.config import GatewayConfig
+from gateway.service.lifecycle import Lifecycle
+from gateway.service.outbox import Outbox
+from gateway.service.queue import AllocationQueue
+from gateway.service.router import Router
+from gateway.service.state import Background
 from remoting import protocol
 from remoting.util.procs import pid_alive, session_of
 
 log = logging.getLogger("bitfusion.gateway")
 
 
-class Housekeeping(ServiceState):
-    async def _tick_loop(self) -> None:
+@dataclasses.dataclass(eq=False)
+class Housekeeping:
+    cfg: GatewayConfig
+    ledger: Ledger
+    gpus: list[GpuInfo]
+    inventory: GpuInventory
+    lifecycle: Lifecycle
+    queue: AllocationQueue
+    police: Police
+    idle: IdleTracker
+    history: History
+    relays: dict[str, Relay]
+    usage: dict[str, dict[int, int]]  # share id -> GPU index -> MiB in use, kept fresh here
+    out: Outbox
+    background: Background
+    router: Router
+
+    async def tick_loop(self) -> None:
         n = 0
         while True:
             await asyncio.sleep(0.25)
             self.router.poke()  # a last resort: a message whose wake-up a send took
             try:
                 for share in self.ledger.expired(time.time()):
-                    if share.id not in self.ending:
+                    if share.id not in self.lifecycle.ending:
                         self.ledger.event(
                             "lease_expired", share.owner, share.id, "the holder stopped renewing"
                         )
@@ -41,8 +67,8 @@ class Housekeeping(ServiceState):
                             share.owner,
                             self.cfg.lease_grace_s,
                         )
-                        self._spawn_task(self.end_share(share, "lease expired"))
-                await self._serve_queue()
+                        self.background.spawn(self.lifecycle.end_share(share, "lease expired"))
+                await self.queue.serve()
                 for proc in list(self.ledger.processes.values()):
                     if proc.socket_path is None and proc.pid and not pid_alive(proc.pid):
                         self.ledger.finish_process(proc.id, None)
@@ -52,7 +78,7 @@ class Housekeeping(ServiceState):
             except Exception:
                 log.exception("periodic work failed")
 
-    async def _police_loop(self) -> None:
+    async def police_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.police_interval_s)
             try:
@@ -66,7 +92,9 @@ class Housekeeping(ServiceState):
                     )
                     for s in self.ledger.shares.values()
                 ]
-                self.usage = self.police.usage_by_share(usage, policed, session_of)
+                by_share = self.police.usage_by_share(usage, policed, session_of)
+                self.usage.clear()  # in place: the lifecycle and the inventory read it too
+                self.usage.update(by_share)
                 states = {st.index: st for st in self.inventory.states()}  # one NVML sample
                 await self._write_usage_files(states)
                 self._note_activity(states)
@@ -90,17 +118,12 @@ class Housekeeping(ServiceState):
                 utilization=utilization,
             )
             for share in list(self.ledger.shares.values())
-            if share.id not in self.ending
+            if share.id not in self.lifecycle.ending
         }
         await asyncio.to_thread(usage_files.write_all, self.cfg.state_dir, records)
         for share_id in records:
-            if share_id not in self.ledger.shares or share_id in self.ending:
+            if share_id not in self.ledger.shares or share_id in self.lifecycle.ending:
                 usage_files.remove(usage_files.path_for(self.cfg.state_dir, share_id))
-
-    def _touch_proc(self, proc_id: str | None) -> None:
-        proc = self.ledger.processes.get(proc_id or "")
-        if proc is not None:
-            self.idle.touch(proc.share_id)
 
     def _note_activity(self, states: dict[int, GpuState]) -> None:
         """Sampled work: running commands, GPU memory held on a computing GPU; and history."""
@@ -128,27 +151,27 @@ class Housekeeping(ServiceState):
         )
 
     async def _reclaim_idle(self) -> None:
-        for share in self.idle.overdue(list(self.ledger.shares.values()), self.idle_timeout_s):
-            if share.id in self.ending:
+        for share in self.idle.overdue(list(self.ledger.shares.values())):
+            if share.id in self.lifecycle.ending:
                 continue
-            reason = f"idle for over {self.idle_timeout_s:g} s, reclaimed"
+            reason = f"idle for over {self.idle.timeout_s:g} s, reclaimed"
             self.ledger.event("idle_reclaim", share.owner, share.id, reason)
             # Said before the share ends, so its kernel's shim knows why it did (and does
             # not take a share again for a kernel nobody uses).
             await self._tell(
                 share.id,
-                f"Share {share.id} was idle for over {self.idle_timeout_s:g} s and went back "
+                f"Share {share.id} was idle for over {self.idle.timeout_s:g} s and went back "
                 "to the pool (the admin's idle timeout).",
                 "idle",
             )
-            self._spawn_task(self.end_share(share, reason))
+            self.background.spawn(self.lifecycle.end_share(share, reason))
 
     async def _tell(self, share_id: str, message: str, action: str, **fields: Any) -> None:
         """A notice to whoever watches each process of the share (policing, idle reclaim)."""
         for proc in self.ledger.processes_of(share_id):
             relay = self.relays.get(proc.id)
             if relay is not None and relay.subscriber is not None:
-                await self._send(
+                await self.out.send(
                     relay.subscriber,
                     protocol.encode(
                         "notice",

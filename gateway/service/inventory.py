@@ -5,14 +5,19 @@ and the dashboard's history.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
 
 from gateway import sandbox
-from gateway.history import RANGES
-from gateway.ledger import Share
-from gateway.service.state import RequestError, ServiceState
+from gateway.gpus import GpuInfo, GpuInventory
+from gateway.history import RANGES, History
+from gateway.idle import IdleTracker
+from gateway.ledger import Ledger, Share
+from gateway.service.config import GatewayConfig
+from gateway.service.queue import AllocationQueue
+from gateway.service.state import RequestError
 from remoting import protocol, tokens
 from remoting.protocol import Message
 from remoting.util.procs import session_of
@@ -20,7 +25,21 @@ from remoting.util.procs import session_of
 log = logging.getLogger("bitfusion.gateway")
 
 
-class Inventory(ServiceState):
+@dataclasses.dataclass(eq=False)
+class Inventory:
+    cfg: GatewayConfig
+    ledger: Ledger
+    gpus: list[GpuInfo]
+    inventory: GpuInventory
+    history: History
+    idle: IdleTracker
+    queue: AllocationQueue
+    usage: dict[str, dict[int, int]]  # share id -> GPU index -> MiB in use (policing samples it)
+    layout: sandbox.Layout
+    verdict: sandbox.Verdict
+    mps: bool
+    started: float = dataclasses.field(default_factory=time.time)
+
     def _gpu_rows(self) -> list[dict[str, Any]]:
         states = {s.index: s for s in self.inventory.states()}
         rows = []
@@ -54,9 +73,9 @@ class Inventory(ServiceState):
             "simulated": self.inventory.simulated,
             # How shares are walled off, for every view (CLI, panel, dashboard).
             "sandbox": {
-                "sandboxed": self.sandbox.sandboxed,
-                "refused": self.sandbox.refuse,
-                "line": self.sandbox_line,
+                "sandboxed": self.verdict.sandboxed,
+                "refused": self.verdict.refuse,
+                "line": self.verdict.line,
             },
             "driver": self.inventory.driver_version(),
             "cuda": self.inventory.cuda_version(),
@@ -81,8 +100,8 @@ class Inventory(ServiceState):
         return {
             **self._server_info(),
             "gpus": self._gpu_rows(),
-            "queued": len(self.queue),
-            "idle_timeout_s": self.idle_timeout_s,
+            "queued": len(self.queue.waiters),
+            "idle_timeout_s": self.idle.timeout_s,
             "counters": {
                 "grants": counts["grant"],
                 "refusals": counts["refuse"],

@@ -4,20 +4,30 @@ the gateway and carried to the client's shim as kernel_in/kernel_out messages.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
+import zmq.asyncio
+
+from gateway.idle import IdleTracker
 from gateway.kernels import (
     KernelChannels,
     channel_info,
     channel_kind,
     write_connection_file,
 )
-from gateway.ledger import Process
-from gateway.service.state import KernelState, RequestError, ServiceState
+from gateway.ledger import Ledger, Process
+from gateway.log_limit import LogLimit
+from gateway.service.access import Access
+from gateway.service.config import GatewayConfig
+from gateway.service.grants import Grants
+from gateway.service.outbox import Outbox
+from gateway.service.processes import Processes
+from gateway.service.state import KernelState, RequestError
 from remoting import protocol, tokens
 from remoting.protocol import Message
 
@@ -31,9 +41,27 @@ def _remove_connection_file(path: Path) -> None:
         shutil.rmtree(path.parent, ignore_errors=True)
 
 
-class KernelSessions(ServiceState):
+@dataclasses.dataclass(eq=False)
+class KernelSessions:
+    cfg: GatewayConfig
+    ctx: zmq.asyncio.Context
+    ledger: Ledger
+    access: Access
+    processes: Processes
+    grants: Grants
+    out: Outbox
+    idle: IdleTracker
+    refusals: LogLimit
+    run_dir: Path
+    landlock_abi: int  # 0: no Landlock scopes, so no abstract sockets
+    # kernel id -> its channels and the shim it answers to
+    running: dict[str, KernelState] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.processes.ended.append(self.close_of)  # a kernel's process ends: so do its channels
+
     async def on_kernel_start(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict:
-        share = self._share(msg["share_id"], tok)
+        share = self.access.share(msg["share_id"], tok)
         name = msg.get("kernel") or "python3"
         if name not in self.cfg.kernels:
             raise RequestError(
@@ -41,10 +69,10 @@ class KernelSessions(ServiceState):
                 f"{self.cfg.hostname} offers no kernel {name!r}; it offers "
                 f"{', '.join(sorted(self.cfg.kernels))}.",
             )
-        files = self._files_path(share, msg.get("files"))
+        files = self.processes.files_path(share, msg.get("files"))
         kernel_id = "k-" + os.urandom(6).hex()
         env_of = self.cfg.kernels[name]
-        kind = channel_kind(env_of, self.cfg.kernel_channels, self.sandbox_abi)
+        kind = channel_kind(env_of, self.cfg.kernel_channels, self.landlock_abi)
         conn_file, channels = write_connection_file(
             self.run_dir / "kernels" / kernel_id,
             kernel_id,
@@ -57,9 +85,13 @@ class KernelSessions(ServiceState):
         # JPY_PARENT_PID=1: the kernel's parent is the sandbox's init, which ipykernel does not
         # poll; without a parent it prints a note that Ctrl-C will not work (it does, through
         # the shim) and its in-sandbox connection file, both only noise in the user's log.
-        env = self.share_env(
+        env = self.grants.share_env(
             share,
-            {**self._passed_env(), "BITFUSION_KERNEL_ID": kernel_id, "JPY_PARENT_PID": "1"},
+            {
+                **self.processes.passed_env(),
+                "BITFUSION_KERNEL_ID": kernel_id,
+                "JPY_PARENT_PID": "1",
+            },
         )
         kernel = {
             "kernel_id": kernel_id,
@@ -68,23 +100,25 @@ class KernelSessions(ServiceState):
             "channels": channels,
         }
         try:
-            proc = await self._launch(tok, share, argv, env, None, ident, kernel, files)
+            proc = await self.processes.launch(
+                tok, share, argv, env, None, ident, kernel, files, opened=self.open
+            )
         except RequestError:
             shutil.rmtree(conn_file.parent, ignore_errors=True)
             raise
         self.ledger.event("kernel_start", tok.user, share.id, f"{name} kernel {kernel_id}")
         return {"kernel_id": kernel_id, "proc_id": proc.id, "kernel": name}
 
-    def _open_kernel(self, proc: Process, subscriber: bytes | None) -> None:
+    def open(self, proc: Process, subscriber: bytes | None) -> None:
         assert proc.kernel is not None
         kernel_id = proc.kernel["kernel_id"]
 
         async def forward(channel: str, frontend: bytes, frames: list[bytes]) -> None:
-            state = self.kernels.get(kernel_id)
+            state = self.running.get(kernel_id)
             if state is not None:
                 self.idle.touch(state.share_id)
             if state is not None and state.subscriber is not None:
-                await self._send(
+                await self.out.send(
                     state.subscriber,
                     protocol.encode(
                         "kernel_out",
@@ -102,26 +136,37 @@ class KernelSessions(ServiceState):
         )
         name = f"the {proc.kernel.get('name', 'python3')} kernel {kernel_id}"
         channels = KernelChannels(self.ctx, info, forward, name)
-        self.kernels[kernel_id] = KernelState(
+        self.running[kernel_id] = KernelState(
             kernel_id, proc.id, proc.share_id, channels, subscriber
         )
 
-    def _close_kernel_of(self, proc_id: str) -> None:
-        for kernel_id, state in list(self.kernels.items()):
+    def resubscribe(self, proc_id: str, ident: bytes) -> None:
+        """The kernel of this process answers to the shim on ``ident`` now (it reconnected)."""
+        for state in self.running.values():
+            if state.proc_id == proc_id:
+                state.subscriber = ident
+
+    def close_all(self) -> None:
+        """The gateway stops: its links to kernels close; the kernels go on in their shares."""
+        for state in self.running.values():
+            state.channels.close()
+
+    def close_of(self, proc_id: str) -> None:
+        for kernel_id, state in list(self.running.items()):
             if state.proc_id == proc_id:
                 state.channels.close()
-                del self.kernels[kernel_id]
+                del self.running[kernel_id]
                 proc = self.ledger.processes.get(proc_id)
                 if proc and proc.kernel:
                     _remove_connection_file(Path(proc.kernel["connection_file"]))
 
     async def on_kernel_in(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
-        state = self.kernels.get(msg["kernel_id"])
+        state = self.running.get(msg["kernel_id"])
         if state is None:
             return
         share = self.ledger.shares.get(state.share_id)
         if share is None or (share.owner != tok.user and not tok.admin):
-            self._denied(
+            self.access.denied(
                 tok,
                 state.share_id,
                 "wrote to another's kernel",

@@ -1,10 +1,11 @@
-"""A share's life: allocate (or queue), renew its lease, release it, end it with its
-processes, and the environment its processes get.
+"""A share's life: allocate (or queue), renew its lease, release it, and end it with its
+processes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
@@ -12,11 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from gateway import simulated_claims, usage_files
-from gateway.ledger import Share
+from gateway.gpus import GpuInfo
+from gateway.idle import IdleTracker
+from gateway.ledger import Ledger, Share
 from gateway.nanny import launcher
+from gateway.nanny.relay import Relay
 from gateway.nanny.wire import NannyMsg
-from gateway.service.state import RequestError, ServiceState, Waiter
-from gateway.share_env import ShareGpu, share_environment
+from gateway.service.access import Access
+from gateway.service.config import GatewayConfig
+from gateway.service.grants import Grants
+from gateway.service.kernel_sessions import KernelSessions
+from gateway.service.outbox import Outbox
+from gateway.service.queue import AllocationQueue
+from gateway.service.state import Background, RequestError, Transitions, Waiter
 from remoting import filters, protocol, tokens
 from remoting.protocol import Message
 from remoting.shares import Want, WantError, never_fits, place
@@ -25,7 +34,27 @@ from remoting.util.procs import kill_group, pid_alive
 log = logging.getLogger("bitfusion.gateway")
 
 
-class Lifecycle(ServiceState):
+@dataclasses.dataclass(eq=False)
+class Lifecycle:
+    cfg: GatewayConfig
+    ledger: Ledger
+    gpus: list[GpuInfo]
+    access: Access
+    grants: Grants
+    queue: AllocationQueue
+    transitions: Transitions
+    kernels: KernelSessions
+    relays: dict[str, Relay]
+    usage: dict[str, dict[int, int]]  # share id -> GPU index -> MiB in use (policing samples it)
+    idle: IdleTracker
+    out: Outbox
+    background: Background
+
+    @property
+    def ending(self) -> dict[str, asyncio.Event]:
+        """Shares being ended, each event set once its share is gone."""
+        return self.transitions.ending
+
     def _read_want(self, msg: Message) -> tuple[Want, list[int]]:
         """The request and the GPUs its filters allow; checked as every client checks it."""
         try:
@@ -42,30 +71,8 @@ class Lifecycle(ServiceState):
         ]
         return want, eligible
 
-    def _grant(self, owner: str, msg: Message, want: Want, placement: dict[int, int]) -> dict:
-        share = self.ledger.grant(
-            owner,
-            msg.get("client_host") or "?",
-            placement,
-            want,
-            self.cfg.lease_grace_s,
-            bool(msg.get("release_on_exit")),
-        )
-        log.debug("granted %s to %s: %s", share.id, owner, share.gpus)
-        self.idle.touch(share.id)
-        # The share's own variables (no base environment), for `bitfusion local` and shims
-        # that start the process themselves.
-        return {
-            "share": share.public(self.gpus),
-            "lease_s": self.cfg.lease_grace_s,
-            "server": self.cfg.hostname,
-            "env": self.share_env(share, {}),
-            # Only present when true: the admin turned the sandbox off, and the user is told.
-            **({"unconfined": self.sandbox_line} if not self.sandbox.sandboxed else {}),
-        }
-
     async def on_allocate(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict | None:
-        self._refuse_unsandboxed(tok)
+        self.access.refuse_unsandboxed(tok)
         want, eligible = self._read_want(msg)
         slots = self.ledger.slots(eligible)
         # Draining ends; a request that only a draining GPU could hold gets "no room now".
@@ -76,25 +83,25 @@ class Lifecycle(ServiceState):
                 protocol.E_NEVER_FITS,
                 f"{self.cfg.hostname} can never hold {want.describe()}: {why}.",
             )
-        placement = place(want, slots) if not self.queue else None
+        placement = place(want, slots) if not self.queue.waiters else None
         if placement is not None:
-            return self._grant(tok.user, msg, want, placement)
+            return self.grants.grant(tok.user, msg, want, placement)
         wait_s = float(want.wait_s)
         if wait_s <= 0:
             self.ledger.event("refuse", tok.user, None, f"{want.describe()}: no room")
-            ahead = f" {len(self.queue)} request(s) are queued ahead;" if self.queue else ""
+            waiting = len(self.queue.waiters)
+            ahead = f" {waiting} request(s) are queued ahead;" if waiting else ""
             raise RequestError(
                 protocol.E_NO_FIT,
                 f"No room for {want.describe()} on {self.cfg.hostname} now:{ahead} "
-                f"{self._free_summary()}. {self._no_room_advice(eligible)}",
+                f"{self.queue.free_summary()}. {self.queue.no_room_advice(eligible)}",
             )
         waiter = Waiter(ident, msg, tok.user, want, eligible, time.monotonic() + wait_s)
-        self.queue.append(waiter)
-        await self._announce_queue()
-        return None  # answered later by _serve_queue
+        await self.queue.join(waiter)
+        return None  # answered later by the queue's serve()
 
     async def on_renew(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
-        share = self._share(msg["share_id"], tok)
+        share = self.access.share(msg["share_id"], tok)
         if share.id in self.ending:
             raise RequestError(protocol.E_NOT_FOUND, f"Share {share.id} is being released.")
         self.ledger.renew(share, self.cfg.lease_grace_s)
@@ -110,14 +117,12 @@ class Lifecycle(ServiceState):
             if item[0] not in self.relays:
                 gone.append(item[0])
                 continue
-            relay = self._relay(item[0], tok)
+            relay = self.access.relay(item[0], tok)
             if relay is None:
                 continue
             if relay.subscriber != ident:
                 await relay.attach(ident, item[1])
-            for kernel in self.kernels.values():
-                if kernel.proc_id == relay.proc_id:
-                    kernel.subscriber = ident
+            self.kernels.resubscribe(relay.proc_id, ident)
         return {
             "lease_s": self.cfg.lease_grace_s,
             "usage_mib": {str(k): v for k, v in self.usage.get(share.id, {}).items()},
@@ -127,13 +132,13 @@ class Lifecycle(ServiceState):
         }
 
     async def on_release(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
-        share = self._share(msg["share_id"], tok)
+        share = self.access.share(msg["share_id"], tok)
         ending = self._release(ident, msg, share, tok.user)
         if self.ledger.processes_of(share.id) or share.id in self.ending:
             # Its processes get up to the terminate grace to stop: wait beside the receive
             # loop, answered when done, so one release never stalls every other client
             # (their renewals included, whose leases would run out meanwhile).
-            self._spawn_task(ending)
+            self.background.spawn(ending)
         else:
             await ending  # nothing to wait for: answered at once, in order
         return None
@@ -143,14 +148,14 @@ class Lifecycle(ServiceState):
             await self.end_share(share, f"released by {user}", user)
         except Exception:
             log.exception("internal error while releasing %s", share.id)
-            await self._error(
+            await self.out.error(
                 ident,
                 request["id"],
                 protocol.E_INTERNAL,
                 f"The gateway failed to release share {share.id}; its log says why.",
             )
             return
-        await self._reply(ident, request, {"released": share.id})
+        await self.out.reply(ident, request, {"released": share.id})
 
     async def end_share(self, share: Share, reason: str, user: str | None = None) -> None:
         """Stop a share's processes, then free its memory; safe to call twice."""
@@ -161,8 +166,8 @@ class Lifecycle(ServiceState):
             return
         self.ending[share.id] = asyncio.Event()
         try:
-            async with self.launched:  # a process still starting in it is ended with it
-                await self.launched.wait_for(lambda: share.id not in self.launching)
+            # A process still starting in it is ended with it.
+            await self.transitions.starts_done(share.id)
             relays = [
                 self.relays[p.id] for p in self.ledger.processes_of(share.id) if p.id in self.relays
             ]
@@ -191,24 +196,4 @@ class Lifecycle(ServiceState):
             log.debug("released %s (%s)", share.id, reason)
         finally:
             self.ending.pop(share.id).set()
-        await self._serve_queue()
-
-    def share_env(self, share: Share, base: dict[str, str]) -> dict[str, str]:
-        """The share's variables over ``base`` (the user's own, for a command they run)."""
-        by_index = {g.index: g for g in self.gpus}
-        return share_environment(
-            server=self.cfg.hostname,
-            share_id=share.id,
-            gpus=[
-                ShareGpu(i, by_index[i].uuid, by_index[i].name, mib, by_index[i].memory_total_mib)
-                for i, mib in share.gpus.items()
-            ],
-            simulated_usage_dir=(
-                simulated_claims.dir_for(self.cfg.state_dir, share.id)
-                if self.inventory.simulated
-                else None
-            ),
-            mps=self.mps,
-            usage_file=usage_files.path_for(self.cfg.state_dir, share.id),
-            base=base,
-        )
+        await self.queue.serve()

@@ -4,22 +4,28 @@ its client through a relay; stdin, signals and acks from that client.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gateway import sandbox, simulated_claims, usage_files
-from gateway.ledger import Process, Share
+from gateway.gpus import GpuInfo
+from gateway.idle import IdleTracker
+from gateway.ledger import Ledger, Process, Share
 from gateway.mps import mps_pipe_dir
 from gateway.nanny import launcher
 from gateway.nanny.relay import Relay
 from gateway.nanny.wire import FILES_FDS, NannyMsg
-from gateway.service.state import RequestError, ServiceState
+from gateway.service.access import Access
+from gateway.service.config import GatewayConfig
+from gateway.service.grants import Grants
+from gateway.service.outbox import Outbox
+from gateway.service.state import Background, RequestError, Transitions
 from remoting import protocol, tokens
 from remoting import share_env as share_names
 from remoting.protocol import Message
@@ -50,22 +56,41 @@ def _by_signal(code: int | None) -> bool:
         return False
 
 
-class Processes(ServiceState):
+@dataclasses.dataclass(eq=False)
+class Processes:
+    cfg: GatewayConfig
+    ledger: Ledger
+    gpus: list[GpuInfo]
+    access: Access
+    grants: Grants
+    transitions: Transitions
+    relays: dict[str, Relay]  # process id -> its link to the process's nanny
+    idle: IdleTracker
+    out: Outbox
+    background: Background
+    layout: sandbox.Layout
+    verdict: sandbox.Verdict
+    simulated: bool
+    mps: bool
+    run_dir: Path
+    # Called with a process's id once it has ended (kernel sessions close its channels).
+    ended: list[Callable[[str], None]] = dataclasses.field(default_factory=list)
+
     async def on_spawn(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict[str, Any]:
-        share = self._share(msg["share_id"], tok)
+        share = self.access.share(msg["share_id"], tok)
         argv = msg["argv"]
         if not argv or not all(isinstance(a, str) for a in argv):
             raise RequestError(protocol.E_BAD_REQUEST, "Give a command to run after '--'.")
         env_extra = msg.get("env") or {}
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in env_extra.items()):
             raise RequestError(protocol.E_BAD_REQUEST, "Environment entries must be strings.")
-        env = self.share_env(share, {**self._passed_env(), **env_extra})
-        files = self._files_path(share, msg.get("files"))
-        proc = await self._launch(tok, share, list(argv), env, msg.get("cwd"), ident, files=files)
+        env = self.grants.share_env(share, {**self.passed_env(), **env_extra})
+        files = self.files_path(share, msg.get("files"))
+        proc = await self.launch(tok, share, list(argv), env, msg.get("cwd"), ident, files=files)
         self.ledger.event("spawn", tok.user, share.id, " ".join(argv)[:200])
         return {"proc_id": proc.id}
 
-    async def _launch(
+    async def launch(
         self,
         tok: tokens.Token,
         share: Share,
@@ -75,10 +100,13 @@ class Processes(ServiceState):
         subscriber: bytes,
         kernel: dict[str, str] | None = None,
         files: str | None = None,
+        opened: Callable[[Process, bytes], None] | None = None,
     ) -> Process:
-        """Start ``argv`` in ``share`` under a nanny, record it, and stream it to ``subscriber``."""
-        self._refuse_unsandboxed(tok)
-        async with self._starting_in(share):
+        """Start ``argv`` in ``share`` under a nanny, record it, and stream it to ``subscriber``.
+        ``opened`` is called once it runs, still inside the start (a kernel's channels)."""
+        self.access.refuse_unsandboxed(tok)
+        held = share.id in self.ledger.shares
+        async with self.transitions.starting_in(share.id, held):
             proc_id = self.ledger.new_id("p-", "processes")
             full, env, cwd, flags = self._sandboxed(share, argv, env, cwd, kernel, files)
             try:
@@ -105,17 +133,17 @@ class Processes(ServiceState):
                 kernel=kernel,
             )
             self.ledger.add_process(proc)
-            await self._start_relay(proc, out_from=1, subscriber=subscriber)
-            if kernel is not None:
-                self._open_kernel(proc, subscriber)  # inside the start, which end_share awaits
+            await self.start_relay(proc, out_from=1, subscriber=subscriber)
+            if opened is not None:
+                opened(proc, subscriber)  # inside the start, which end_share awaits
             return proc
 
-    def _files_path(self, share: Share, path: str | None) -> str | None:
+    def files_path(self, share: Share, path: str | None) -> str | None:
         """The client's folder, where the share can show it: at its own path, if that path
         is not one of the sandbox's own (the system, the user's home itself, /run)."""
         if path is None:
             return None
-        if not self.sandbox.sandboxed:
+        if not self.verdict.sandboxed:
             raise RequestError(
                 protocol.E_NO_FILES,
                 f"{self.cfg.hostname} runs shares unconfined, where your folder cannot be "
@@ -137,10 +165,10 @@ class Processes(ServiceState):
             )
         return path
 
-    def _passed_env(self) -> dict[str, str]:
+    def passed_env(self) -> dict[str, str]:
         """What of the gateway's own environment reaches a share: locale and search paths,
         never its other variables (they are not the users' to read)."""
-        return sandbox.passed(os.environ, self.sandbox.sandboxed)
+        return sandbox.passed(os.environ, self.verdict.sandboxed)
 
     def _sandboxed(
         self,
@@ -155,15 +183,11 @@ class Processes(ServiceState):
         the nanny's working directory and flags. Unchanged (but for the environment) when the
         admin chose --unconfined."""
         usage_dir = usage_files.path_for(self.cfg.state_dir, share.id).parent
-        claims = (
-            simulated_claims.dir_for(self.cfg.state_dir, share.id)
-            if self.inventory.simulated
-            else None
-        )
+        claims = simulated_claims.dir_for(self.cfg.state_dir, share.id) if self.simulated else None
         for folder in (usage_dir, claims):
             if folder is not None:
                 folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not self.sandbox.sandboxed:  # --unconfined, said everywhere: the host's own paths
+        if not self.verdict.sandboxed:  # --unconfined, said everywhere: the host's own paths
             return argv, env, None, []
         # The gateway's files that the share needs appear at fixed places under /run/bitfusion,
         # so no path of the state directory ever reaches it.
@@ -198,35 +222,17 @@ class Processes(ServiceState):
             chdir=chdir,
             files=sandbox.FilesMount(files, *FILES_FDS) if files else None,
         )
-        flags = ["--shield", *(["--scope"] if self.sandbox_abi else [])]
+        flags = ["--shield", *(["--scope"] if self.verdict.landlock_abi else [])]
         flags += ["--files"] if files else []
         return full, sandbox.environment(env, user, user_env), None, flags
 
-    @contextlib.asynccontextmanager
-    async def _starting_in(self, share: Share) -> AsyncIterator[None]:
-        """A process being started in ``share``, beside the receive loop: ``end_share``
-        waits for it, so a share released meanwhile still ends the process started in it."""
-        if share.id in self.ending or share.id not in self.ledger.shares:
-            raise RequestError(
-                protocol.E_NOT_FOUND, f"Share {share.id} ended before its process could start."
-            )
-        self.launching[share.id] = self.launching.get(share.id, 0) + 1
-        try:
-            yield
-        finally:
-            self.launching[share.id] -= 1
-            if not self.launching[share.id]:
-                del self.launching[share.id]
-            async with self.launched:
-                self.launched.notify_all()
-
-    async def _start_relay(
+    async def start_relay(
         self, proc: Process, out_from: int, subscriber: bytes | None = None
     ) -> None:
         relay = Relay(
             proc.id,
             Path(proc.socket_path or ""),
-            self._deliver,
+            self.deliver,
             on_pid=lambda pid: self.ledger.set_pid(proc, pid) if proc.pid != pid else None,
             on_exit=lambda code: self._process_ended(proc.id, code),
             on_closed=lambda: self.relays.pop(proc.id, None),
@@ -237,8 +243,22 @@ class Processes(ServiceState):
         await relay.start(out_from)
         self.relays[proc.id] = relay
 
+    async def deliver(self, ident: bytes, kind: str, fields: dict, payload: bytes | None) -> None:
+        """A process's output, exit or notice, to the client that watches it."""
+        self.touch(fields.get("proc_id"))
+        await self.out.send(
+            ident, protocol.encode(kind, [payload] if payload is not None else [], **fields)
+        )
+
+    def touch(self, proc_id: str | None) -> None:
+        """The process's share is in use (its output or input passed)."""
+        proc = self.ledger.processes.get(proc_id or "")
+        if proc is not None:
+            self.idle.touch(proc.share_id)
+
     def _process_ended(self, proc_id: str, code: int | None) -> None:
-        self._close_kernel_of(proc_id)
+        for hook in self.ended:
+            hook(proc_id)
         proc = self.ledger.finish_process(proc_id, code)
         if proc is not None:
             # A sandboxed command killed by signal N exits 128+N (bwrap says it as shells do).
@@ -249,14 +269,14 @@ class Processes(ServiceState):
             # The nanny vanished without a word: tell the watcher the process is gone.
             self.relays.pop(proc_id, None)
             if relay.subscriber is not None:
-                self._spawn_task(
-                    self._deliver(
+                self.background.spawn(
+                    self.deliver(
                         relay.subscriber, "exit", {"proc_id": proc_id, "seq": 0, "code": 255}, None
                     )
                 )
 
     async def on_register_pid(self, ident: bytes, msg: Message, tok: tokens.Token) -> dict:
-        share = self._share(msg["share_id"], tok)
+        share = self.access.share(msg["share_id"], tok)
         pid = msg["pid"]
         # The gateway signals a registered process when the share ends, so a user may only
         # register a process of their own making: not one of another share, not a nanny,
@@ -293,33 +313,33 @@ class Processes(ServiceState):
         return {"proc_id": proc.id}
 
     async def on_attach(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
-        relay = self._relay(msg["proc_id"], tok)
+        relay = self.access.relay(msg["proc_id"], tok)
         if relay is not None:
             await relay.attach(ident, msg["out_from"])
 
     async def on_stdin(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
-        relay = self._relay(msg["proc_id"], tok)
+        relay = self.access.relay(msg["proc_id"], tok)
         if relay is not None:
-            self._touch_proc(msg["proc_id"])
+            self.touch(msg["proc_id"])
             await relay.send(
                 {"type": NannyMsg.STDIN, "seq": msg["seq"], "stream": msg.get("stream") or 0},
                 protocol.as_bytes(msg.payloads[0]),
             )
 
     async def on_stdin_close(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
-        relay = self._relay(msg["proc_id"], tok)
+        relay = self.access.relay(msg["proc_id"], tok)
         if relay is not None:
             await relay.send(
                 {"type": NannyMsg.STDIN_CLOSE, "seq": msg["seq"], "stream": msg.get("stream") or 0}
             )
 
     async def on_signal(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
-        relay = self._relay(msg["proc_id"], tok)
+        relay = self.access.relay(msg["proc_id"], tok)
         if relay is not None and msg["signum"] in _FORWARDED_SIGNALS:
             await relay.send({"type": NannyMsg.SIGNAL, "signum": msg["signum"]})
 
     async def on_ack(self, ident: bytes, msg: Message, tok: tokens.Token) -> None:
-        relay = self._relay(msg["proc_id"], tok)
+        relay = self.access.relay(msg["proc_id"], tok)
         if relay is not None:
             await relay.ack(msg["seq"])
             if relay.link is None:

@@ -1,34 +1,22 @@
-"""What the service's parts share: the gateway's state (set up by gateway.service.core) and the
-small types its handlers pass around.
+"""Small types the service's parts pass around, and the two pieces of state several of them
+share: tasks beside the receive loop, and shares being ended or started in.
 
-Each part of the service (dispatch, access, lifecycle, ...) is a class of its own job's
-methods over this state; gateway.service.core.Gateway composes them.
+Each part (dispatch, access, lifecycle, ...) is an object handed only what it uses;
+gateway.service.core.Gateway builds them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import zmq.asyncio
-
-from gateway import sandbox
-from gateway.cluster_keys import ClusterKeys
-from gateway.gpus import GpuInfo, GpuInventory
-from gateway.history import History
-from gateway.idle import IdleTracker
 from gateway.kernels import KernelChannels
-from gateway.ledger import Ledger
-from gateway.log_limit import LogLimit
-from gateway.nanny.relay import Relay
-from gateway.police import Police
-from gateway.service.config import GatewayConfig
-from gateway.service.router import Router
+from remoting import protocol
 from remoting.protocol import Message
 from remoting.shares import Want
 
@@ -72,43 +60,46 @@ class RequestError(Exception):
         self.replay = replay  # a request id seen before on its connection
 
 
-class ServiceState:
-    """The state every part of the service reads; Gateway.__init__ sets it."""
+class Background:
+    """Tasks beside the receive loop (a release that waits for processes to stop, a start),
+    referenced until done: asyncio keeps only weak references to tasks."""
 
-    cfg: GatewayConfig
-    inventory: GpuInventory
-    keys: ClusterKeys
-    gpus: list[GpuInfo]
-    run_dir: Path
-    sandbox: sandbox.Verdict  # how shares are walled off, checked once at start
-    sandbox_abi: int  # 0: no Landlock scopes for kernels
-    sandbox_line: str
-    layout: sandbox.Layout
-    ledger: Ledger
-    police: Police
-    relays: dict[str, Relay]  # process id -> its link to the process's nanny
-    kernels: dict[str, KernelState]
-    queue: list[Waiter]
-    ending: dict[str, asyncio.Event]  # shares being ended; set once gone
-    launching: dict[str, int]  # share id -> processes being started in it
-    launched: asyncio.Condition  # notified as each of those starts finishes
-    usage: dict[str, dict[int, int]]  # share id -> GPU index -> MiB in use
-    history: History
-    idle: IdleTracker
-    idle_timeout_s: float | None
-    mps: bool
-    ctx: zmq.asyncio.Context
-    sock: zmq.asyncio.Socket
-    router: Router
-    started: float
-    refusals: LogLimit  # every refusal is logged, a flood of them is counted
-    last_ids: dict[bytes, int]  # connection -> its last request id (replays)
-    check_replies: bool  # BITFUSION_CHECK_REPLIES: each reply is checked against its type
-    _background: set[asyncio.Task[Any]]  # keeps fire-and-forget tasks alive
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
 
-    # Shared by every part, defined by gateway.service.core.Gateway: sending, and tasks
-    # beside the receive loop. Declared here (not defined) so each part can call them.
-    _send: Callable[[bytes, list[bytes]], Awaitable[bool]]
-    _reply: Callable[[bytes, Message, Mapping[str, Any]], Awaitable[None]]
-    _error: Callable[[bytes, int, str, str], Awaitable[None]]
-    _spawn_task: Callable[[Any], None]
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class Transitions:
+    """Shares being ended, and processes being started in shares. The two must not cross: a
+    start refuses a share that is ending, and ending a share first waits for the starts in it,
+    so a process started meanwhile is ended with it."""
+
+    def __init__(self) -> None:
+        self.ending: dict[str, asyncio.Event] = {}  # set once the share is gone
+        self._starting: dict[str, int] = {}  # share id -> processes being started in it
+        self._started = asyncio.Condition()  # notified as each of those starts finishes
+
+    @contextlib.asynccontextmanager
+    async def starting_in(self, share_id: str, held: bool) -> AsyncIterator[None]:
+        """A process being started in a share (``held``: the ledger still has it)."""
+        if share_id in self.ending or not held:
+            raise RequestError(
+                protocol.E_NOT_FOUND, f"Share {share_id} ended before its process could start."
+            )
+        self._starting[share_id] = self._starting.get(share_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._starting[share_id] -= 1
+            if not self._starting[share_id]:
+                del self._starting[share_id]
+            async with self._started:
+                self._started.notify_all()
+
+    async def starts_done(self, share_id: str) -> None:
+        async with self._started:
+            await self._started.wait_for(lambda: share_id not in self._starting)

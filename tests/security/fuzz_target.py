@@ -139,10 +139,10 @@ class Target:
             protocol.decode(frames)
         except protocol.ProtocolError:
             pass
-        self.loop.run_until_complete(self.gw._handle(b"\x00fuzz", frames))
+        self.loop.run_until_complete(self.gw.dispatch.handle(b"\x00fuzz", frames))
         if len(self.gw.ledger.shares) > 8:  # keep room in the pool for more grants
             for share in list(self.gw.ledger.shares.values()):
-                self.loop.run_until_complete(self.gw.end_share(share, "fuzz cleanup"))
+                self.loop.run_until_complete(self.gw.lifecycle.end_share(share, "fuzz cleanup"))
         if self.crashes.records:
             record = self.crashes.records[0]
             text = logging.Formatter().format(record)
