@@ -3,12 +3,19 @@
 
 from typing import Any
 
-# Imported eagerly so that `bitfusion_jupyter.widget` stays the function: importing the
-# submodule later would otherwise rebind the package attribute to the module.
-from bitfusion_jupyter.widget import widget
-
 __version__ = "0.1.0"
 __all__ = ["widget"]
+
+
+def __getattr__(name: str) -> Any:
+    """`bitfusion_jupyter.widget()`, the live view (bitfusion_jupyter.live_widget), loaded when
+    first asked for: importing the package (each kernel that loads the extension, each CLI
+    command) does not load ipywidgets."""
+    if name == "widget":
+        from bitfusion_jupyter.live_widget import widget
+
+        return widget
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_ipython_extension(ipython: object) -> None:

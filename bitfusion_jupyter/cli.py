@@ -12,7 +12,7 @@ import socket
 import sys
 from collections.abc import Callable
 
-from bitfusion_jupyter import __version__, config, held, pool_views, share_request
+from bitfusion_jupyter import __version__, cli_views, config, session_share, share_request
 from bitfusion_jupyter.pool import Grant, Pool, say
 from remoting import tokens
 from remoting.client import DEFAULT_TIMEOUT_S, GatewayError
@@ -210,7 +210,7 @@ def _describe_grant(grant: Grant) -> str:
     return f"share {grant.share_id} on {grant.conn.address}: {gpus}"
 
 
-def _refuse_other_share(current: held.Held, args: argparse.Namespace) -> None:
+def _refuse_other_share(current: session_share.SessionShare, args: argparse.Namespace) -> None:
     """A `run` in a shell that holds a share uses it: one that asks for another, different
     share is told so, rather than run silently in the held one."""
     gpus = current.share["gpus"]
@@ -245,7 +245,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             say(choice.note)
     except file_server.FilesError as exc:
         raise share_request.UsageError(str(exc)) from None
-    current = held.current(on_lost=say)
+    current = session_share.held_by_this_session(on_lost=say)
     if current is not None:
         _refuse_other_share(current, args)
     pool = (
@@ -308,7 +308,7 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 
 def cmd_request_gpus(args: argparse.Namespace) -> int:
-    if held.current() is not None:
+    if session_share.held_by_this_session() is not None:
         raise share_request.UsageError(
             "This shell already holds a share; run 'bitfusion release_gpus' first."
         )
@@ -316,7 +316,7 @@ def cmd_request_gpus(args: argparse.Namespace) -> int:
     pool = Pool.from_config(args.server_list, args.timeout)
     try:
         grant = pool.allocate(req, release_on_exit=False, on_queue=say)
-        held.start_holder(grant.conn.address, grant.share, grant.lease_s)
+        session_share.start_holder(grant.conn.address, grant.share, grant.lease_s)
         print(f"Holding {_describe_grant(grant)}.")
         print(
             "Later 'bitfusion run' commands in this shell use it; "
@@ -328,7 +328,7 @@ def cmd_request_gpus(args: argparse.Namespace) -> int:
 
 
 def cmd_release_gpus(args: argparse.Namespace) -> int:
-    current = held.current()
+    current = session_share.held_by_this_session()
     if current is None:
         raise share_request.UsageError(
             "This shell holds no share (request one with 'bitfusion request_gpus')."
@@ -340,7 +340,7 @@ def cmd_release_gpus(args: argparse.Namespace) -> int:
         if exc.code != ErrorCode.NOT_FOUND:
             raise
     finally:
-        held.stop_holder(current)
+        session_share.stop_holder(current)
         pool.close()
     print(f"Released share {current.share_id} on {current.server}.")
     return 0
@@ -370,10 +370,10 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return kernelspecs.run(args)
     simple = {
-        "list_gpus": pool_views.list_gpus,
-        "smi": pool_views.smi,
-        "health": pool_views.health,
-        "list_shares": pool_views.list_shares,
+        "list_gpus": cli_views.list_gpus,
+        "smi": cli_views.smi,
+        "health": cli_views.health,
+        "list_shares": cli_views.list_shares,
     }
     if args.cmd in simple:
         pool = Pool.from_config(args.server_list, args.timeout)

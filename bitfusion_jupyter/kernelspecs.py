@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from bitfusion_jupyter import config, share_request
 from bitfusion_jupyter.share_request import ShareRequest, UsageError
 from remoting import filters as share_filters
-from remoting.shares import Slot, never_fits
+from remoting import shares
 from remoting.util import tables
 
 if TYPE_CHECKING:
@@ -526,7 +526,7 @@ def never_held(request: ShareRequest, pool: PoolAnswers, say_unchecked: bool = F
     """Why no server could ever hold ``request``, by each server's own rule (the gateway's
     never_fits over the GPUs it listed); None if one could, if none answered, or if one that
     did not answer might (``say_unchecked``: then say so on stderr)."""
-    whys = _whys(request, pool)
+    whys = shares.never_held(request, pool.answered)
     if whys and pool.silent:
         if say_unchecked:
             print(
@@ -536,31 +536,6 @@ def never_held(request: ShareRequest, pool: PoolAnswers, say_unchecked: bool = F
             )
         return None
     return "; ".join(f"on {server}, {why}" for server, why in whys.items()) or None
-
-
-def _whys(request: ShareRequest, pool: PoolAnswers) -> dict[str, str]:
-    """Each answering server's reason it could never hold ``request``; {} if one could."""
-    whys = {}
-    for server, data in pool.answered.items():
-        slots = [
-            Slot(
-                g["index"],
-                g["memory_total_mib"],
-                g["memory_total_mib"],  # as on an empty server
-                share_filters.matches(
-                    request.filters,
-                    share_filters.gpu_attrs(
-                        g["name"], g["memory_total_mib"], g["index"], data.get("server", "")
-                    ),
-                ),
-            )
-            for g in data.get("gpus", [])
-        ]
-        why = never_fits(request, slots)
-        if why is None:
-            return {}
-        whys[server] = why
-    return whys
 
 
 def _check_offered(kernel: str, pool: PoolAnswers) -> None:

@@ -23,7 +23,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from bitfusion_jupyter import share_request
-from bitfusion_jupyter.local_child import UNDER_SHIM_ENV
+from bitfusion_jupyter.kernel_backends import UNDER_SHIM_ENV
 from bitfusion_jupyter.move import ADOPT_ENV, SHIM_REQUEST, announce
 from remoting import share_env as names
 
@@ -72,7 +72,7 @@ def show_share() -> None:
         return
     if getattr(get_ipython(), "kernel", None) is None:  # a terminal IPython draws no widgets
         return
-    from bitfusion_jupyter.widget import widget
+    from bitfusion_jupyter.live_widget import widget
 
     widget()
 

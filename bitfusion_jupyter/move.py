@@ -14,9 +14,8 @@ from typing import Any
 import zmq
 
 from bitfusion_jupyter import config, file_server, jupyter_frames, share_request, share_sidecar
-from bitfusion_jupyter.local_child import LocalChild
+from bitfusion_jupyter.kernel_backends import KernelBackend, LocalChild, RemoteKernel, start_kernel
 from bitfusion_jupyter.pool import Grant, Pool, say
-from bitfusion_jupyter.remote_kernel import RemoteKernel, start_kernel
 from remoting import tokens
 from remoting.client import GatewayError
 
@@ -42,7 +41,7 @@ def describe(grant: Grant, kernel: str) -> str:
     return f"{kernel} kernel in share {grant.share_id} on {grant.conn.address}: {gpus}"
 
 
-def announce(grant: Grant, kernel: str, folder: str | None) -> str:
+def announce(grant: Grant, kernel: str, folder: str | os.PathLike[str] | None) -> str:
     """What the magic says of a move to ``grant``'s share (the shim's answer, or the magic
     itself for a local kernel it moves)."""
     where = f"\nIt works in your folder {folder} there." if folder is not None else ""
@@ -98,17 +97,17 @@ class PendingMove:
 
     def complete(
         self,
-        old: RemoteKernel | LocalChild,
+        old: KernelBackend,
         info: dict,
         session: Any,
-    ) -> RemoteKernel | LocalChild | None:
+    ) -> KernelBackend | None:
         """Start the kernel it moves to and end the old one; the new kernel, or None when it
         could not start (the old one stays, its share kept, and this move's share given back)."""
         connection_file = str(info["__file__"])
         old_grant = old.grant if isinstance(old, RemoteKernel) else None
         if self.action == "local":
             share_sidecar.remove(connection_file)  # the panel: no share any more
-            new: RemoteKernel | LocalChild = LocalChild(zmq.Context.instance(), info, session)
+            new: KernelBackend = LocalChild(zmq.Context.instance(), info, session)
             if old_grant is not None:
                 old_grant.release(timeout=3.0)  # ends the remote kernel
             if isinstance(old, RemoteKernel):

@@ -34,9 +34,9 @@ from tornado import web
 from traitlets import Bool, Float, Int, List, Unicode, Union
 
 from bitfusion_jupyter import config
+from bitfusion_jupyter.kernel_backends import KERNEL_START_TIMEOUT_S
 from bitfusion_jupyter.move import ADOPT_ENV
 from bitfusion_jupyter.pool import Grant, Pool
-from bitfusion_jupyter.remote_kernel import KERNEL_START_TIMEOUT_S
 from bitfusion_jupyter.share_request import ShareRequest, UsageError, from_args
 from remoting import protocol, tokens
 from remoting.client import GatewayError

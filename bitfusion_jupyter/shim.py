@@ -34,9 +34,8 @@ from bitfusion_jupyter import (
     share_request,
     share_sidecar,
 )
-from bitfusion_jupyter.local_child import LocalChild
+from bitfusion_jupyter.kernel_backends import KernelBackend, LocalChild, RemoteKernel, start_kernel
 from bitfusion_jupyter.pool import Grant, Pool, say
-from bitfusion_jupyter.remote_kernel import RemoteKernel, start_kernel
 from remoting import tokens
 from remoting.client import DEFAULT_TIMEOUT_S, GatewayError
 from remoting.protocol import KERNEL_REQUEST_CHANNELS, Message, jupyter_endpoint
@@ -94,7 +93,7 @@ class Shim:
         self.server_list = server_list
         # The folder of this machine the kernels work in, on any share they move to.
         self.files = files or file_server.Choice(None, "")
-        self.backend: RemoteKernel | LocalChild = backend
+        self.backend: KernelBackend = backend
         self.stop = False
         self.stopped = False  # policing stopped the kernel: its note stays for the panel
         self.interrupts = 0
@@ -119,7 +118,7 @@ class Shim:
     def close(self) -> None:
         if isinstance(self.backend, LocalChild):
             self.backend.close()
-        else:
+        elif isinstance(self.backend, RemoteKernel):
             self.backend.close_files()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -147,7 +146,7 @@ class Shim:
         return poller
 
     def _forward(
-        self, backend: RemoteKernel | LocalChild, channel: str, ident: bytes, frames: list[Any]
+        self, backend: KernelBackend, channel: str, ident: bytes, frames: list[Any]
     ) -> None:
         """A frontend's request to the kernel, its cells noted until they are answered."""
         if channel == "shell":
@@ -219,7 +218,7 @@ class Shim:
             return ident, jupyter_frames.header(frames)
         return None
 
-    def _show_notices(self, backend: RemoteKernel | LocalChild) -> None:
+    def _show_notices(self, backend: KernelBackend) -> None:
         if not isinstance(backend, RemoteKernel):
             return
         cell = self._running_cell()
@@ -263,7 +262,7 @@ class Shim:
         self.in_flight = {}
         say(f"{notice['message']} The kernel now runs locally, on no share.")
 
-    def _deliver_last(self, backend: RemoteKernel | LocalChild) -> None:
+    def _deliver_last(self, backend: KernelBackend) -> None:
         """What an ended kernel sent just before it went (a shutdown's reply)."""
         deadline = time.monotonic() + 0.2
         while (left := deadline - time.monotonic()) > 0:

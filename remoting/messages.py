@@ -12,6 +12,7 @@ to a message both versions know (see remoting.protocol.PROTOCOL_VERSION).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import Any, NotRequired, TypedDict
 
@@ -261,3 +262,68 @@ def check_reply(msg_type: str, data: dict[str, Any]) -> None:
         )
     except TypeCheckError as exc:
         raise ReplyMismatch(f"the {msg_type} reply does not match its type: {exc}") from None
+
+
+# --- What the dashboard and the Jupyter panel both show of a gateway's GPUs -----------------
+# Each view builds its rows from these and adds its own columns (the dashboard: draining,
+# every share's size, the shares its token may see; the panel: the user's own shares, the
+# memory others hold).
+
+
+class GpuView(TypedDict):
+    """A GPU of a list_gpus reply: what it is, its memory and its load."""
+
+    index: int
+    uuid: str
+    name: str
+    simulated: bool
+    memory_total_mib: int
+    memory_granted_mib: int
+    memory_free_mib: int
+    memory_used_mib: int | None
+    utilization_pct: int | float | None
+
+
+class ShareOnGpu(TypedDict):
+    """One share's part of a GPU, from a list_shares reply."""
+
+    share_id: str
+    owner: str
+    mib: int
+    used_mib: int
+
+
+def gpu_view(gpu: Mapping[str, Any]) -> GpuView:
+    """A GPU row of a list_gpus reply, as both views show it (an older gateway's row may lack
+    the load, which is then unknown)."""
+    return {
+        "index": gpu["index"],
+        "uuid": gpu["uuid"],
+        "name": gpu["name"],
+        "simulated": bool(gpu["simulated"]),
+        "memory_total_mib": gpu["memory_total_mib"],
+        "memory_granted_mib": int(gpu["memory_granted_mib"]),
+        "memory_free_mib": gpu["memory_free_mib"],
+        "memory_used_mib": gpu.get("memory_used_mib"),
+        "utilization_pct": gpu.get("utilization_pct"),
+    }
+
+
+def used_mib(share: Mapping[str, Any], index: int) -> int:
+    """The GPU memory a share's processes use on GPU ``index`` (policing's last sample)."""
+    return int((share.get("usage_mib") or {}).get(str(index), 0))
+
+
+def shares_on(shares: Iterable[Mapping[str, Any]], index: int) -> list[ShareOnGpu]:
+    """The part of GPU ``index`` that each of ``shares`` (list_shares rows) holds."""
+    return [
+        {
+            "share_id": share["share_id"],
+            "owner": share["owner"],
+            "mib": g["mib"],
+            "used_mib": used_mib(share, index),
+        }
+        for share in shares
+        for g in share["gpus"]
+        if g["index"] == index
+    ]

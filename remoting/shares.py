@@ -168,6 +168,33 @@ def never_fits(want: Want, slots: Sequence[Slot]) -> str | None:
     return None
 
 
+def never_held(want: Want, answers: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Each server's reason it could never hold ``want``, by the gateway's own rule (never_fits
+    over the GPUs of its list_gpus reply, as on an empty server); {} once one could.
+    ``answers``: server address -> its list_gpus reply."""
+    whys = {}
+    for server, data in answers.items():
+        slots = [
+            Slot(
+                g["index"],
+                g["memory_total_mib"],
+                g["memory_total_mib"],  # as on an empty server
+                filters.matches(
+                    want.filters,
+                    filters.gpu_attrs(
+                        g["name"], g["memory_total_mib"], g["index"], data.get("server", "")
+                    ),
+                ),
+            )
+            for g in data.get("gpus", [])
+        ]
+        why = never_fits(want, slots)
+        if why is None:
+            return {}
+        whys[server] = why
+    return whys
+
+
 def _shown(value: float) -> str:
     """A number for a sentence; a huge one from the wire is not spelt out (Python refuses to
     print an int of over 4300 digits, and nobody would read it)."""

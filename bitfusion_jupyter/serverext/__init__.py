@@ -60,7 +60,7 @@ from typing import Any
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Float, TraitError, validate
 
-from bitfusion_jupyter import pool_status
+from bitfusion_jupyter import pool_model
 from bitfusion_jupyter.serverext import kernels
 from bitfusion_jupyter.serverext.survey import Survey
 
@@ -83,7 +83,7 @@ class BitfusionExtension(ExtensionApp):
         "the gateways are asked at most this often, however many tabs are open.",
     ).tag(config=True)
     gateway_timeout_s = Float(
-        pool_status.TIMEOUT_S,
+        pool_model.TIMEOUT_S,
         help="How long to wait for a gateway's answer before showing it unreachable, in seconds.",
     ).tag(config=True)
     busy_check_s = Float(

@@ -21,7 +21,7 @@ from jupyter_server.utils import url_path_join
 from tornado import web, websocket
 from tornado.iostream import StreamClosedError
 
-from bitfusion_jupyter import pool_status
+from bitfusion_jupyter import pool_model
 from bitfusion_jupyter.serverext import kernels, specs
 from bitfusion_jupyter.serverext.survey import Survey
 
@@ -41,10 +41,10 @@ KERNELSPECS = "kernelspecs"
 
 
 async def pool_json(survey: Survey, kernel_manager: Any) -> dict[str, Any]:
-    servers, message = pool_status.configured()
+    servers, message = pool_model.configured()
     answers = await survey.answers(servers)
     holders = kernels.kernel_of(kernels.running(kernel_manager))
-    return pool_status.pool_view(message, [answers[s] for s in servers], holders)
+    return pool_model.pool_view(message, [answers[s] for s in servers], holders)
 
 
 async def kernels_json(survey: Survey, kernel_manager: Any) -> dict[str, Any]:
@@ -54,11 +54,11 @@ async def kernels_json(survey: Survey, kernel_manager: Any) -> dict[str, Any]:
 
 async def live_json(survey: Survey, kernel_manager: Any) -> dict[str, Any]:
     """Pool and kernels from one survey round (the kernels' servers are usually the pool's)."""
-    servers, message = pool_status.configured()
+    servers, message = pool_model.configured()
     running = kernels.running(kernel_manager)
     answers = await survey.answers(servers + kernels.servers_of(running))
     return {
-        "pool": pool_status.pool_view(
+        "pool": pool_model.pool_view(
             message, [answers[s] for s in servers], kernels.kernel_of(running)
         ),
         "kernels": kernels.kernels_view(running, answers),

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitfusion_jupyter import share_sidecar
-from bitfusion_jupyter.pool_status import Answer, used_mib
+from bitfusion_jupyter.pool_model import Answer
 from bitfusion_jupyter.provisioner import BitfusionProvisioner
+from remoting.messages import used_mib
 
 
 @dataclass(frozen=True)

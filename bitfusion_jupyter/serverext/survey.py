@@ -8,8 +8,8 @@ timings are the extension's traits (`BitfusionExtension.survey_ttl_s`, ``gateway
 
 from __future__ import annotations
 
-from bitfusion_jupyter import pool_status
-from bitfusion_jupyter.pool_status import Answer
+from bitfusion_jupyter import pool_model
+from bitfusion_jupyter.pool_model import Answer
 from remoting.fanout import TtlCache
 
 
@@ -23,6 +23,6 @@ class Survey:
         """Each server's answer, asked now unless one younger than ``ttl`` is at hand."""
 
         def ask(stale: list[str]) -> dict[str, Answer]:
-            return {a.address: a for a in pool_status.ask_all(stale, self.timeout)}
+            return {a.address: a for a in pool_model.ask_all(stale, self.timeout)}
 
         return await self._cache.get_many(servers, ask)

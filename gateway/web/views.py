@@ -6,22 +6,7 @@ import time
 from typing import Any
 
 from gateway.web.cluster import Reply
-
-
-def _share_rows(shares: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
-    rows = []
-    for s in shares:
-        for g in s["gpus"]:
-            if g["index"] == index:
-                rows.append(
-                    {
-                        "share_id": s["share_id"],
-                        "owner": s["owner"],
-                        "mib": g["mib"],
-                        "used_mib": int((s.get("usage_mib") or {}).get(str(index), 0)),
-                    }
-                )
-    return rows
+from remoting import messages
 
 
 def server_view(
@@ -59,18 +44,10 @@ def server_view(
         counters=data.get("counters", {}),
         gpus=[
             {
-                "index": g["index"],
-                "uuid": g["uuid"],
-                "name": g["name"],
-                "simulated": bool(g["simulated"]),
+                **messages.gpu_view(g),
                 "draining": bool(g["draining"]),
-                "memory_total_mib": g["memory_total_mib"],
-                "memory_used_mib": g["memory_used_mib"],
-                "memory_granted_mib": g["memory_granted_mib"],
-                "memory_free_mib": g["memory_free_mib"],
-                "utilization_pct": g["utilization_pct"],
                 "share_sizes_mib": g.get("share_sizes_mib", []),
-                "shares": _share_rows(visible, g["index"]),
+                "shares": messages.shares_on(visible, g["index"]),
             }
             for g in data["gpus"]
         ],
@@ -108,7 +85,7 @@ def shares_view(replies: dict[str, Reply], now: float | None = None) -> list[dic
                             "index": g["index"],
                             "name": g["name"],
                             "mib": g["mib"],
-                            "used_mib": int((s.get("usage_mib") or {}).get(str(g["index"]), 0)),
+                            "used_mib": messages.used_mib(s, g["index"]),
                             "simulated": bool(g["simulated"]),
                         }
                         for g in s["gpus"]

@@ -19,7 +19,7 @@ pytest.importorskip("jupyter_server")
 # start a Jupyter server app around every test of the suite.
 from pytest_jupyter.jupyter_server import *  # noqa: E402, F403
 
-from bitfusion_jupyter import config, pool_status  # noqa: E402
+from bitfusion_jupyter import config, pool_model  # noqa: E402
 from tests.support.gateways import start_web_gateway, stop_leftovers  # noqa: E402
 
 
@@ -96,7 +96,7 @@ def test_no_servers_configured_says_how_to_fix_it(
     monkeypatch.delenv("BITFUSION_SERVERS", raising=False)
     monkeypatch.setenv("BITFUSION_CONFIG_DIR", str(tmp_path / "empty-config"))
     pool = run(jp_asyncio_loop, get(jp_fetch, "pool"))
-    assert pool == {"configured": False, "message": pool_status.NO_SERVERS, "servers": []}
+    assert pool == {"configured": False, "message": pool_model.NO_SERVERS, "servers": []}
 
 
 def test_a_wrong_token_is_unauthorized(gateway, client_of, jp_fetch, jp_asyncio_loop):

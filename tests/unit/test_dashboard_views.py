@@ -31,3 +31,28 @@ def test_the_shares_table_lists_each_servers_shares_oldest_first_with_their_usag
         ("new", 50.0, "gpu1"),
     ]
     assert rows[0]["gpus"][0]["used_mib"] == 700
+
+
+def test_the_dashboard_and_the_jupyter_panel_show_the_same_gpu_and_the_same_share_on_it():
+    from bitfusion_jupyter.pool_model import Answer, server_view
+
+    gpu = {
+        "index": 0, "uuid": "GPU-0", "name": "Sim", "simulated": True, "draining": False,
+        "memory_total_mib": 16384, "memory_granted_mib": 6144, "memory_free_mib": 10240,
+        "memory_used_mib": 900, "utilization_pct": 40, "shares": 2,
+        "share_sizes_mib": [2048, 4096],
+    }  # fmt: skip
+    gpus = {"server": "gpu1", "version": "0.1.0", "simulated": True, "gpus": [gpu]}
+    shares = {"server": "gpu1", "shares": [_share("s-a", [])]}
+    dashboard = views.server_view("h:1", Reply("h:1", gpus), Reply("h:1", shares))["gpus"][0]
+    panel = server_view(Answer("h:1", gpus=gpus, shares=shares, user="alice"))["gpus"][0]
+    both = set(dashboard) & set(panel)
+    assert both >= {"index", "memory_granted_mib", "memory_used_mib", "utilization_pct"}
+    assert {k: panel[k] for k in both if k != "shares"} == {
+        k: dashboard[k] for k in both if k != "shares"
+    }
+    assert dashboard["shares"] == [{"share_id": "s-a", "owner": "alice", "mib": 2048,
+                                    "used_mib": 700}]  # fmt: skip
+    assert panel["mine"] == [{"share_id": "s-a", "mib": 2048, "used_mib": 700,
+                              "kernel_id": None}]  # fmt: skip
+    assert panel["others_mib"] == 4096

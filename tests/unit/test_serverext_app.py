@@ -17,7 +17,7 @@ pytest.importorskip("jupyter_server")
 # pytest-jupyter's fixtures, for this module only (as in tests/integration/test_serverext.py).
 from pytest_jupyter.jupyter_server import *  # noqa: E402, F403
 
-from bitfusion_jupyter import config, pool_status  # noqa: E402
+from bitfusion_jupyter import config, pool_model  # noqa: E402
 from bitfusion_jupyter.serverext import (  # noqa: E402
     BitfusionExtension,
     _jupyter_server_extension_points,
@@ -53,8 +53,8 @@ class TestDefaults:
     def test_defaults(self, jp_serverapp: Any) -> None:
         ext = extension(jp_serverapp)
         assert (ext.push_interval_s, ext.survey_ttl_s) == (1.0, 1.0)
-        assert ext.gateway_timeout_s == pool_status.TIMEOUT_S
-        assert (ext.survey.ttl, ext.survey.timeout) == (1.0, pool_status.TIMEOUT_S)
+        assert ext.gateway_timeout_s == pool_model.TIMEOUT_S
+        assert (ext.survey.ttl, ext.survey.timeout) == (1.0, pool_model.TIMEOUT_S)
 
 
 class TestServerConfig:

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from bitfusion_jupyter import pool_status
-from bitfusion_jupyter.pool_status import Answer
+from bitfusion_jupyter import pool_model
+from bitfusion_jupyter.live_widget import LiveView, View, pool_rows, share_view
+from bitfusion_jupyter.pool_model import Answer
 from bitfusion_jupyter.serverext import kernels, specs
-from bitfusion_jupyter.widget import LiveView, View, pool_rows, share_view
 from remoting.client import GatewayError
 
 
@@ -99,7 +99,7 @@ def test_the_pool_view_splits_a_gpu_into_mine_and_others():
         shares={"shares": [share("a", "alice", 2048, 512), share("b", "bob", 4096, 0)]},
         user="alice",  # an admin token lists bob's share too: it is not alice's
     )
-    pool = pool_status.pool_view(None, [answer], {("gpu1:56001", "a"): "k-1"})
+    pool = pool_model.pool_view(None, [answer], {("gpu1:56001", "a"): "k-1"})
     [server] = pool["servers"]
     assert server["hostname"] == "gpuhost" and server["simulated"] is True
     assert server["dashboard_url"] == "http://gpu1:54000/"  # a gateway that names no port
@@ -111,7 +111,7 @@ def test_the_pool_view_splits_a_gpu_into_mine_and_others():
 
 def test_the_widget_lists_the_pool_one_row_per_gpu():
     answer = Answer("gpu1:56001", gpus=gpu_rows(2048, 1), shares={"shares": []}, user="alice")
-    view = pool_rows(pool_status.pool_view(None, [answer]))
+    view = pool_rows(pool_model.pool_view(None, [answer]))
     assert [r.label for r in view.rows] == [
         "gpu1:56001 · GPU 0: Simulated GPU 16GiB (SIMULATED)",
         "gpu1:56001 · GPU 1: Simulated GPU 16GiB (SIMULATED)",
@@ -122,13 +122,13 @@ def test_the_widget_lists_the_pool_one_row_per_gpu():
 
 
 def test_pool_states_are_said_in_a_sentence():
-    unconfigured = pool_status.pool_view(pool_status.NO_SERVERS, [])
-    assert unconfigured == {"configured": False, "message": pool_status.NO_SERVERS, "servers": []}
-    assert pool_rows(unconfigured).message == pool_status.NO_SERVERS
+    unconfigured = pool_model.pool_view(pool_model.NO_SERVERS, [])
+    assert unconfigured == {"configured": False, "message": pool_model.NO_SERVERS, "servers": []}
+    assert pool_rows(unconfigured).message == pool_model.NO_SERVERS
     down = Answer("gpu2:56001", "unreachable", "Could not connect to gpu2:56001.")
-    view = pool_rows(pool_status.pool_view(None, [down]))
+    view = pool_rows(pool_model.pool_view(None, [down]))
     assert view.rows == [] and view.message == "gpu2:56001: Could not connect to gpu2:56001."
-    assert pool_status.pool_view(None, [down])["servers"][0]["gpus"] == []
+    assert pool_model.pool_view(None, [down])["servers"][0]["gpus"] == []
 
 
 @pytest.mark.parametrize(
@@ -150,7 +150,7 @@ def test_no_servers_configured_points_at_bitfusion_init(monkeypatch, tmp_path):
     monkeypatch.delenv("BITFUSION_SERVERS", raising=False)
     monkeypatch.setenv("BITFUSION_CONFIG_DIR", str(tmp_path))
     monkeypatch.setattr(config, "SYSTEM_SERVERS_CONF", tmp_path / "none.conf")
-    assert pool_status.configured() == ([], pool_status.NO_SERVERS)
+    assert pool_model.configured() == ([], pool_model.NO_SERVERS)
 
 
 def test_a_kernel_is_matched_to_its_share_and_its_usage():
@@ -231,3 +231,17 @@ def test_closing_the_box_itself_stops_the_thread():
     view._thread.join(2)
     assert not view.running
     view.close()
+
+
+def test_importing_the_package_loads_no_widget_until_one_is_asked_for():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, bitfusion_jupyter\n"
+        "print('bitfusion_jupyter.live_widget' in sys.modules)\n"
+        "from bitfusion_jupyter import widget\n"
+        "print(widget.__name__, widget.__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["False", "widget bitfusion_jupyter.live_widget"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitfusion_jupyter import config
-from remoting import fanout, tokens
+from remoting import fanout, messages, tokens
 from remoting.protocol import DASHBOARD_PORT
 
 NO_SERVERS = "No GPU servers are configured: run `bitfusion init --token TOKEN --server HOST:PORT`."
@@ -79,10 +79,6 @@ def my_shares(answer: Answer) -> list[dict[str, Any]]:
     return [s for s in answer.shares.get("shares", []) if s.get("owner") == answer.user]
 
 
-def used_mib(share: Mapping[str, Any], index: int) -> int:
-    return int((share.get("usage_mib") or {}).get(str(index), 0))
-
-
 def server_view(
     answer: Answer, kernel_of: Mapping[tuple[str, str], str] | None = None
 ) -> dict[str, Any]:
@@ -107,31 +103,22 @@ def server_view(
     row["dashboard_url"] = dashboard_url(
         answer.address, answer.gpus.get("web_port", DASHBOARD_PORT)
     )
-    mine: dict[int, list[dict[str, Any]]] = {}
-    for share in my_shares(answer):
-        for g in share["gpus"]:
-            mine.setdefault(g["index"], []).append(
-                {
-                    "share_id": share["share_id"],
-                    "mib": g["mib"],
-                    "used_mib": used_mib(share, g["index"]),
-                    "kernel_id": kernel_of.get((answer.address, share["share_id"])),
-                }
-            )
+    own = my_shares(answer)
     for g in answer.gpus.get("gpus", []):
-        held = mine.get(g["index"], [])
-        granted = int(g["memory_granted_mib"])
+        gpu = messages.gpu_view(g)
+        held = [
+            {
+                "share_id": s["share_id"],
+                "mib": s["mib"],
+                "used_mib": s["used_mib"],
+                "kernel_id": kernel_of.get((answer.address, s["share_id"])),
+            }
+            for s in messages.shares_on(own, g["index"])
+        ]
+        granted = gpu["memory_granted_mib"]
         row["gpus"].append(
             {
-                "index": g["index"],
-                "uuid": g["uuid"],
-                "name": g["name"],
-                "memory_total_mib": g["memory_total_mib"],
-                "memory_granted_mib": granted,
-                "memory_free_mib": g["memory_free_mib"],
-                "memory_used_mib": g.get("memory_used_mib"),
-                "utilization_pct": g.get("utilization_pct"),
-                "simulated": bool(g["simulated"]),
+                **gpu,
                 "shares": g["shares"],
                 "mine": held,
                 "others_mib": max(0, granted - sum(m["mib"] for m in held)),

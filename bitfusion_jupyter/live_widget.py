@@ -93,7 +93,7 @@ def share_view(usage: dict[str, Any] | None, now: float) -> View:
 
 
 def pool_rows(pool: dict[str, Any]) -> View:
-    """The pool, as `/bitfusion/api/pool` (pool_status.pool_view) describes it."""
+    """The pool, as `/bitfusion/api/pool` (pool_model.pool_view) describes it."""
     title = "GPU pool (this kernel runs locally; `%bitfusion -n 1 -m 2048` moves it onto a share)"
     if not pool["configured"]:
         return View(title, message=pool["message"])
@@ -141,9 +141,9 @@ def source_for_this_kernel() -> Callable[[], View]:
         return lambda: share_view(read_usage(path), time.time())
 
     def pool() -> View:
-        from bitfusion_jupyter import pool_status
+        from bitfusion_jupyter import pool_model
 
-        return pool_rows(pool_status.snapshot())
+        return pool_rows(pool_model.snapshot())
 
     return pool
 

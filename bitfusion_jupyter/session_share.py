@@ -6,8 +6,8 @@ CLI's parent process), or ``BITFUSION_SESSION`` when set; when that shell exits,
 releases the share by itself, so a closed terminal leaks nothing. Later `run`s in the same
 session use the held share instead of asking for a new one.
 
-Run as ``python -m bitfusion_jupyter.held SERVER SHARE_ID LEASE_S WATCH_PID FILE``, this module
-is the holder.
+Run as ``python -m bitfusion_jupyter.session_share SERVER SHARE_ID LEASE_S WATCH_PID FILE``,
+this module is the holder.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from remoting.util.procs import pid_alive, running
 
 
 @dataclass(frozen=True)
-class Held:
+class SessionShare:
     server: str
     share_id: str
     lease_s: float
@@ -47,13 +47,13 @@ def _path() -> Path:
     return config.config_dir() / "held" / f"{session_key()}.json"
 
 
-def current(on_lost: Callable[[str], None] | None = None) -> Held | None:
+def held_by_this_session(on_lost: Callable[[str], None] | None = None) -> SessionShare | None:
     """The share this session holds, if its holder is still alive; ``on_lost`` hears one
     sentence when it held one whose holder has died since (its share is gone with it)."""
     path = _path()
     try:
         data = json.loads(path.read_text())
-        held = Held(
+        held = SessionShare(
             data["server"],
             data["share_id"],
             data["lease_s"],
@@ -74,7 +74,7 @@ def current(on_lost: Callable[[str], None] | None = None) -> Held | None:
     return held
 
 
-def start_holder(server: str, share: dict, lease_s: float) -> Held:
+def start_holder(server: str, share: dict, lease_s: float) -> SessionShare:
     """Leave a holder process renewing the share and record it for this session."""
     path = _path()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -83,7 +83,7 @@ def start_holder(server: str, share: dict, lease_s: float) -> Held:
         [
             sys.executable,
             "-m",
-            "bitfusion_jupyter.held",
+            "bitfusion_jupyter.session_share",
             server,
             share["share_id"],
             str(lease_s),
@@ -95,7 +95,7 @@ def start_holder(server: str, share: dict, lease_s: float) -> Held:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    held = Held(server, share["share_id"], lease_s, proc.pid, share, path)
+    held = SessionShare(server, share["share_id"], lease_s, proc.pid, share, path)
     write_json(
         path,
         {
@@ -109,7 +109,7 @@ def start_holder(server: str, share: dict, lease_s: float) -> Held:
     return held
 
 
-def stop_holder(held: Held) -> None:
+def stop_holder(held: SessionShare) -> None:
     """Stop the holder (it releases the share on its way out) and forget the share."""
     try:
         os.kill(held.holder_pid, signal.SIGTERM)
