@@ -14,10 +14,13 @@ single-user server ever sees, an admin token. The minter token stays in the Hub'
 is read from ``token_file`` at each spawn and stop (so the admin can replace it without a
 restart) and is never put in any environment.
 
-The token of each spawn is remembered in the Hub's memory only. A Hub restarted while servers
-ran has forgotten theirs: stopping such a server revokes nothing, and its token works until it
-expires, ``token_ttl_s`` after it was minted. That expiry is the bound on any token the Hub
-lets out.
+Which token each running server was given is kept in ``issued_file`` (beside the Hub's
+database by default): its user, nonce and expiry, never the token itself (a nonce lets a
+minter revoke a token, nobody use it). So a Hub restarted while servers run (JupyterHub's
+``cleanup_servers = False``, an upgrade, a crash) still revokes a server's token when the
+server stops. A token whose revocation is missed anyway (the file lost, a gateway down) works
+until it expires, ``token_ttl_s`` after it was minted: that expiry is the bound on any token
+the Hub lets out.
 
 The gateway calls block (ZMQ), so they run in a worker thread: the Hub's event loop keeps
 serving every other user meanwhile.
@@ -26,10 +29,15 @@ serving every other user meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import json
 import logging
-import weakref
+import os
+import tempfile
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +52,8 @@ if TYPE_CHECKING:
     from traitlets.config import Config
 
 DEFAULT_TTL_S = 7 * 86400
+# Beside the Hub's own state (jupyterhub.sqlite, the cookie secret): its working folder.
+DEFAULT_ISSUED_FILE = "bitfusion-issued-tokens.json"
 # A spawn waits this long for each gateway that is down; a healthy one answers in ms.
 TIMEOUT_S = 5.0
 MAKE_MINTER = "bitfusion gateway token create --user jupyterhub --minter"
@@ -162,16 +172,91 @@ def mint(
 
 
 def revoke(
-    servers: list[str], minter: tokens.Token, tok: tokens.Token, timeout_s: float = TIMEOUT_S
+    servers: list[str], minter: tokens.Token, nonce: str, timeout_s: float = TIMEOUT_S
 ) -> list[str]:
-    """Revoke ``tok`` on every gateway (each keeps its own list); the sentences of those that
-    did not (blocking)."""
-    replies = fanout.ask_each(servers, minter, [("revoke", {"nonce": tok.nonce})], timeout_s)
+    """Revoke the token ``nonce`` names on every gateway (each keeps its own list); the
+    sentences of those that did not (blocking)."""
+    replies = fanout.ask_each(servers, minter, [("revoke", {"nonce": nonce})], timeout_s)
     return [
         f"{server}: {_bare(reply.error or reply.state)}"
         for server, [reply] in replies.items()
         if reply.data is None
     ]
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A token a server was given, as much of it as revoking needs (not the token itself)."""
+
+    user: str
+    nonce: str
+    expires: int | None
+
+    @property
+    def expires_text(self) -> str:
+        return tokens.Token("u", self.user, self.nonce, "", "", self.expires).expires_text
+
+
+class IssuedTokens:
+    """Which token each running server (``user/server name``) was given, kept in a JSON file
+    (mode 0600, replaced whole at each change) so that a restarted Hub still knows. A file
+    that cannot be read or written costs a warning and that memory, never a spawn."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.issued: dict[str, Issued] = {}
+        try:
+            raw = json.loads(path.read_text())
+            self.issued = {
+                key: Issued(str(v["user"]), str(v["nonce"]), v.get("expires"))
+                for key, v in raw.items()
+            }
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.warning(
+                "bitfusion: cannot read %s (%s): tokens of servers that ran before this "
+                "start are not revoked when they stop; they work until they expire.",
+                path,
+                exc,
+            )
+
+    def put(self, key: str, tok: tokens.Token) -> None:
+        self.issued[key] = Issued(tok.user, tok.nonce, tok.expires)
+        self._save()
+
+    def pop(self, key: str) -> Issued | None:
+        found = self.issued.pop(key, None)
+        if found is not None:
+            self._save()
+        return found
+
+    def _save(self) -> None:
+        now = time.time()
+        self.issued = {  # an expired token needs no revoking
+            k: v for k, v in self.issued.items() if v.expires is None or v.expires > now
+        }
+        body = json.dumps({k: vars(v) for k, v in self.issued.items()}, indent=1)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+            with os.fdopen(fd, "w") as f:  # mkstemp makes it 0600
+                f.write(body)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError, UnboundLocalError):
+                os.unlink(tmp)
+            log.warning(
+                "bitfusion: cannot write %s (%s): a Hub restarted now would not revoke the "
+                "tokens of servers running now when they stop.",
+                self.path,
+                exc,
+            )
+
+
+def _key(spawner: Spawner) -> str:
+    """A server the same across Hub restarts: its user and its name ('' for the default)."""
+    return f"{spawner.user.name}/{getattr(spawner, 'name', '') or ''}"
 
 
 async def _chained(hook: Callable[[Any], Any] | None, spawner: Spawner) -> None:
@@ -188,6 +273,7 @@ def configure(
     token_file: str | Path,
     token_ttl_s: float = DEFAULT_TTL_S,
     timeout_s: float = TIMEOUT_S,
+    issued_file: str | Path = DEFAULT_ISSUED_FILE,
 ) -> None:
     """Give every single-user server a pool token of its Hub user (``BITFUSION_TOKEN``) and the
     pool's servers (``BITFUSION_SERVERS``); revoke that token pool-wide when it stops.
@@ -195,8 +281,9 @@ def configure(
     ``servers``: the gateways, a list or ``"gpu1:56001,gpu2"``; ``token_file``: the minter
     token's file; ``token_ttl_s``: each user token's lifetime, the bound on a token whose
     revocation was missed; ``timeout_s``: how long to wait for each gateway (they are
-    asked in turn at spawn, all at once at stop). Hooks already in ``c.Spawner`` still run
-    (theirs before ours at spawn, after ours at stop)."""
+    asked in turn at spawn, all at once at stop); ``issued_file``: where the Hub keeps which
+    token each running server has (relative: to the Hub's working folder). Hooks already in
+    ``c.Spawner`` still run (theirs before ours at spawn, after ours at stop)."""
     pool = _servers(servers)
     path = Path(token_file)
     if not 0 < token_ttl_s <= tokens.MAX_LIFETIME_S:
@@ -207,8 +294,8 @@ def configure(
     # A section the config has not set reads as a lazy value, not None: look before reading.
     earlier_pre = c.Spawner.pre_spawn_hook if "pre_spawn_hook" in c.Spawner else None
     earlier_post = c.Spawner.post_stop_hook if "post_stop_hook" in c.Spawner else None
-    # Per spawner, the token its server was given: in memory only (see the module's doc).
-    issued: weakref.WeakKeyDictionary[Spawner, tokens.Token] = weakref.WeakKeyDictionary()
+    # Per server, the token it was given: kept across Hub restarts (see the module's doc).
+    issued = IssuedTokens(Path(issued_file).absolute())
 
     async def pre_spawn(spawner: Spawner) -> None:
         await _chained(earlier_pre, spawner)
@@ -221,11 +308,11 @@ def configure(
                 "map it to one (c.Authenticator.username_map).",
             )
         minter = read_minter(path, spawner.log)
-        stale = issued.pop(spawner, None)
+        stale = issued.pop(_key(spawner))
         if stale is not None:  # a start without a stop in between: that token goes first
-            await asyncio.to_thread(revoke, pool, minter, stale, timeout_s)
+            await asyncio.to_thread(revoke, pool, minter, stale.nonce, timeout_s)
         tok = await asyncio.to_thread(mint, pool, minter, user, token_ttl_s, path, timeout_s)
-        issued[spawner] = tok
+        issued.put(_key(spawner), tok)
         # A new dict: the trait's value may be the one the config gave every spawner.
         spawner.environment = {
             **spawner.environment,
@@ -236,12 +323,13 @@ def configure(
 
     async def post_stop(spawner: Spawner) -> None:
         try:
-            tok = issued.pop(spawner, None)
+            tok = issued.pop(_key(spawner))
             if tok is None:
                 spawner.log.info(
-                    "bitfusion: no GPU pool token remembered for %s (none was minted, or the "
-                    "Hub restarted since); any it had stops working at its expiry.",
+                    "bitfusion: no GPU pool token recorded for %s in %s (none was minted, or "
+                    "the file was lost); any it had stops working at its expiry.",
                     spawner.user.name,
+                    issued.path,
                 )
                 return
             try:
@@ -249,7 +337,7 @@ def configure(
             except HubSpawnError as exc:
                 missed = [str(exc)]
             else:
-                missed = await asyncio.to_thread(revoke, pool, minter, tok, timeout_s)
+                missed = await asyncio.to_thread(revoke, pool, minter, tok.nonce, timeout_s)
             if missed:
                 spawner.log.warning(
                     "bitfusion: could not revoke the GPU pool token of %s on %s; it works there "

@@ -75,6 +75,7 @@ def _spawner(name: str) -> _Spawner:
 
 def _hooks(servers: list[str], token_file: Path, c: Config | None = None, **kw: Any):
     c = c or Config()
+    kw.setdefault("issued_file", token_file.parent / "issued.json")  # not the working folder
     bfhub.configure(c, servers=servers, token_file=token_file, **kw)
     return c.Spawner.pre_spawn_hook, c.Spawner.post_stop_hook
 
@@ -103,6 +104,24 @@ def test_the_hooks_give_a_user_token_chain_earlier_hooks_and_revoke_at_stop(pool
     assert ran == ["pre erin", "post erin"]
     assert REVOKED in no_traceback(pool.bf("list_gpus", env=user_env))
     asyncio.run(post(spawner))  # a second stop has nothing left to revoke
+
+
+def test_a_hub_restarted_while_a_server_runs_still_revokes_its_token_at_stop(pool, minter_file):
+    issued = minter_file.parent / "issued.json"
+    pre, _ = _hooks([pool.address], minter_file, issued_file=issued)
+    spawner = _spawner("erin")
+    asyncio.run(pre(spawner))
+    tok = spawner.environment["BITFUSION_TOKEN"]
+    user_env = {**pool.env("erin"), "BITFUSION_TOKEN": tok}
+    # What the Hub keeps lets it revoke the token, not use it: no token in it, for it alone.
+    assert tok not in issued.read_text() and tokens.parse(tok).nonce in issued.read_text()
+    assert issued.stat().st_mode & 0o777 == 0o600
+    # The Hub restarts (new hooks, the same file); then the server stops.
+    _, post = _hooks([pool.address], minter_file, issued_file=issued)
+    assert pool.bf("list_gpus", env=user_env).returncode == 0
+    asyncio.run(post(spawner))
+    assert REVOKED in no_traceback(pool.bf("list_gpus", env=user_env))
+    assert "erin" not in issued.read_text()  # revoked: nothing left to remember
 
 
 def test_a_spawn_fails_in_one_sentence_when_the_pool_cannot_mint(pool, minter_file, tmp_path):
@@ -152,6 +171,24 @@ def test_configure_refuses_bad_settings_at_once(tmp_path):
 def hub(pool: GatewayProcess, minter_file: Path, tmp_path: Path) -> Iterator[Hub]:
     with running_hub(tmp_path / "hub", [pool], minter_file) as running:
         yield running
+
+
+def test_a_hub_restarted_while_its_servers_run_revokes_a_token_when_its_server_stops(
+    pool, minter_file, tmp_path
+):
+    # An upgrade that keeps users' servers running (as the Helm chart's Hub does).
+    keep = "c.JupyterHub.cleanup_servers = False\n"
+    with running_hub(tmp_path / "hub", [pool], minter_file, config=keep) as hub:
+        status, said = hub.start("alice")
+        assert status in (201, 202), said
+        pid = hub.wait_ready("alice")
+        alice = environ(pid)
+        hub.restart()
+        assert alive(pid)  # her server ran on through the Hub's restart
+        assert pool.bf("list_gpus", env=alice).returncode == 0
+        hub.stop("alice")
+        assert wait_for(lambda: pool.bf("list_gpus", env=alice).returncode != 0, 20)
+        assert REVOKED in no_traceback(pool.bf("list_gpus", env=alice))
 
 
 def _line(proc: subprocess.Popen, timeout: float = START_S) -> str:

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,25 @@ class Hub:
     log_path: Path
     homes: Path  # each user's home is homes/NAME
     pids: set[int] = field(default_factory=set)  # single-user servers seen, to clean up
+    launch: Callable[[], subprocess.Popen] | None = None  # starts the Hub process again
+
+    def wait_up(self) -> None:
+        def up() -> bool:
+            assert self.proc.poll() is None, self.log()
+            with contextlib.suppress(OSError):
+                return self.api("GET", "/")[0] == 200
+            return False
+
+        assert wait_for(up, START_S, step=0.3), self.log()
+
+    def restart(self) -> None:
+        """Stop the Hub process alone, as an upgrade does, and start it again on the same
+        database (its single-user servers run on where ``cleanup_servers`` is False)."""
+        assert self.launch is not None
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+        self.proc = self.launch()
+        self.wait_up()
 
     def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         req = Request(
@@ -267,29 +286,27 @@ def running_hub(
         ttl_s,
     )
     log_path = root / "hub.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterhub", "-f", str(path)],
-            cwd=root,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    hub = Hub(f"http://127.0.0.1:{port}", api_token, proc, log_path, root / "homes")
+    log_path.write_text("")
+
+    def launch() -> subprocess.Popen:
+        with log_path.open("a") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "jupyterhub", "-f", str(path)],
+                cwd=root,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    hub = Hub(f"http://127.0.0.1:{port}", api_token, launch(), log_path, root / "homes")
+    hub.launch = launch
     try:
-
-        def up() -> bool:
-            assert proc.poll() is None, hub.log()
-            with contextlib.suppress(OSError):
-                return hub.api("GET", "/")[0] == 200
-            return False
-
-        assert wait_for(up, START_S, step=0.3), hub.log()
+        hub.wait_up()
         names = list(users)
         if names:
             status, said = hub.api("POST", "/users", {"usernames": names})
             assert status == 201, said
         yield hub
     finally:
-        _end(proc, hub.pids, root)
+        _end(hub.proc, hub.pids, root)
