@@ -263,12 +263,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             ephemeral = True
         try:
             data, folder = file_server.carried(
-                lambda folder: grant.conn.request(
+                lambda files: grant.conn.request(
                     "spawn",
                     share_id=grant.share_id,
                     argv=argv,
                     env={**env, "BITFUSION_CLIENT_HOST": socket.gethostname()},
-                    **({"files": str(folder)} if folder is not None else {}),
+                    **files,
                 ),
                 choice,
                 say,

@@ -62,7 +62,7 @@ def init(token_text: str, server: str | None) -> tuple[Path, bool]:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = _client_file()
     write_json(path, data, mode=0o600, indent=2)  # it holds tokens
-    return path, bool(server) and add_server(server)
+    return path, add_server(server) if server else False
 
 
 def add_server(server: str) -> bool:

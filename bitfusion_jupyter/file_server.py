@@ -19,7 +19,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from remoting import protocol
 from remoting.client import GatewayError
@@ -76,18 +76,21 @@ def choose(cwd: str | Path, files: str | None, no_files: bool, home: str | Path 
     return Choice(folder, "")
 
 
-def carried(send: Callable[[Path | None], T], choice: Choice, say: Callable[[str], object]
-            ) -> tuple[T, Path | None]:  # fmt: skip
-    """``send(folder)`` (a spawn or kernel start) carrying the chosen folder. Where the
-    gateway cannot mount a folder the user did not name, they are told, and it goes again
-    without: a command that needs no files should not fail for them."""
+def carried(
+    send: Callable[[dict[str, Any]], T], choice: Choice, say: Callable[[str], object]
+) -> tuple[T, Path | None]:
+    """``send(fields)`` (a spawn or kernel start; ``fields``: the request's own, naming the
+    chosen folder) and the folder it carried. Where the gateway cannot mount a folder the user
+    did not name, they are told, and it goes again without: a command that needs no files
+    should not fail for them."""
+    folder = choice.folder
     try:
-        return send(choice.folder), choice.folder
+        return send({"files": str(folder)} if folder is not None else {}), folder
     except GatewayError as exc:
-        if choice.folder is None or choice.named or exc.code != protocol.E_NO_FILES:
+        if folder is None or choice.named or exc.code != protocol.E_NO_FILES:
             raise
         say(f"{exc.told()} It runs without it.")
-    return send(None), None
+    return send({}), None
 
 
 def _ready() -> None:

@@ -79,14 +79,14 @@ def start_kernel(
     and a sentence for the notebook when the one chosen by default could not be."""
     notes = [choice.note] if choice.note else []
     started, folder = file_server.carried(
-        lambda folder: grant.conn.request(
+        lambda files: grant.conn.request(
             "kernel_start",
             share_id=grant.share_id,
             key=info.get("key", ""),
             signature_scheme=info.get("signature_scheme", "hmac-sha256"),
             kernel=kernel,
             timeout=KERNEL_START_TIMEOUT_S,
-            **({"files": str(folder)} if folder is not None else {}),
+            **files,
         ),
         choice,
         notes.append,

@@ -272,7 +272,7 @@ class LiveView:
 
 def _execution_count() -> int | None:
     try:
-        from IPython import get_ipython
+        from IPython.core.getipython import get_ipython
     except ImportError:
         return None
     shell = get_ipython()

@@ -67,7 +67,7 @@ def show_share() -> None:
     print(share_status(), flush=True)
     try:
         import ipywidgets  # noqa: F401
-        from IPython import get_ipython
+        from IPython.core.getipython import get_ipython
     except ImportError:
         return
     if getattr(get_ipython(), "kernel", None) is None:  # a terminal IPython draws no widgets
@@ -286,7 +286,7 @@ class BitfusionMagics(Magics):
         _move_when_cell_ends(self.shell, get_connection_file(), adopt)
 
     def _ask_shim(self, request: dict[str, Any]) -> None:
-        kernel = self.shell.kernel  # type: ignore[attr-defined]
+        kernel = self.shell.kernel  # type: ignore[union-attr]  # a kernel's shell has one
         answer = kernel._input_request(
             SHIM_REQUEST + json.dumps(request),
             kernel._get_shell_context_var(kernel._shell_parent_ident),

@@ -106,7 +106,7 @@ def server_view(
     own = my_shares(answer)
     for g in answer.gpus.get("gpus", []):
         gpu = messages.gpu_view(g)
-        held = [
+        held: list[dict[str, Any]] = [
             {
                 "share_id": s["share_id"],
                 "mib": s["mib"],

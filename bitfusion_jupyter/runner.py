@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from types import FrameType
+from typing import Any
 
 import zmq
 
@@ -68,7 +69,7 @@ class Input:
         self._out(self.seq, data)
 
     def _out(self, seq: int, data: bytes | None) -> None:
-        stream = {"stream": self.stream} if self.stream else {}
+        stream: dict[str, Any] = {"stream": self.stream} if self.stream else {}
         if data is None:
             self.conn.send("stdin_close", proc_id=self.proc_id, seq=seq, **stream)
         else:
@@ -166,7 +167,12 @@ class ProcessStream:
                 continue
             if self.files is not None:
                 self.files.pump(ready)
-            if reading and ready.get(stdin_fd) and not self._pump_stdin(stdin_fd):
+            if (
+                stdin_fd is not None
+                and reading
+                and ready.get(stdin_fd)
+                and not self._pump_stdin(stdin_fd)
+            ):
                 poller.unregister(stdin_fd)
                 stdin_fd, reading = None, False
             if ready.get(self.conn.sock) or self.conn.has_pending():
@@ -331,7 +337,7 @@ class FilesPump:
         """Poll sftp-server's replies while the window has room, its stdin while we owe it."""
         if poller is not self.poller:  # a new poller (the shim makes one per state)
             self.poller, self.watched = poller, {}
-        want = {}
+        want: dict[int, int] = {}
         if self.read_fd is not None and self.input.room:
             want[self.read_fd] = zmq.POLLIN
         if self.write_fd is not None and self.outbox:

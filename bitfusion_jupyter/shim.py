@@ -54,7 +54,7 @@ class LocalPorts:
             sock = ctx.socket(kind)
             sock.setsockopt(zmq.LINGER, 0)
             if all(curve):
-                sock.curve_publickey, sock.curve_secretkey = (k.encode() for k in curve)
+                sock.curve_publickey, sock.curve_secretkey = (str(k).encode() for k in curve)
                 sock.curve_server = True
             sock.bind(jupyter_endpoint(info, channel))
             return sock
@@ -184,8 +184,8 @@ class Shim:
                 backend.pump_files(ready)
             for sock, channel in routers.items():
                 while ready.get(sock) and sock.poll(0):
-                    ident, *frames = sock.recv_multipart()
-                    self._forward(backend, channel, ident, frames)
+                    frontend, *frames = sock.recv_multipart()
+                    self._forward(backend, channel, frontend, frames)
             if ready.get(self.ports.hb):
                 # The heartbeat says the shim (and so its link) is alive; a dead kernel ends
                 # the shim, which the Jupyter client sees as a dead kernel.
@@ -288,7 +288,7 @@ class Shim:
         if (channel == "shell" and self.in_flight) or self.pending is not None:
             parent_id = jupyter_frames.header(frames, jupyter_frames.PARENT).get("msg_id")
         if channel == "shell":
-            self.in_flight.pop(parent_id, None)  # that cell is answered
+            self.in_flight.pop(str(parent_id), None)  # that cell is answered
         if self.pending is not None and parent_id in self.pending.behind:
             # A cell queued behind the move, which the new kernel will run: what the old
             # one says of it waits, shown only if the move fails.
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     except (share_request.UsageError, OSError, ValueError, file_server.FilesError) as exc:
         print(f"bitfusion: {exc}", file=sys.stderr)
         return 2
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     try:
         ports = LocalPorts(ctx, info)
     except (KeyError, TypeError) as exc:

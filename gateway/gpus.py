@@ -159,7 +159,8 @@ class NvmlInventory(GpuInventory):
         return out
 
     def process_memory(self) -> dict[int, dict[int, int]]:
-        nv, usage = self._nv, {}
+        nv = self._nv
+        usage: dict[int, dict[int, int]] = {}
         for index, h in enumerate(self._handles):
             for read in (
                 nv.nvmlDeviceGetComputeRunningProcesses,

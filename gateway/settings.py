@@ -318,9 +318,9 @@ class GatewayApp(Application):
         fields; without kernels or peers, python3 and no peers."""
         from gateway.service import GatewayConfig
 
-        fields = {**self.service_settings(), **overrides}
+        fields: dict[str, Any] = {**self.service_settings(), **overrides}
         fields.setdefault("state_dir", self.state_dir)
-        extra = {"kernels": kernels} if kernels is not None else {}
+        extra: dict[str, Any] = {"kernels": kernels} if kernels is not None else {}
         return GatewayConfig(**fields, **extra, peers=peers or [])
 
 

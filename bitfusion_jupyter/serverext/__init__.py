@@ -119,9 +119,12 @@ class BitfusionExtension(ExtensionApp):
         """
         from tornado.ioloop import PeriodicCallback
 
+        app = self.serverapp
+        assert app is not None  # set before an extension's initialize_settings
+
         def check() -> None:
-            if kernels.busy_on_a_share(self.serverapp.kernel_manager):
-                self.serverapp.web_app.settings[ACTIVITY_SETTING] = datetime.now(UTC)
+            if kernels.busy_on_a_share(app.kernel_manager):
+                app.web_app.settings[ACTIVITY_SETTING] = datetime.now(UTC)
 
         self._busy_check = PeriodicCallback(check, self.busy_check_s * 1000)
         self._busy_check.start()

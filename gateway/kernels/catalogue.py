@@ -53,7 +53,7 @@ def _ipykernel_takes_curve_keys() -> bool:
         found = re.match(r"(\d+)\.(\d+)", metadata.version("ipykernel"))
     except metadata.PackageNotFoundError:
         return False
-    return bool(found) and (int(found[1]), int(found[2])) >= (7, 3) and zmq.has("curve")
+    return found is not None and (int(found[1]), int(found[2])) >= (7, 3) and zmq.has("curve")
 
 
 # The default is this Python with ipykernel.

@@ -100,7 +100,8 @@ def channel_info(info: dict[str, Any]) -> dict[str, Any]:
 
 
 # Called with (channel, frontend ident or b"", frames) for each message from the kernel.
-OnKernelMessage = Callable[[str, bytes, list[bytes]], Awaitable[None]]
+# The frames are zmq.Frames (forwarded without a copy) or bytes.
+OnKernelMessage = Callable[[str, bytes, list[Any]], Awaitable[None]]
 
 
 class KernelChannels:

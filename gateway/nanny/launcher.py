@@ -23,7 +23,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds gateway/
 START_TIMEOUT_S = 10.0
@@ -250,7 +250,7 @@ def kill_orphan(status: Mapping[str, Any]) -> None:
         _kill(os.killpg, pgid)
 
 
-def _is_pid(value: object) -> bool:
+def _is_pid(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value > 1
 
 

@@ -93,7 +93,7 @@ class Nanny:
 
     # --- the loop ------------------------------------------------------------------------
     def run(self) -> int:
-        for fd in (*self.pipes, *(sink.fd for sink in self.sinks.values())):
+        for fd in (*self.pipes, *(s.fd for s in self.sinks.values() if s.fd is not None)):
             os.set_blocking(fd, False)
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, lambda _mask: self._accept())

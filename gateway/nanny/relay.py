@@ -32,7 +32,7 @@ class Relay:
         deliver: Deliver,
         on_pid: Callable[[int], None],
         on_exit: Callable[[int | None], None],
-        on_closed: Callable[[], None],
+        on_closed: Callable[[], object],
     ):
         self.proc_id = proc_id
         self.socket_path = socket_path

@@ -123,7 +123,7 @@ class Inventory:
                     {
                         "gpu": index,
                         "pid": pid if (mine or tok.admin) else None,
-                        "share_id": share.id if mine else None,
+                        "share_id": share.id if share is not None and mine else None,
                         "mib": mib,
                     }
                 )

@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from gateway import sandbox, simulated_claims, usage_files
 from gateway.gpus import GpuInfo
@@ -49,7 +49,7 @@ _FORWARDED_SIGNALS = {
 }
 
 
-def _by_signal(code: int | None) -> bool:
+def _by_signal(code: int | None) -> TypeGuard[int]:
     try:
         return code is not None and code > 128 and bool(signal.Signals(code - 128))
     except ValueError:
@@ -98,7 +98,7 @@ class Processes:
         env: dict[str, str],
         cwd: str | None,
         subscriber: bytes,
-        kernel: dict[str, str] | None = None,
+        kernel: dict[str, Any] | None = None,
         files: str | None = None,
         opened: Callable[[Process, bytes], None] | None = None,
     ) -> Process:
@@ -176,7 +176,7 @@ class Processes:
         argv: list[str],
         env: dict[str, str],
         cwd: str | None,
-        kernel: dict[str, str] | None,
+        kernel: dict[str, Any] | None,
         files: str | None = None,
     ) -> tuple[list[str], dict[str, str], str | None, list[str]]:
         """``argv`` as it runs in ``share``'s sandbox: the bwrap command line, its environment,
@@ -218,7 +218,8 @@ class Processes:
             user=user,
             binds=binds,
             gpu_minors=None if None in minors else [m for m in minors if m is not None],
-            mps_dirs=[mps_pipe_dir(), "/var/log/nvidia-mps"] if self.mps else [],
+            # The daemon may be found running with its pipes elsewhere: none to show then.
+            mps_dirs=[d for d in (mps_pipe_dir(), "/var/log/nvidia-mps") if d] if self.mps else [],
             chdir=chdir,
             files=sandbox.FilesMount(files, *FILES_FDS) if files else None,
         )

@@ -14,6 +14,7 @@ called on the housekeeping tick, is a last resort that can only cost a wake-up.
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 import zmq
 import zmq.asyncio
@@ -26,8 +27,8 @@ class Router:
         # A plain socket over the same libzmq socket: the asyncio one stays for the monitor,
         # and is kept here, since the socket closes when that object goes.
         self.owner = sock
-        self.sock = zmq.Socket.shadow(sock.underlying)
-        self._fd = self.sock.getsockopt(zmq.FD)
+        self.sock: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
+        self._fd = cast(int, self.sock.getsockopt(zmq.FD))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future[None] | None = None
 
@@ -74,7 +75,7 @@ class Router:
             self._wake()
 
     def _readable(self) -> bool:
-        return bool(self.sock.getsockopt(zmq.EVENTS) & _POLLIN)
+        return bool(cast(int, self.sock.getsockopt(zmq.EVENTS)) & _POLLIN)
 
     def _wake(self) -> None:
         waiter = self._waiter

@@ -34,7 +34,7 @@ def install(folder: str, home: str) -> None:
     top = folder.rstrip("/") + "/"
 
     class LocalBytecode(SourceFileLoader):
-        def get_code(self, fullname: str):  # type: ignore[no-untyped-def]
+        def get_code(self, fullname: str):
             # cache_from_source reads sys.pycache_prefix when called: set it for this
             # module's read or write of its bytecode only.
             saved = sys.pycache_prefix
@@ -58,7 +58,7 @@ def install(folder: str, home: str) -> None:
             return False
         return (full + "/").startswith(top)
 
-    def hook(path: str):  # type: ignore[no-untyped-def]
+    def hook(path: str):
         if not in_folder(path):
             raise ImportError("not in the client's folder")
         return finder(path)

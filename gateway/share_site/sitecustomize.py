@@ -127,7 +127,7 @@ class _AfterImport:
                     _warn(f"{name}: {exc}")
 
         try:
-            loader.exec_module = exec_then_cap
+            loader.exec_module = exec_then_cap  # type: ignore[union-attr]  # it has one
         except Exception:
             pass  # a loader we cannot wrap: the import goes on uncapped
         return spec
@@ -184,7 +184,7 @@ except Exception as exc:
     _warn(exc)
 if os.environ.get("BITFUSION_FILES") and sys.version_info >= (3, 8):
     try:  # an optimisation: without it, Python's own __pycache__ in the folder
-        import bitfusion_folder_bytecode
+        import bitfusion_folder_bytecode  # type: ignore[import-not-found]  # share_site's
 
         bitfusion_folder_bytecode.install(os.environ["BITFUSION_FILES"], os.path.expanduser("~"))
     except Exception:

@@ -35,7 +35,11 @@ class Context:
     async def snapshot(self, caller: auth.Caller) -> dict[str, list[Reply]]:
         """list_gpus, list_shares and hello (health) of every server, as this caller may
         see them: ``snap[server] == [gpus, shares, hello]``."""
-        questions = [("list_gpus", {}), ("list_shares", {}), ("hello", {})]
+        questions: list[tuple[str, dict[str, Any]]] = [
+            ("list_gpus", {}),
+            ("list_shares", {}),
+            ("hello", {}),
+        ]
         return await self._snapshots.get(
             str(caller.token), lambda: ask_each(self.servers, caller.token, questions)
         )
@@ -153,7 +157,11 @@ def _everywhere(replies: dict[str, list[Reply]], done: str, again: str) -> dict[
 
 
 def _failed(reply: Reply) -> ApiError:
-    http = {ErrorCode.DENIED: 403, ErrorCode.NOT_FOUND: 404, ErrorCode.BAD_REQUEST: 400}
+    http: dict[str, int] = {
+        ErrorCode.DENIED: 403,
+        ErrorCode.NOT_FOUND: 404,
+        ErrorCode.BAD_REQUEST: 400,
+    }
     status = http.get(reply.code or "", 502)  # a StrEnum member is found by its string
     return ApiError(status, reply.error or "The gateway did not answer.")
 

@@ -98,5 +98,5 @@ class _Snapshot:
 
 def render(servers: list[dict[str, Any]], admin: bool) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(servers, admin))  # type: ignore[arg-type]
+    registry.register(_Snapshot(servers, admin))
     return generate_latest(registry)
