@@ -29,12 +29,9 @@ serving every other user meanwhile.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -44,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from tornado import web
 
 from remoting import fanout, tokens
+from remoting.json_file import write_json
 from remoting.protocol import ProtocolError
 from remoting.servers_conf import normalise
 
@@ -194,7 +192,7 @@ class Issued:
 
     @property
     def expires_text(self) -> str:
-        return tokens.Token("u", self.user, self.nonce, "", "", self.expires).expires_text
+        return tokens.expiry_text(self.expires)
 
 
 class IssuedTokens:
@@ -236,16 +234,11 @@ class IssuedTokens:
         self.issued = {  # an expired token needs no revoking
             k: v for k, v in self.issued.items() if v.expires is None or v.expires > now
         }
-        body = json.dumps({k: vars(v) for k, v in self.issued.items()}, indent=1)
+        data = {k: vars(v) for k, v in self.issued.items()}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-            with os.fdopen(fd, "w") as f:  # mkstemp makes it 0600
-                f.write(body)
-            os.replace(tmp, self.path)
+            write_json(self.path, data, mode=0o600, indent=1)
         except OSError as exc:
-            with contextlib.suppress(OSError, UnboundLocalError):
-                os.unlink(tmp)
             log.warning(
                 "bitfusion: cannot write %s (%s): a Hub restarted now would not revoke the "
                 "tokens of servers running now when they stop.",

@@ -89,10 +89,7 @@ class Token:
 
     @property
     def expires_text(self) -> str:
-        """The expiry as people read it, in UTC so every server and client says the same."""
-        if self.expires is None:
-            return "never"
-        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.expires))
+        return expiry_text(self.expires)
 
     @property
     def server_public_z85(self) -> bytes:
@@ -100,6 +97,13 @@ class Token:
 
     def __str__(self) -> str:
         return f"{self.signed_part}.{self.mac}.{self.server_key}"
+
+
+def expiry_text(expires: int | None) -> str:
+    """An expiry as people read it, in UTC so every server and client says the same."""
+    if expires is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires))
 
 
 def _mac(secret: bytes, signed_part: str) -> str:
