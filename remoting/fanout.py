@@ -9,7 +9,6 @@ moment in a `TtlCache`, so several tabs do not multiply the traffic to the gatew
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -114,6 +113,10 @@ class TtlCache(Generic[K, V]):
     never holds up the event loop; callers arriving meanwhile wait for the same round."""
 
     def __init__(self, ttl: float, max_entries: int = 1000) -> None:
+        # Imported here: the CLI imports this module, and asyncio would cost every
+        # `bitfusion run` about 13 ms of its start (bench/run_overhead.py).
+        import asyncio
+
         self.ttl = ttl
         self.max_entries = max_entries
         self._entries: dict[K, tuple[float, V]] = {}
@@ -131,6 +134,8 @@ class TtlCache(Generic[K, V]):
                 k for k in wanted if k not in self._entries or now - self._entries[k][0] > self.ttl
             ]
             if stale:
+                import asyncio
+
                 fresh = await asyncio.to_thread(compute, stale)
                 if len(self._entries) + len(fresh) > self.max_entries:
                     self._entries.clear()  # many callers' tokens: start again, not grow

@@ -36,3 +36,18 @@ def test_a_client_command_loads_nothing_of_the_gateway() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_a_client_command_loads_no_event_loop_or_notebook_machinery() -> None:
+    """What `bitfusion run` imports is what it uses: asyncio, the widget, IPython and the
+    Jupyter server are for the server extension and kernels (each costs the CLI's start)."""
+    code = (
+        "import sys\n"
+        "from bitfusion_jupyter import cli, file_server, runner, session_share\n"
+        "cli.build_parser('run').parse_args(['run', '-m', '1024', '--', 'true'])\n"
+        "heavy = ('asyncio', 'ipywidgets', 'IPython', 'jupyter_server', 'tornado')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
