@@ -8,8 +8,11 @@ import atexit
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
+import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -93,9 +96,38 @@ def point_client_at(gateway, monkeypatch) -> None:
             monkeypatch.setenv(key, value)
 
 
+# Each test process (pytest-xdist worker) takes its kernels' ports from a range of its own,
+# below the ephemeral ports. jupyter_client picks a port by binding port 0, which gives an
+# ephemeral one, and closes it; before the kernel binds it, a connection that another test
+# process beside this one opens can take it as its source port, and the kernel dies with
+# "Address already in use".
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_PORT_RANGE = 2000
+_PORTS = itertools.cycle(range(20000 + _WORKER * _PORT_RANGE, 20000 + (_WORKER + 1) * _PORT_RANGE))
+
+
+def _free_port(ip: str) -> int:
+    for port in _PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind((ip, port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("unreachable: the cycle never ends")
+
+
+def _own_ports(km: KernelManager) -> None:
+    km.cache_ports = False  # or jupyter_client picks its own again
+    for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
+        setattr(km, name, _free_port(km.ip or "127.0.0.1"))
+
+
 def start_kernel(km: KernelManager, cwd: Path | None = None) -> tuple[KernelManager, object]:
     """Start ``km``'s kernel, as a Jupyter server does (in its notebook's folder ``cwd``),
     and return it with a client."""
+    if km.transport == "tcp":
+        _own_ports(km)
     km.start_kernel(**({"cwd": str(cwd)} if cwd is not None else {}))
     kc = km.client()
     kc.start_channels()
