@@ -92,9 +92,9 @@ def _request(p: argparse.ArgumentParser) -> None:
 
 
 def _kernelspec(p: argparse.ArgumentParser) -> None:
-    from bitfusion_jupyter import kernelspecs  # imports jupyter_client: only when asked for
+    from bitfusion_jupyter import kernelspec_command  # imports jupyter_client: when asked for
 
-    kernelspecs.add_arguments(p)
+    kernelspec_command.add_arguments(p)
 
 
 # name -> (help, the function that adds its options), in the order `--help` lists them.
@@ -366,9 +366,9 @@ def dispatch(args: argparse.Namespace) -> int:
             print(f"bitfusion: {exc}", file=sys.stderr)
             return EXIT_USAGE
     if args.cmd == "kernelspec":
-        from bitfusion_jupyter import kernelspecs
+        from bitfusion_jupyter import kernelspec_command
 
-        return kernelspecs.run(args)
+        return kernelspec_command.run(args)
     simple = {
         "list_gpus": cli_views.list_gpus,
         "smi": cli_views.smi,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-from bitfusion_jupyter import config, kernelspecs, share_request
+from bitfusion_jupyter import config, kernelspec_command, kernelspecs, share_request
 from bitfusion_jupyter.share_request import ShareRequest, UsageError
 
 
@@ -35,8 +35,8 @@ def jupyter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def bf(*argv: str) -> int:
     """`bitfusion kernelspec ARGV`, parsed by the same parser the CLI uses."""
     parser = argparse.ArgumentParser(prog="bitfusion kernelspec")
-    kernelspecs.add_arguments(parser)
-    return kernelspecs.run(parser.parse_args(list(argv)))
+    kernelspec_command.add_arguments(parser)
+    return kernelspec_command.run(parser.parse_args(list(argv)))
 
 
 def png_size(path: Path) -> tuple[int, int]:
